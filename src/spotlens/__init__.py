@@ -1,0 +1,30 @@
+"""spotlens: cell-type deconvolution and histology-based expression for spatial transcriptomics.
+
+Sub-packages are imported lazily, so ``import spotlens`` is cheap and never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_SUBMODULES = ("cli", "datasets", "deconv", "io", "pl", "pp")
+
+__all__ = [*_SUBMODULES, "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import cli, datasets, deconv, io, pl, pp  # noqa: F401
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'spotlens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,172 @@
+"""Sufficient statistics, the fit loop and cross-validation of the penalties (pure arrays)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from tqdm.auto import tqdm
+
+from ._ops import NumpyOps, TorchOps
+from ._solver import solve
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Sufficient statistics of ``||Y − X S||²``.
+
+    Attributes
+    ----------
+    b
+        ``n_spots × n_types`` ``Y Sᵀ``.
+    gram
+        ``n_types × n_types`` ``S Sᵀ``.
+    yy
+        ``||Y||_F²``.
+    scale
+        Mean of ``diag(S Sᵀ)``: penalties are given relative to it.
+    """
+
+    b: np.ndarray
+    gram: np.ndarray
+    yy: float
+    scale: float
+
+    @classmethod
+    def from_matrices(cls, y: sparse.spmatrix | np.ndarray, s: np.ndarray, scale: float | None = None):
+        """Statistics of ``y`` (``n_spots × n_genes``, sparse or dense) and ``s`` (``n_types × n_genes``)."""
+        b = np.asarray(y @ s.T)
+        gram = s @ s.T
+        yy = float(y.multiply(y).sum()) if sparse.issparse(y) else float((y * y).sum())
+        return cls(b=b, gram=gram, yy=yy, scale=float(np.mean(np.diag(gram))) if scale is None else scale)
+
+    def held_out_error(self, x: np.ndarray) -> float:
+        """``||Y − X S||²`` for these statistics (used on held-out genes)."""
+        return self.yy - 2 * float((x * self.b).sum()) + float(((x @ self.gram) * x).sum())
+
+
+def fit(
+    problem: Problem,
+    w: sparse.csr_matrix,
+    colors: Sequence[np.ndarray],
+    *,
+    lambda_ridge: float,
+    lambda_spatial: float,
+    n_iter: int,
+    tol: float,
+    ops: NumpyOps | TorchOps,
+    x0: np.ndarray | None = None,
+    progress: bool = False,
+    attention_update: tuple[int, Callable[[np.ndarray], sparse.csr_matrix]] | None = None,
+) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    """Solve with relative penalties; optionally rebuild ``W`` from ``X`` every few sweeps.
+
+    Returns
+    -------
+    x, objective per sweep, sweeps run, converged.
+    """
+    lam_r = lambda_ridge * problem.scale
+    lam_s = lambda_spatial * problem.scale
+    every = attention_update[0] if attention_update and lambda_spatial > 0 else n_iter
+    bar = tqdm(total=n_iter, desc="spotlens sweeps", disable=not progress, leave=False)
+
+    def tick(sweep, obj, change):
+        bar.update(1)
+        bar.set_postfix(objective=f"{obj:.4g}", change=f"{change:.2e}")
+
+    x, history, done, converged = x0, [], 0, False
+    try:
+        while done < n_iter and not converged:
+            res = solve(
+                problem.b, problem.gram, problem.yy, w=w, colors=colors,
+                lambda_ridge=lam_r, lambda_spatial=lam_s, x0=x,
+                n_iter=min(every, n_iter - done), tol=tol, ops=ops, on_sweep=tick,
+            )
+            x, converged = res.x, res.converged
+            history.extend(res.objective if not history else res.objective[1:])
+            done += res.n_sweeps
+            if attention_update and not converged and done < n_iter and lambda_spatial > 0:
+                w = attention_update[1](_normalise_rows(x))
+    finally:
+        bar.close()
+    return x, np.asarray(history), done, converged
+
+
+def _normalise_rows(x: np.ndarray) -> np.ndarray:
+    total = x.sum(axis=1, keepdims=True)
+    return np.divide(x, total, out=np.zeros_like(x), where=total > 0)
+
+
+def cross_validate(
+    y: sparse.csr_matrix,
+    s: np.ndarray,
+    w: sparse.csr_matrix,
+    colors: Sequence[np.ndarray],
+    *,
+    ridge_grid: Sequence[float],
+    spatial_grid: Sequence[float],
+    n_folds: int,
+    seed: int,
+    n_iter: int,
+    tol: float,
+    ops: NumpyOps | TorchOps,
+    progress: bool = False,
+) -> tuple[float, float, pd.DataFrame]:
+    """Choose ``lambda_ridge`` then ``lambda_spatial`` by held-out-gene cross-validation.
+
+    Genes are split into ``n_folds`` folds; for each fold the model is fitted on the other genes
+    and scored by the squared error of predicting the held-out genes, ``||Y_h − X S_h||²``.
+    The ridge is chosen first with no smoothing, then the spatial weight with that ridge, along
+    each grid with warm starts. Penalties are relative to the full data's mean ``diag(S Sᵀ)``.
+
+    Returns
+    -------
+    lambda_ridge, lambda_spatial, table of the mean held-out error per grid point.
+    """
+    n_genes, n_types = s.shape[1], s.shape[0]
+    scale = float(np.mean(np.diag(s @ s.T)))
+    if n_genes < n_types + 2 * n_folds:
+        table = pd.DataFrame({"lambda_ridge": [0.0], "lambda_spatial": [0.0], "error": [np.nan]})
+        return 0.0, 0.0, table
+    rng = np.random.default_rng(seed)
+    folds = np.array_split(rng.permutation(n_genes), n_folds)
+    splits = []
+    for held in folds:
+        train = np.setdiff1d(np.arange(n_genes), held)
+        splits.append((
+            Problem.from_matrices(y[:, train], s[:, train], scale=scale),
+            Problem.from_matrices(y[:, held], s[:, held], scale=scale),
+        ))
+    smooth_grid = [float(v) for v in spatial_grid if v > 0]
+    n_fits = n_folds * (len(ridge_grid) + len(smooth_grid))
+    bar = tqdm(total=n_fits, desc="spotlens cross-validation", disable=not progress, leave=False)
+
+    def path(pairs):
+        errors = np.zeros(len(pairs))
+        for train, held in splits:
+            x = None
+            for g, (lr, ls) in enumerate(pairs):
+                x, *_ = fit(train, w, colors, lambda_ridge=lr, lambda_spatial=ls, n_iter=n_iter,
+                            tol=tol, ops=ops, x0=x)
+                errors[g] += held.held_out_error(x) / n_folds
+                bar.update(1)
+        return errors
+
+    try:
+        ridge_pairs = [(float(v), 0.0) for v in ridge_grid]
+        ridge_err = path(ridge_pairs)
+        best_r = ridge_pairs[int(np.argmin(ridge_err))][0]
+        smooth_pairs = [(best_r, v) for v in smooth_grid]
+        smooth_err = path(smooth_pairs)
+    finally:
+        bar.close()
+    table = pd.DataFrame(ridge_pairs + smooth_pairs, columns=["lambda_ridge", "lambda_spatial"])
+    table["error"] = np.concatenate([ridge_err, smooth_err])
+    candidates = table[(table.lambda_ridge == best_r)]
+    if 0.0 not in spatial_grid:
+        candidates = candidates[candidates.lambda_spatial > 0]
+    best = candidates.loc[candidates.error.idxmin()]
+    return best_r, float(best.lambda_spatial), table
