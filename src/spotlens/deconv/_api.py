@@ -33,7 +33,7 @@ from ._ops import get_ops
 logger = logging.getLogger("spotlens")
 
 RIDGE_GRID = (0.0, 1e-3, 1e-2, 1e-1)
-SPATIAL_GRID = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)
+SPATIAL_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 @dataclass
@@ -69,15 +69,28 @@ def _spatial_counts(spatial: AnnData, layer: str | None) -> sparse.csr_matrix:
     return sparse.csr_matrix(counts, dtype=np.float64)
 
 
-def _gene_weights(y_norm: sparse.csr_matrix, how: str) -> np.ndarray:
-    """Poisson weights ``1/sqrt(mean normalised expression)``, floored at the 5 % quantile."""
-    g = y_norm.shape[1]
+def _gene_weights(signature: np.ndarray, how: str) -> np.ndarray:
+    """Poisson weights ``1/sqrt(m_g)``, ``m`` the mean of the unit-sum type profiles.
+
+    Under Poisson sampling the variance of a spot's normalised expression of gene g is
+    proportional to its expected value, whose prior mean is ``m_g``. Floored at the 5 % quantile
+    so that near-silent genes do not dominate.
+    """
+    g = signature.shape[1]
     if how == "none":
         return np.ones(g)
-    mean = np.asarray(y_norm.mean(axis=0)).ravel()
+    profiles = signature / signature.sum(axis=1, keepdims=True)
+    mean = profiles.mean(axis=0)
     positive = mean[mean > 0]
     floor = np.quantile(positive, 0.05) if positive.size else 1.0
     return 1.0 / np.sqrt(np.maximum(mean, floor))
+
+
+def _normalise(counts: sparse.csr_matrix, weights: np.ndarray) -> sparse.csr_matrix:
+    """``Y_ig = counts_ig / library_i · w_g`` (zero rows stay zero)."""
+    library = np.asarray(counts.sum(axis=1)).ravel()
+    inv = np.divide(1.0, library, out=np.zeros_like(library), where=library > 0)
+    return (sparse.diags(inv) @ counts @ sparse.diags(weights)).tocsr()
 
 
 def deconvolve(
@@ -97,7 +110,7 @@ def deconvolve(
     n_comps: int = 20,
     lambda_ridge: float | Literal["auto"] = "auto",
     lambda_spatial: float | Literal["auto"] = "auto",
-    cv_folds: int = 3,
+    cv_folds: int = 2,
     gene_weights: Literal["poisson", "none"] = "poisson",
     n_genes_per_type: int | None = 200,
     min_cells_per_type: int = 5,
@@ -126,8 +139,9 @@ def deconvolve(
     Gauss–Seidel sweeps over the colour classes of the graph (exact Gauss–Seidel, vectorised),
     each spot solving its ``n_types × n_types`` non-negative problem with its neighbours' current
     values; the objective never increases. With ``"auto"``, penalties are chosen by
-    cross-validation on held-out genes (``λ_spatial = 0`` is on the grid, so smoothing is only
-    used where it predicts unseen genes better).
+    count-splitting cross-validation: each spot's counts are split at random into parts, the
+    model is fitted on some and scored on the others (``λ_spatial = 0`` is on the grid, so
+    smoothing is only used where it removes more noise than it adds bias).
 
     Parameters
     ----------
@@ -161,9 +175,10 @@ def deconvolve(
         PCA components of the attention embedding.
     lambda_ridge, lambda_spatial
         Penalty weights relative to the mean squared norm of the weighted signatures
-        (unit-free), or ``"auto"`` for cross-validation on held-out genes.
+        (unit-free), or ``"auto"`` for count-splitting cross-validation.
     cv_folds
-        Gene folds for cross-validation.
+        Parts each count is split into for cross-validation (``F`` ≥ 2; the model is fitted on
+        ``F − 1`` parts and scored on the last, ``F`` times).
     gene_weights
         ``"poisson"`` or ``"none"``.
     n_genes_per_type
@@ -214,7 +229,8 @@ def deconvolve(
     ----------
     Ma & Zhou, Nat Biotechnol 40, 1349–1359 (2022), doi:10.1038/s41587-022-01273-7 (CARD:
     signatures, spatially regularised regression). Vaswani et al., NeurIPS 2017,
-    arXiv:1706.03762 (scaled dot-product attention).
+    arXiv:1706.03762 (scaled dot-product attention). Neufeld et al., JMLR 25 (2024) (data
+    thinning, used to choose the penalties).
 
     Examples
     --------
@@ -270,12 +286,11 @@ def deconvolve(
         raise InputError(
             "Every spot has zero counts over the genes shared with the reference; nothing to fit."
         )
-    inv_lib = np.divide(1.0, library, out=np.zeros_like(library), where=~zero)
-    y_norm = sparse.diags(inv_lib) @ y
-    weights = _gene_weights(y_norm, gene_weights)
+    weights = _gene_weights(sig.signature.to_numpy(), gene_weights)
     mean_lib = float(sig.library_size.mean())
     s_w = sig.signature.to_numpy() * weights[None, :] / mean_lib
-    y_w = (y_norm @ sparse.diags(weights)).tocsr()
+    y_norm = _normalise(y, np.ones(len(genes)))
+    y_w = _normalise(y, weights)
     problem = Problem.from_matrices(y_w, s_w)
 
     logger.info("stage 2/5 graph: %d spots, k=%d, attention=%s", len(coords), k_neighbors,
@@ -294,7 +309,7 @@ def deconvolve(
     cv_table = None
     if lambda_ridge == "auto" or lambda_spatial == "auto":
         lambda_ridge, lambda_spatial, cv_table = cross_validate(
-            y_w, s_w, w, colors,
+            y, lambda counts: _normalise(counts, weights), s_w, w, colors,
             ridge_grid=RIDGE_GRID if lambda_ridge == "auto" else (float(lambda_ridge),),
             spatial_grid=SPATIAL_GRID if lambda_spatial == "auto" else (float(lambda_spatial),),
             n_folds=cv_folds, seed=seed, n_iter=min(n_iter, 100), tol=max(tol, 1e-4), ops=ops,

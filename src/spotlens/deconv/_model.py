@@ -44,8 +44,15 @@ class Problem:
         return cls(b=b, gram=gram, yy=yy, scale=float(np.mean(np.diag(gram))) if scale is None else scale)
 
     def held_out_error(self, x: np.ndarray) -> float:
-        """``||Y − X S||²`` for these statistics (used on held-out genes)."""
-        return self.yy - 2 * float((x * self.b).sum()) + float(((x @ self.gram) * x).sum())
+        """Scale-free error ``Σ_i min_c ||Y_i − c X_i S||²`` of predicting these statistics.
+
+        Each spot's prediction is rescaled by its best factor ``c_i ≥ 0``, so only the
+        composition ``X_i / |X_i|`` is judged, not the overall scale that a ridge shrinks.
+        """
+        cross = (x * self.b).sum(axis=1)
+        norm = ((x @ self.gram) * x).sum(axis=1)
+        gain = np.divide(np.maximum(cross, 0) ** 2, norm, out=np.zeros_like(norm), where=norm > 0)
+        return self.yy - float(gain.sum())
 
 
 def fit(
@@ -100,8 +107,35 @@ def _normalise_rows(x: np.ndarray) -> np.ndarray:
     return np.divide(x, total, out=np.zeros_like(x), where=total > 0)
 
 
+def thin_counts(
+    counts: sparse.csr_matrix, n_folds: int, rng: np.random.Generator
+) -> list[sparse.csr_matrix]:
+    """Split every count at random into ``n_folds`` parts that add up to it (multinomial thinning).
+
+    For Poisson counts the parts are independent Poisson matrices with means ``counts_mean / F``.
+    """
+    counts = sparse.csr_matrix(counts)
+    remaining = np.rint(counts.data).astype(np.int64)
+    parts = []
+    for f in range(n_folds - 1):
+        draw = rng.binomial(remaining, 1.0 / (n_folds - f))
+        remaining = remaining - draw
+        parts.append(draw)
+    parts.append(remaining)
+    out = []
+    for data in parts:
+        m = sparse.csr_matrix(
+            (data.astype(np.float64), counts.indices.copy(), counts.indptr.copy()),
+            shape=counts.shape,
+        )
+        m.eliminate_zeros()
+        out.append(m)
+    return out
+
+
 def cross_validate(
-    y: sparse.csr_matrix,
+    counts: sparse.csr_matrix,
+    transform: Callable[[sparse.csr_matrix], sparse.csr_matrix],
     s: np.ndarray,
     w: sparse.csr_matrix,
     colors: Sequence[np.ndarray],
@@ -115,31 +149,52 @@ def cross_validate(
     ops: NumpyOps | TorchOps,
     progress: bool = False,
 ) -> tuple[float, float, pd.DataFrame]:
-    """Choose ``lambda_ridge`` then ``lambda_spatial`` by held-out-gene cross-validation.
+    """Choose ``lambda_ridge`` then ``lambda_spatial`` by count-splitting cross-validation.
 
-    Genes are split into ``n_folds`` folds; for each fold the model is fitted on the other genes
-    and scored by the squared error of predicting the held-out genes, ``||Y_h − X S_h||²``.
-    The ridge is chosen first with no smoothing, then the spatial weight with that ridge, along
-    each grid with warm starts. Penalties are relative to the full data's mean ``diag(S Sᵀ)``.
+    Each spot's counts are split at random into ``n_folds`` parts (multinomial thinning, exact
+    for Poisson counts: the parts are independent). For each part, the model is fitted on the
+    other parts and scored by how well it predicts the held-out part's normalised expression,
+    ``||Y_test − X S||²``. Unlike held-out genes, this rewards smoothing only when it removes
+    sampling noise, and penalises it when neighbours differ in composition. The noise of the
+    training data is ``F/(F−1)`` times that of the full data, so the penalties chosen there are
+    scaled by ``(F−1)/F`` for the full fit. The ridge is chosen first with no smoothing, then the
+    spatial weight with that ridge, along each grid with warm starts.
+
+    Parameters
+    ----------
+    counts
+        ``n_spots × n_genes`` raw counts over the genes used.
+    transform
+        Maps counts to the weighted, library-size-normalised ``Y`` used by the model.
+    s
+        ``n_types × n_genes`` weighted signature matrix.
+    w, colors
+        Spot graph and its colour classes.
+    ridge_grid, spatial_grid
+        Candidate penalties (relative to the mean ``diag(S Sᵀ)``), on the full-data scale.
+    n_folds
+        Parts per count (``F`` ≥ 2).
 
     Returns
     -------
-    lambda_ridge, lambda_spatial, table of the mean held-out error per grid point.
+    lambda_ridge, lambda_spatial, and a table of the held-out error per grid point.
+
+    References
+    ----------
+    Neufeld, Dharamshi, Gao & Witten, "Data thinning for convolution-closed distributions",
+    JMLR 25 (2024). Leiner, Duan, Wasserman & Ramdas, "Data fission", JASA (2023).
     """
-    n_genes, n_types = s.shape[1], s.shape[0]
     scale = float(np.mean(np.diag(s @ s.T)))
-    if n_genes < n_types + 2 * n_folds:
-        table = pd.DataFrame({"lambda_ridge": [0.0], "lambda_spatial": [0.0], "error": [np.nan]})
-        return 0.0, 0.0, table
-    rng = np.random.default_rng(seed)
-    folds = np.array_split(rng.permutation(n_genes), n_folds)
-    splits = []
-    for held in folds:
-        train = np.setdiff1d(np.arange(n_genes), held)
-        splits.append((
-            Problem.from_matrices(y[:, train], s[:, train], scale=scale),
-            Problem.from_matrices(y[:, held], s[:, held], scale=scale),
-        ))
+    shrink = (n_folds - 1) / n_folds
+    parts = thin_counts(counts, n_folds, np.random.default_rng(seed))
+    total = sum(parts[1:], parts[0])
+    splits = [
+        (
+            Problem.from_matrices(transform(total - part), s, scale=scale),
+            Problem.from_matrices(transform(part), s, scale=scale),
+        )
+        for part in parts
+    ]
     smooth_grid = [float(v) for v in spatial_grid if v > 0]
     n_fits = n_folds * (len(ridge_grid) + len(smooth_grid))
     bar = tqdm(total=n_fits, desc="spotlens cross-validation", disable=not progress, leave=False)
@@ -149,8 +204,8 @@ def cross_validate(
         for train, held in splits:
             x = None
             for g, (lr, ls) in enumerate(pairs):
-                x, *_ = fit(train, w, colors, lambda_ridge=lr, lambda_spatial=ls, n_iter=n_iter,
-                            tol=tol, ops=ops, x0=x)
+                x, *_ = fit(train, w, colors, lambda_ridge=lr / shrink, lambda_spatial=ls / shrink,
+                            n_iter=n_iter, tol=tol, ops=ops, x0=x)
                 errors[g] += held.held_out_error(x) / n_folds
                 bar.update(1)
         return errors
@@ -165,7 +220,7 @@ def cross_validate(
         bar.close()
     table = pd.DataFrame(ridge_pairs + smooth_pairs, columns=["lambda_ridge", "lambda_spatial"])
     table["error"] = np.concatenate([ridge_err, smooth_err])
-    candidates = table[(table.lambda_ridge == best_r)]
+    candidates = table[table.lambda_ridge == best_r]
     if 0.0 not in spatial_grid:
         candidates = candidates[candidates.lambda_spatial > 0]
     best = candidates.loc[candidates.error.idxmin()]
