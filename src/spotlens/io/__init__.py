@@ -1,0 +1,13 @@
+"""Reading and writing: Space Ranger ``outs/`` folders, ``.h5ad`` files, tables and figures.
+
+Readers keep raw counts and put coordinates in ``obsm["spatial"]``; writers are atomic (a
+temporary file in the same folder, then ``os.replace``), so an interrupted run never leaves a
+half-written file. No analysis happens here.
+"""
+
+from ._read import read_reference, read_spatial
+from ._write import atomic_path, save_figure, write_csv, write_h5ad
+
+__all__ = [
+    "atomic_path", "read_reference", "read_spatial", "save_figure", "write_csv", "write_h5ad",
+]

@@ -1,0 +1,299 @@
+"""Readers: ``.h5ad`` files and 10x Space Ranger ``outs/`` folders. No analysis here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._validation import InputError, check_coordinates, check_labels
+
+logger = logging.getLogger("spotlens")
+
+COUNT_FILE = "filtered_feature_bc_matrix.h5"
+#: Spot positions, newest Space Ranger layout first (``_list.csv`` is Space Ranger < 2.0).
+POSITION_FILES = ("tissue_positions.csv", "tissue_positions_list.csv", "tissue_positions.parquet")
+SCALEFACTORS_FILE = "scalefactors_json.json"
+POSITION_COLUMNS = ("in_tissue", "array_row", "array_col", "pxl_row_in_fullres",
+                    "pxl_col_in_fullres")
+
+
+def read_spatial(
+    path: str | PathLike,
+    *,
+    spatial_key: str = "spatial",
+    count_file: str = COUNT_FILE,
+    library_id: str | None = None,
+    load_images: bool = True,
+) -> AnnData:
+    """Read spatial transcriptomics data: an ``.h5ad`` file or a Space Ranger ``outs/`` folder.
+
+    Counts are kept raw (no normalisation). Repeated gene names are made unique by appending
+    ``-1``, ``-2``, ... (:meth:`anndata.AnnData.var_names_make_unique`), with a logged note.
+
+    Parameters
+    ----------
+    path
+        An ``.h5ad`` file with raw counts in ``X`` and coordinates in ``obsm[spatial_key]``, or
+        the ``outs/`` folder written by ``spaceranger count`` (its parent folder works too). The
+        folder must hold ``count_file`` and ``spatial/tissue_positions.csv`` (Space Ranger ≥ 2.0;
+        ``tissue_positions_list.csv`` of older versions and ``tissue_positions.parquet`` are read
+        as well).
+    spatial_key
+        ``obsm`` key that holds (``.h5ad``) or receives (Space Ranger) the coordinates.
+    count_file
+        Count matrix inside the ``outs/`` folder, e.g. ``"raw_feature_bc_matrix.h5"`` to keep
+        spots outside the tissue.
+    library_id
+        Key under ``uns["spatial"]`` for a Space Ranger folder; ``None`` takes the library id
+        stored in the count matrix, or else the folder name.
+    load_images
+        Load ``spatial/tissue_{hires,lowres}_image.png`` when present (Space Ranger only).
+
+    Returns
+    -------
+    ``n_spots × n_genes`` AnnData. For a Space Ranger folder it holds
+
+    - ``X``: raw UMI counts (sparse CSR, float32), gene symbols as ``var_names``,
+      ``var["gene_ids"]``, ``var["feature_types"]`` (gene expression only),
+    - ``obsm[spatial_key]``: ``n_spots × 2`` float64 coordinates ``(x, y)`` in full-resolution
+      image pixels (``x`` = column, ``y`` = row),
+    - ``obs["in_tissue"]``, ``obs["array_row"]``, ``obs["array_col"]``,
+    - ``uns["spatial"][library_id]``: ``"scalefactors"`` (the JSON file: pixel scale factors of
+      the images, spot diameter in full-resolution pixels), ``"metadata"`` and ``"images"``
+      (``"hires"``/``"lowres"`` as float arrays), the layout scanpy and squidpy plot from.
+
+    Raises
+    ------
+    InputError
+        ``path`` does not exist; a folder is not a Space Ranger ``outs/`` folder (the message
+        names the file expected); positions are missing for some barcodes; the file is not a
+        readable ``.h5ad``; an ``.h5ad`` file has no valid ``obsm[spatial_key]``; the suffix is
+        not supported.
+
+    Examples
+    --------
+    >>> import spotlens
+    >>> st = spotlens.io.read_spatial("sample/outs")  # doctest: +SKIP
+    >>> st.obsm["spatial"][:2]  # doctest: +SKIP
+    array([[ 8468., 2281.],
+           [ 2807., 8154.]])
+    """
+    path = _existing(path, what="spatial data")
+    if path.is_dir():
+        adata = _read_spaceranger(
+            _outs_folder(path, count_file), count_file=count_file, spatial_key=spatial_key,
+            library_id=library_id, load_images=load_images,
+        )
+    elif path.suffix == ".h5ad":
+        adata = _read_h5ad(path, what="spatial data")
+        check_coordinates(adata, spatial_key)
+    elif path.suffix == ".h5":
+        raise InputError(
+            f"{path} is a 10x count matrix without coordinates. Pass the Space Ranger outs/ "
+            f"folder that holds it ({path.parent}); the coordinates are in outs/spatial/."
+        )
+    else:
+        raise InputError(
+            f"Cannot read spatial data from {path}: expected an .h5ad file or a Space Ranger "
+            "outs/ folder."
+        )
+    _make_var_names_unique(adata, path)
+    return adata
+
+
+def read_reference(path: str | PathLike, *, labels_key: str | None = None) -> AnnData:
+    """Read a single-cell reference from an ``.h5ad`` file.
+
+    Parameters
+    ----------
+    path
+        ``.h5ad`` file: ``n_cells × n_genes`` raw counts in ``X`` (or a layer), cell types in
+        ``obs[labels_key]``.
+    labels_key
+        If given, check now that ``obs[labels_key]`` holds at least two cell types and no
+        missing labels, so a typo fails before any computation.
+
+    Returns
+    -------
+    ``n_cells × n_genes`` AnnData as stored, with repeated gene names made unique (logged).
+
+    Raises
+    ------
+    InputError
+        ``path`` does not exist, is not an ``.h5ad`` file or cannot be read; ``labels_key`` is
+        given and missing, has NaN labels or a single cell type.
+
+    Examples
+    --------
+    >>> ref = spotlens.io.read_reference("ref.h5ad", labels_key="cell_type")  # doctest: +SKIP
+    """
+    path = _existing(path, what="reference")
+    if path.is_dir() or path.suffix != ".h5ad":
+        raise InputError(
+            f"Cannot read the reference from {path}: expected an .h5ad file with raw counts and "
+            "cell-type labels in obs."
+        )
+    adata = _read_h5ad(path, what="reference")
+    if labels_key is not None:
+        check_labels(adata, labels_key, min_cells_per_type=1)
+    _make_var_names_unique(adata, path)
+    return adata
+
+
+def _existing(path: str | PathLike, *, what: str) -> Path:
+    if not isinstance(path, (str, PathLike)):
+        raise InputError(f"The {what} path must be a string or a Path, got {type(path).__name__}.")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"The {what} path {path} does not exist.")
+    return path
+
+
+def _read_h5ad(path: Path, *, what: str) -> AnnData:
+    import anndata
+
+    try:
+        with warnings.catch_warnings():
+            # repeated gene names are fixed (and logged) right after reading
+            warnings.filterwarnings("ignore", message="Variable names are not unique")
+            return anndata.read_h5ad(path)
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise InputError(
+            f"Could not read the {what} {path} as an .h5ad file ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no details'}). Is the file complete?"
+        ) from err
+
+
+def _make_var_names_unique(adata: AnnData, path: Path) -> None:
+    if adata.var_names.is_unique:
+        return
+    repeated = adata.var_names[adata.var_names.duplicated(keep=False)].unique()
+    adata.var_names_make_unique()
+    logger.info(
+        "%s: %d gene names occur more than once (e.g. %s); made unique by appending -1, -2, ...",
+        path.name, len(repeated), ", ".join(map(str, repeated[:5])),
+    )
+
+
+def _outs_folder(path: Path, count_file: str) -> Path:
+    if (path / count_file).is_file():
+        return path
+    if (path / "outs" / count_file).is_file():
+        return path / "outs"
+    raise InputError(
+        f"{path} is not a Space Ranger outs/ folder: expected the count matrix "
+        f"{path / count_file} (with spatial/tissue_positions.csv beside it). Pass the outs/ "
+        "folder of `spaceranger count`, or an .h5ad file."
+    )
+
+
+def _read_spaceranger(
+    outs: Path, *, count_file: str, spatial_key: str, library_id: str | None, load_images: bool
+) -> AnnData:
+    import h5py
+    import scanpy as sc
+
+    matrix_file = outs / count_file
+    positions_file = next(
+        (outs / "spatial" / name for name in POSITION_FILES if (outs / "spatial" / name).is_file()),
+        None,
+    )
+    if positions_file is None:
+        raise InputError(
+            f"{outs} has no spot positions: expected {outs / 'spatial' / POSITION_FILES[0]} "
+            f"(or {POSITION_FILES[1]} from Space Ranger < 2.0). Copy the whole spatial/ folder "
+            "of the Space Ranger output."
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Variable names are not unique")
+            adata = sc.read_10x_h5(matrix_file)
+        with h5py.File(matrix_file, "r") as f:
+            attrs = dict(f.attrs)
+    except Exception as err:  # scanpy raises a bare Exception for missing datasets
+        raise InputError(
+            f"Could not read the 10x count matrix {matrix_file} ({type(err).__name__}: {err})."
+        ) from err
+
+    positions = _read_positions(positions_file)
+    missing = ~adata.obs_names.isin(positions.index)
+    if missing.any():
+        raise InputError(
+            f"{int(missing.sum())} of {adata.n_obs} barcodes in {matrix_file.name} have no row in "
+            f"{positions_file} (e.g. {list(adata.obs_names[missing][:3])}); the two files come "
+            "from different runs."
+        )
+    positions = positions.loc[adata.obs_names]
+    for column in ("in_tissue", "array_row", "array_col"):
+        adata.obs[column] = positions[column].to_numpy()
+    adata.obsm[spatial_key] = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(
+        dtype=np.float64
+    )
+
+    if library_id is None:
+        ids = attrs.get("library_ids")
+        if ids is not None and len(ids):
+            library_id = _text(ids[0])
+        else:
+            library_id = outs.parent.name if outs.name == "outs" else outs.name
+    adata.uns["spatial"] = {library_id: _spatial_metadata(outs / "spatial", attrs, load_images)}
+    return adata
+
+
+def _read_positions(file: Path) -> pd.DataFrame:
+    try:
+        if file.suffix == ".parquet":
+            table = pd.read_parquet(file).set_index("barcode")
+        else:
+            header = 0 if file.name == POSITION_FILES[0] else None
+            table = pd.read_csv(file, header=header, index_col=0)
+    except (ImportError, OSError, ValueError, KeyError) as err:
+        raise InputError(f"Could not read the spot positions {file} ({err}).") from err
+    if table.shape[1] != len(POSITION_COLUMNS):
+        raise InputError(
+            f"{file} has {table.shape[1] + 1} columns; a Space Ranger positions file has 6: "
+            f"barcode, {', '.join(POSITION_COLUMNS)}."
+        )
+    table.columns = list(POSITION_COLUMNS)
+    table.index = table.index.astype(str)
+    return table
+
+
+def _spatial_metadata(folder: Path, attrs: dict, load_images: bool) -> dict:
+    meta: dict = {
+        "metadata": {
+            key: _text(attrs[key])
+            for key in ("chemistry_description", "software_version")
+            if key in attrs
+        }
+    }
+    scalefactors = folder / SCALEFACTORS_FILE
+    if scalefactors.is_file():
+        try:
+            meta["scalefactors"] = json.loads(scalefactors.read_text())
+        except ValueError as err:
+            raise InputError(f"{scalefactors} is not valid JSON ({err}).") from err
+    else:
+        logger.warning("%s is missing; spot size and image scale factors are unknown", scalefactors)
+    if load_images:
+        from matplotlib.image import imread
+
+        images = {
+            res: imread(folder / f"tissue_{res}_image.png")
+            for res in ("hires", "lowres")
+            if (folder / f"tissue_{res}_image.png").is_file()
+        }
+        if images:
+            meta["images"] = images
+    return meta
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,5 @@
+"""Plotting: reads the documented keys, returns matplotlib Figures; never calls ``show``."""
+
+from ._proportions import proportions
+
+__all__ = ["proportions"]

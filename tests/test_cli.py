@@ -1,0 +1,149 @@
+"""The ``spotlens`` command line, run in-process with typer's CliRunner."""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from spotlens._metrics import accuracy
+from spotlens.cli import app
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "spacexr_cerebellum_slideseq"
+OUTPUTS = ("spatial.h5ad", "proportions.csv", "proportions.png")
+# fixed penalties and few sweeps keep a run to about a second
+FAST = ["--lambda-ridge", "0.01", "--lambda-spatial", "0.3", "--n-iter", "20", "--no-progress"]
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def data():
+    if not (DATA / "spatial.h5ad").exists():
+        pytest.skip(f"real test data not found at {DATA}")
+    return DATA / "spatial.h5ad", DATA / "sc_reference.h5ad"
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_deconvolve_writes_the_three_outputs(data, tmp_path):
+    spatial, reference = data
+    out = tmp_path / "results"
+    result = run("deconvolve", "-s", spatial, "-r", reference, "--labels-key", "cell_type",
+                 "-o", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert all((out / name).is_file() for name in OUTPUTS)
+
+    table = pd.read_csv(out / "proportions.csv", index_col=0)
+    st = ad.read_h5ad(spatial)
+    assert list(table.index) == list(st.obs_names)
+    np.testing.assert_allclose(table.sum(axis=1), 1.0, atol=1e-6)
+    assert (table.to_numpy() >= 0).all()
+    written = ad.read_h5ad(out / "spatial.h5ad")
+    np.testing.assert_allclose(written.obsm["proportions_spotlens"].to_numpy(), table.to_numpy())
+    assert written.uns["proportions_spotlens"]["params"]["lambda_spatial"] == 0.3
+    # one INFO line per stage on stderr, the written paths on stdout
+    assert all(f"stage {i}/5" in result.stderr for i in range(1, 6))
+    assert str(out / "proportions.csv") in result.stdout
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temp files
+
+
+def test_options_reach_deconvolve(data, tmp_path):
+    spatial, reference = data
+    result = run("deconvolve", "-s", spatial, "-r", reference, "-o", tmp_path, "--no-attention",
+                 "--k-neighbors", "4", "--seed", "3", "-q", *FAST)
+    assert result.exit_code == 0, result.output
+    params = ad.read_h5ad(tmp_path / "spatial.h5ad").uns["proportions_spotlens"]["params"]
+    assert (params["use_attention"], params["k_neighbors"], params["seed"]) == (False, 4, 3)
+    assert "stage 1/5" not in result.stderr  # --quiet keeps warnings only
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--labels-key", "celltype"], "no obs column 'celltype'"),
+        (["--device", "gpu"], "Unknown device 'gpu'"),
+        (["--spatial-key", "xy"], "no obsm['xy']"),
+        (["--layer", "counts"], "no layer 'counts'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(data, tmp_path, args, message):
+    spatial, reference = data
+    result = run("deconvolve", "-s", spatial, "-r", reference, "-o", tmp_path, *args, *FAST)
+    assert result.exit_code == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "proportions.csv").exists()
+
+
+def test_missing_file_exits_2(tmp_path):
+    result = run("deconvolve", "-s", tmp_path / "nope.h5ad", "-r", tmp_path / "ref.h5ad",
+                 "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "error: The spatial data path" in result.stderr and "does not exist" in result.stderr
+
+
+def test_bad_penalty_is_a_usage_error(tmp_path):
+    result = run("deconvolve", "-s", "a.h5ad", "-r", "b.h5ad", "-o", tmp_path,
+                 "--lambda-ridge", "lots")
+    assert result.exit_code == 2
+    assert "--lambda-ridge" in result.stderr and "'auto'" in result.stderr
+
+
+def test_demo_prints_accuracy_of_what_it_wrote(data, tmp_path, monkeypatch):
+    """The demo on a small stand-in for the bundled example (the real one takes a minute)."""
+    spatial, reference = data
+    st, ref = ad.read_h5ad(spatial), ad.read_h5ad(reference)
+    cell_types = sorted(ref.obs["cell_type"].unique())
+    rng = np.random.default_rng(0)
+    truth = pd.DataFrame(rng.dirichlet(np.ones(len(cell_types)), st.n_obs), index=st.obs_names,
+                         columns=cell_types)
+    st.obsm["true_proportions"] = truth
+    fake = types.ModuleType("spotlens.datasets")
+    fake.osmfish_cortex = lambda: (st, ref)
+    monkeypatch.setitem(sys.modules, "spotlens.datasets", fake)
+
+    result = run("demo", "-o", tmp_path, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert all((tmp_path / name).is_file() for name in OUTPUTS)
+    pred = pd.read_csv(tmp_path / "proportions.csv", index_col=0)
+    scores = accuracy(pred, truth)
+    for label, metric in (("Pearson r", "pearson_r"), ("RMSE", "rmse"), ("mean JSD", "mean_jsd")):
+        printed = re.search(rf"^  {label}\s+(-?[\d.]+)", result.stdout, flags=re.MULTILINE)
+        assert printed and float(printed.group(1)) == pytest.approx(scores[metric], abs=5e-4)
+
+
+def test_help_describes_commands_and_options():
+    top = run("--help")
+    assert top.exit_code == 0
+    assert "deconvolve" in top.stdout and "demo" in top.stdout
+    sub = run("deconvolve", "--help")
+    for option in ("--spatial", "--reference", "--labels-key", "--out", "--lambda-ridge",
+                   "--no-attention", "--device", "--n-iter"):
+        assert option in sub.stdout
+
+
+def test_accuracy_metrics():
+    truth = pd.DataFrame({"A": [1.0, 0.0, 0.5], "B": [0.0, 1.0, 0.5]}, index=["s1", "s2", "s3"])
+    perfect = accuracy(truth.iloc[::-1], truth)  # rows are matched by name, not position
+    assert perfect["rmse"] == 0 and perfect["mean_jsd"] == 0 and perfect["pearson_r"] == 1
+    swapped = accuracy(truth[["B", "A"]].set_axis(["A", "B"], axis=1), truth)
+    assert swapped["mean_jsd"] == pytest.approx(2 / 3)  # s1, s2 disjoint (1), s3 equal (0)
+    missing_type = accuracy(truth[["A"]], truth)  # B scored as 0 in pred
+    assert missing_type["rmse"] == pytest.approx(np.sqrt((1 + 0.25) / 6))
+    from spotlens._validation import InputError
+
+    with pytest.raises(InputError, match="no spot names"):
+        accuracy(truth.set_axis(["x", "y", "z"]), truth)
+    with pytest.raises(InputError, match="no cell-type names"):
+        accuracy(truth.set_axis(["C", "D"], axis=1), truth)
