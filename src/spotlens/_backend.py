@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ._validation import InputError
+
 
 class BackendError(RuntimeError):
     """Raised when the requested device cannot be used."""
@@ -64,13 +66,13 @@ def resolve_device(device: str = "cpu") -> Backend:
 
     Raises
     ------
-    ValueError
-        If ``device`` is not one of the forms above.
+    InputError
+        If ``device`` is not one of the forms above (a ``ValueError``).
     BackendError
         If torch is missing for a torch device, or CUDA is requested but not available.
     """
     if not isinstance(device, str):
-        raise ValueError(f"device must be a string such as 'cpu', 'cuda' or 'auto', got {device!r}.")
+        raise InputError(f"device must be a string such as 'cpu', 'cuda' or 'auto', got {device!r}.")
     dev = device.strip().lower()
     if dev == "cpu":
         return Backend("numpy", "cpu")
@@ -96,12 +98,12 @@ def resolve_device(device: str = "cpu") -> Backend:
         try:
             index = int(index)
         except ValueError as err:
-            raise ValueError(f"device={device!r}: the GPU index must be an integer.") from err
+            raise InputError(f"device={device!r}: the GPU index must be an integer.") from err
         if index >= torch.cuda.device_count():
             raise BackendError(
                 f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible."
             )
         return Backend("torch", f"cuda:{index}")
-    raise ValueError(
+    raise InputError(
         f"Unknown device {device!r}. Use 'cpu', 'torch', 'cuda', 'cuda:N' or 'auto'."
     )

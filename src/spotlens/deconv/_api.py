@@ -114,6 +114,8 @@ def deconvolve(
     gene_weights: Literal["poisson", "none"] = "poisson",
     n_genes_per_type: int | None = 200,
     min_cells_per_type: int = 5,
+    cells_per_state: int | None = 50,
+    max_states_per_type: int = 5,
     min_shared_genes: int = 10,
     n_iter: int = 200,
     tol: float = 1e-5,
@@ -185,6 +187,11 @@ def deconvolve(
         Informative genes per type (see :func:`spotlens.pp.reference_signatures`).
     min_cells_per_type
         Reference types with fewer cells raise an error.
+    cells_per_state, max_states_per_type
+        Each type is split into up to ``max_states_per_type`` transcriptional states of about
+        ``cells_per_state`` reference cells (k-means on a PCA of the reference); the regression
+        uses one signature per state and sums the states back to their type. ``None`` fits one
+        signature per type. See :func:`spotlens.pp.reference_signatures`.
     min_shared_genes
         Fewest shared genes accepted.
     n_iter, tol
@@ -271,6 +278,7 @@ def deconvolve(
     sig = reference_signatures(
         reference, labels_key=labels_key, layer=reference_layer, genes=shared,
         n_genes_per_type=n_genes_per_type, min_cells_per_type=min_cells_per_type,
+        cells_per_state=cells_per_state, max_states_per_type=max_states_per_type, seed=seed,
     )
     genes = sig.genes
     types = sig.cell_types
@@ -288,7 +296,12 @@ def deconvolve(
         )
     weights = _gene_weights(sig.signature.to_numpy(), gene_weights)
     mean_lib = float(sig.library_size.mean())
-    s_w = sig.signature.to_numpy() * weights[None, :] / mean_lib
+    s_w = sig.states.to_numpy() * weights[None, :] / mean_lib
+    state_type = types.get_indexer(sig.state_type)
+    to_types = sparse.csr_matrix(
+        (np.ones(len(state_type)), (np.arange(len(state_type)), state_type)),
+        shape=(len(state_type), len(types)),
+    )
     y_norm = _normalise(y, np.ones(len(genes)))
     y_w = _normalise(y, weights)
     problem = Problem.from_matrices(y_w, s_w)
@@ -320,7 +333,7 @@ def deconvolve(
 
     logger.info("stage 4/5 fit: %d spots × %d types on %s", len(coords), len(types),
                 backend.device)
-    x, history, n_sweeps, converged = fit(
+    x_states, history, n_sweeps, converged = fit(
         problem, w, colors, lambda_ridge=float(lambda_ridge), lambda_spatial=float(lambda_spatial),
         n_iter=n_iter, tol=tol, ops=ops, progress=progress,
         attention_update=(
@@ -336,6 +349,7 @@ def deconvolve(
                        "tighter fit", n_sweeps, tol)
 
     logger.info("stage 5/5 write")
+    x = np.asarray(to_types.T @ x_states.T).T
     total = x.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         props = np.where(total > 0, x / np.where(total > 0, total, 1), np.nan)
@@ -352,12 +366,15 @@ def deconvolve(
             "attention_update_every": attention_update_every, "n_comps": n_comps,
             "lambda_ridge": float(lambda_ridge), "lambda_spatial": float(lambda_spatial),
             "gene_weights": gene_weights, "n_genes_per_type": n_genes_per_type,
+            "cells_per_state": cells_per_state, "max_states_per_type": max_states_per_type,
+            "n_states": len(state_type),
             "n_iter": n_iter, "tol": tol, "n_sweeps": n_sweeps, "converged": converged,
             "device": backend.device, "seed": seed,
             "seconds": round(time.perf_counter() - t0, 3),
         },
         "genes": np.asarray(genes, dtype=object),
         "cell_types": np.asarray(types, dtype=object),
+        "states": pd.DataFrame({"state": sig.state_type.index, "cell_type": sig.state_type.values}),
         "objective": np.asarray(history),
     }
     if cv_table is not None:
@@ -389,6 +406,8 @@ def _check_params(**p) -> None:
         if isinstance(v, str):
             if v != "auto":
                 raise InputError(f"{name} must be a number ≥ 0 or 'auto', got {v!r}.")
+        elif not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool):
+            raise InputError(f"{name} must be a number ≥ 0 or 'auto', got {v!r}.")
         elif not np.isfinite(v) or v < 0:
             raise InputError(f"{name} must be a number ≥ 0 or 'auto', got {v!r}.")
     if not isinstance(p["n_iter"], (int, np.integer)) or p["n_iter"] < 1:

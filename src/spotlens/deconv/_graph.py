@@ -9,6 +9,8 @@ import numpy as np
 from scipy import sparse
 from scipy.spatial import cKDTree
 
+from ..pp._embedding import log_pca as expression_embedding  # noqa: F401  (re-exported)
+
 _CHUNK = 65536
 
 
@@ -65,47 +67,6 @@ def default_alpha(distances: np.ndarray) -> float:
     return float(np.log(2.0) / np.median(finite) ** 2)
 
 
-def expression_embedding(
-    expression: np.ndarray | sparse.spmatrix, n_comps: int = 20, *, seed: int = 0,
-    max_fit: int = 20000,
-) -> np.ndarray:
-    """Low-dimensional embedding of the spots' normalised expression for attention.
-
-    ``log1p`` of the expression scaled to the median library size, then PCA fitted on at most
-    ``max_fit`` spots (randomly chosen) and applied to all. Scaled so the mean squared entry is 1.
-
-    Parameters
-    ----------
-    expression
-        ``n_spots × n_genes`` non-negative expression (library-size-normalised).
-    n_comps
-        Number of principal components (capped by the data's rank).
-    seed
-        Seed for the subsample and the randomized SVD.
-    max_fit
-        Spots used to fit the PCA.
-
-    Returns
-    -------
-    ``n_spots × n_comps`` embedding.
-    """
-    from sklearn.decomposition import PCA
-
-    rng = np.random.default_rng(seed)
-    x = expression.toarray() if sparse.issparse(expression) else np.asarray(expression)
-    lib = x.sum(axis=1)
-    scale = np.median(lib[lib > 0]) if np.any(lib > 0) else 1.0
-    x = np.log1p(x * (1e3 / scale))
-    n, g = x.shape
-    n_comps = int(max(1, min(n_comps, g - 1, n - 1)))
-    fit_rows = rng.choice(n, size=max_fit, replace=False) if n > max_fit else slice(None)
-    pca = PCA(n_components=n_comps, svd_solver="randomized", random_state=seed)
-    pca.fit(x[fit_rows])
-    z = pca.transform(x)
-    rms = np.sqrt(np.mean(z**2))
-    return z / rms if rms > 0 else z
-
-
 def attention(
     embedding: np.ndarray, indices: np.ndarray, temperature: float = 1.0
 ) -> np.ndarray:
@@ -134,11 +95,13 @@ def attention(
         sl = slice(start, min(n, start + _CHUNK))
         j = np.where(valid[sl], indices[sl], 0)
         s = np.einsum("id,ikd->ik", embedding[sl], embedding[j]) / (np.sqrt(d) * temperature)
+        # a spot with no neighbour (a one-spot section) keeps an all-zero row
         s = np.where(valid[sl], s, -np.inf)
-        s -= s.max(axis=1, keepdims=True)
-        e = np.exp(s)
-        out[sl] = e / e.sum(axis=1, keepdims=True)
-    return np.nan_to_num(out)
+        top = s.max(axis=1, keepdims=True)
+        e = np.exp(s - np.where(np.isfinite(top), top, 0.0))
+        total = e.sum(axis=1, keepdims=True)
+        out[sl] = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+    return out
 
 
 def edge_weights(

@@ -1,0 +1,63 @@
+"""Log-normalised PCA embedding, fitted on a subsample and applied in chunks."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import sparse
+
+_CHUNK = 50_000
+
+
+def _log_normalise(block, scale: float) -> np.ndarray:
+    dense = block.toarray() if sparse.issparse(block) else np.asarray(block, dtype=np.float64)
+    lib = dense.sum(axis=1, keepdims=True)
+    dense = np.divide(dense, lib, out=np.zeros_like(dense), where=lib > 0)
+    return np.log1p(dense * scale)
+
+
+def log_pca(
+    counts: sparse.spmatrix | np.ndarray,
+    n_comps: int = 20,
+    *,
+    seed: int = 0,
+    max_fit: int = 20_000,
+) -> np.ndarray:
+    """PCA embedding of ``log1p`` library-size-normalised expression.
+
+    Each row is divided by its sum, scaled to the median library size and ``log1p``-transformed;
+    a randomized PCA is fitted on at most ``max_fit`` rows (random, seeded) and applied to every
+    row in chunks, so memory stays O(chunk × n_genes) whatever the number of rows. The result
+    is scaled so that its mean squared entry is 1.
+
+    Parameters
+    ----------
+    counts
+        ``n_obs × n_genes`` non-negative expression (counts or normalised), dense or sparse.
+    n_comps
+        Components, capped at ``min(n_obs, n_genes) − 1``.
+    seed
+        Seed for the subsample and the randomized SVD.
+    max_fit
+        Rows used to fit the PCA.
+
+    Returns
+    -------
+    ``n_obs × n_comps`` embedding (float64).
+    """
+    from sklearn.decomposition import PCA
+
+    counts = sparse.csr_matrix(counts) if sparse.issparse(counts) else np.asarray(counts)
+    n, g = counts.shape
+    lib = np.asarray(counts.sum(axis=1)).ravel()
+    scale = float(np.median(lib[lib > 0])) if np.any(lib > 0) else 1.0
+    n_comps = int(max(1, min(n_comps, g - 1, n - 1)))
+    rng = np.random.default_rng(seed)
+    fit_rows = np.sort(rng.choice(n, size=max_fit, replace=False)) if n > max_fit else np.arange(n)
+    pca = PCA(n_components=n_comps, svd_solver="randomized", random_state=seed)
+    pca.fit(_log_normalise(counts[fit_rows], scale))
+    z = np.empty((n, n_comps))
+    for start in range(0, n, _CHUNK):
+        stop = min(n, start + _CHUNK)
+        z[start:stop] = pca.transform(_log_normalise(counts[start:stop], scale))
+    rms = float(np.sqrt(np.mean(z**2)))
+    return z / rms if rms > 0 else z
