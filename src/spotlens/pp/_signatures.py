@@ -11,6 +11,8 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from ._embedding import log_pca
+from ._states import cell_states
 from .._validation import (
     InputError,
     check_counts,
@@ -36,13 +38,18 @@ class Signatures:
         Mean library size (counts per cell over all reference genes) per type.
     n_cells
         Number of reference cells per type.
-    genes
-        The informative genes kept (columns of ``signature``).
+    states
+        ``n_states × n_genes`` signatures of the cell states within each type (same scaling as
+        ``signature``); equal to ``signature`` when every type is one state.
+    state_type
+        ``n_states`` cell type of each state (index: state names such as ``"B#1"``).
     """
 
     signature: pd.DataFrame
     library_size: pd.Series
     n_cells: pd.Series
+    states: pd.DataFrame | None = None
+    state_type: pd.Series | None = None
 
     @property
     def genes(self) -> pd.Index:
@@ -125,11 +132,14 @@ def _informative_genes(
     for k in range(n_types):
         order = np.argsort(-log_fc[k])[:n_genes_per_type]
         keep[order[log_fc[k, order] > min_log_fc]] = True
-    if drop_overdispersed > 0 and keep.sum() > 10:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            dispersion = np.nanmean(np.where(mean_norm > 0, var_norm / mean_norm, np.nan), axis=0)
-        cutoff = np.nanquantile(dispersion[keep], 1 - drop_overdispersed)
-        keep &= ~(dispersion > cutoff)
+    n_drop = int(np.floor(drop_overdispersed * keep.sum())) if keep.sum() > 10 else 0
+    if n_drop > 0:
+        # only kept genes: each is expressed in some type, so no column is all-NaN
+        kept = np.flatnonzero(keep)
+        m, v = mean_norm[:, kept], var_norm[:, kept]
+        ratio = np.divide(v, m, out=np.full_like(m, np.nan), where=m > 0)
+        dispersion = np.nanmean(ratio, axis=0)
+        keep[kept[np.argsort(-dispersion, kind="stable")[:n_drop]]] = False
     return genes[keep]
 
 
@@ -143,6 +153,9 @@ def reference_signatures(
     min_log_fc: float = 0.5,
     drop_overdispersed: float = 0.01,
     min_cells_per_type: int = 5,
+    cells_per_state: int | None = 50,
+    max_states_per_type: int = 5,
+    seed: int = 0,
 ) -> Signatures:
     """Build the signature matrix of a labelled single-cell reference.
 
@@ -171,6 +184,16 @@ def reference_signatures(
         Fraction of markers with the highest within-type dispersion to drop.
     min_cells_per_type
         Types with fewer cells raise an error.
+    cells_per_state
+        Split each type into ``min(max_states_per_type, n_cells // cells_per_state)`` cell
+        states by k-means on a PCA of the reference (log-normalised, informative genes), and
+        give each state its own signature. ``None`` keeps one state per type. Types are
+        heterogeneous (e.g. excitatory neurons of each cortical layer); fitting their states and
+        summing them back to types captures that.
+    max_states_per_type
+        Most states per type.
+    seed
+        Seed of the PCA and k-means.
 
     Returns
     -------
@@ -226,9 +249,26 @@ def reference_signatures(
         )
     cols = all_genes.get_indexer(kept)
     signature = pd.DataFrame(mean_norm[:, cols] * lib[:, None], index=types, columns=kept)
-    logger.info("signatures: %d cell types × %d informative genes", len(types), len(kept))
+    states, state_type = signature, pd.Series(types, index=types, name="cell_type")
+    if cells_per_state is not None and n_cells.max() >= 2 * cells_per_state:
+        ref_cols = reference.var_names.get_indexer(kept)
+        embedding = log_pca(sparse.csr_matrix(counts)[:, ref_cols], 20, seed=seed)
+        state_codes, owner = cell_states(
+            embedding, codes, len(types), cells_per_state=cells_per_state,
+            max_states_per_type=max_states_per_type, seed=seed,
+        )
+        s_mean, _, s_lib, _ = signature_kernel(counts, state_codes, len(owner))
+        s_mean = s_mean[:, reference.var_names.get_indexer(kept)]
+        rank = np.concatenate([np.arange((owner == k).sum()) for k in range(len(types))])
+        names = [f"{types[k]}#{r}" for k, r in zip(owner, rank)]
+        states = pd.DataFrame(s_mean * s_lib[:, None], index=names, columns=kept)
+        state_type = pd.Series(types[owner], index=names, name="cell_type")
+    logger.info("signatures: %d cell types (%d states) × %d informative genes",
+                len(types), len(states), len(kept))
     return Signatures(
         signature=signature,
         library_size=pd.Series(lib, index=types, name="library_size"),
         n_cells=pd.Series(n_cells.astype(int), index=types, name="n_cells"),
+        states=states,
+        state_type=state_type,
     )
