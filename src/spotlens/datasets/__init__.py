@@ -1,0 +1,15 @@
+"""Example data: a bundled real dataset with ground truth, real pairs, and simulations.
+
+- :func:`osmfish_cortex` / :func:`osmfish_heldout`: osmFISH mouse cortex pseudo-spots with known
+  cell-type proportions, shipped with the package.
+- :func:`load_pair`: real spatial/reference pairs read from the shared data folder (not shipped).
+- :func:`synthetic`: simulated spots and reference, with ground truth, from 100 to 10⁶ spots.
+"""
+
+from __future__ import annotations
+
+from ._bundled import osmfish_cortex, osmfish_heldout
+from ._pairs import PAIRS, load_pair
+from ._synthetic import synthetic
+
+__all__ = ["PAIRS", "load_pair", "osmfish_cortex", "osmfish_heldout", "synthetic"]
