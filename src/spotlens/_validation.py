@@ -60,8 +60,11 @@ def check_unique_names(adata: AnnData, *, what: str, obs_name: str) -> None:
 
 def _values(matrix) -> np.ndarray:
     if sparse.issparse(matrix):
-        return np.asarray(matrix.data if hasattr(matrix, "data") else matrix.tocsr().data)
-    return np.asarray(matrix)
+        if matrix.format not in ("csr", "csc", "coo", "bsr"):
+            # lil/dok/dia hold values in other shapes (lil.data is an object array of lists)
+            matrix = matrix.tocsr()
+        return np.asarray(matrix.data)
+    return np.asarray(matrix).ravel()  # flat, so an argmax indexes one value
 
 
 def check_counts(matrix, *, what: str) -> None:
@@ -69,8 +72,6 @@ def check_counts(matrix, *, what: str) -> None:
 
     Normalised or log-transformed input is the common mistake this catches.
     """
-    if sparse.issparse(matrix) and not hasattr(matrix, "data"):
-        matrix = matrix.tocsr()
     values = _values(matrix)
     if not np.issubdtype(values.dtype, np.number):
         raise InputError(f"The {what} holds non-numeric values ({values.dtype}); expected counts.")

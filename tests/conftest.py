@@ -1,0 +1,160 @@
+"""Shared fixtures: a small real Slide-seq pair and a synthetic pair with known proportions.
+
+Real data are read once per session and handed to each test as a copy, so no test can leak a
+mutation into another. The synthetic factory returns the ground truth it simulated from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "spacexr_cerebellum_slideseq"
+
+
+@dataclass(frozen=True)
+class SyntheticPair:
+    """A simulated spatial dataset, its reference and the truth it was drawn from.
+
+    Attributes
+    ----------
+    spatial
+        ``n_spots × n_genes`` raw counts, grid coordinates in ``obsm["spatial"]``.
+    reference
+        ``n_cells × n_genes`` raw counts, types in ``obs["cell_type"]``.
+    true_proportions
+        ``n_spots × n_types`` cell fractions per spot (rows sum to 1), columns = type names.
+    true_cells
+        ``n_spots`` number of cells simulated in each spot.
+    profiles
+        ``n_types × n_genes`` expected counts per cell of each type.
+    """
+
+    spatial: ad.AnnData
+    reference: ad.AnnData
+    true_proportions: pd.DataFrame
+    true_cells: pd.Series
+    profiles: pd.DataFrame
+
+    def copy(self) -> SyntheticPair:
+        return SyntheticPair(
+            self.spatial.copy(), self.reference.copy(), self.true_proportions.copy(),
+            self.true_cells.copy(), self.profiles.copy(),
+        )
+
+
+def make_synthetic(
+    *,
+    n_types: int = 8,
+    n_genes: int = 150,
+    grid: tuple[int, int] = (20, 15),
+    cells_per_spot: float = 8.0,
+    cells_per_type: int = 30,
+    library_range: tuple[float, float] = (30.0, 90.0),
+    marker_fold: float = 6.0,
+    seed: int = 0,
+) -> SyntheticPair:
+    """Poisson counts of known, spatially smooth proportions × cells × type profiles.
+
+    Each type has a library size in ``library_range`` counts per cell (default 30–90, so a spot
+    of ~9 cells has ~500 counts, like a sparse Visium spot), a log-normal baseline over all
+    genes and six marker genes (``marker_fold`` × up). Spot proportions are a softmax of smooth
+    random fields (sums of Gaussian bumps), so neighbouring spots are alike; each spot holds
+    1 + Poisson(``cells_per_spot``) cells. Reference cells are Poisson draws from the same
+    profiles with a log-normal per-cell size factor.
+    """
+    rng = np.random.default_rng(seed)
+    types = [f"type_{k}" for k in range(n_types)]
+    genes = [f"gene_{g:03d}" for g in range(n_genes)]
+
+    base = rng.lognormal(0.0, 1.0, size=(n_types, n_genes))
+    n_markers = 6
+    for k in range(n_types):
+        base[k, k * n_markers:(k + 1) * n_markers] *= marker_fold
+    lib = rng.uniform(*library_range, size=n_types)
+    profiles = base / base.sum(axis=1, keepdims=True) * lib[:, None]
+
+    nx, ny = grid
+    xx, yy = np.meshgrid(np.arange(nx, dtype=float), np.arange(ny, dtype=float))
+    coords = np.column_stack([xx.ravel(), yy.ravel()]) * 100.0  # 100 µm spacing
+    n_spots = coords.shape[0]
+    field = np.zeros((n_spots, n_types))
+    for k in range(n_types):
+        for _ in range(3):
+            centre = rng.uniform([0, 0], [nx * 100.0, ny * 100.0])
+            width = rng.uniform(250, 600)
+            height = rng.normal(0, 2.0)
+            field[:, k] += height * np.exp(-((coords - centre) ** 2).sum(1) / (2 * width**2))
+    logits = 1.5 * field
+    props = np.exp(logits - logits.max(axis=1, keepdims=True))
+    props /= props.sum(axis=1, keepdims=True)
+
+    n_cells = rng.poisson(cells_per_spot, size=n_spots) + 1
+    mu = (props * n_cells[:, None]) @ profiles
+    counts = rng.poisson(mu).astype(np.float32)
+    spot_names = [f"spot_{i:04d}" for i in range(n_spots)]
+    spatial = ad.AnnData(
+        X=sparse.csr_matrix(counts),
+        obs=pd.DataFrame(index=spot_names),
+        var=pd.DataFrame(index=genes),
+    )
+    spatial.obsm["spatial"] = coords
+
+    ref_types = np.repeat(np.arange(n_types), cells_per_type)
+    size = rng.lognormal(0.0, 0.3, size=ref_types.size)
+    ref_counts = rng.poisson(profiles[ref_types] * size[:, None]).astype(np.float32)
+    reference = ad.AnnData(
+        X=sparse.csr_matrix(ref_counts),
+        obs=pd.DataFrame(
+            {"cell_type": pd.Categorical([types[k] for k in ref_types], categories=types)},
+            index=[f"cell_{i:04d}" for i in range(ref_types.size)],
+        ),
+        var=pd.DataFrame(index=genes),
+    )
+    truth = pd.DataFrame(props, index=spot_names, columns=types)
+    return SyntheticPair(
+        spatial, reference, truth, pd.Series(n_cells, index=spot_names, name="n_cells"),
+        pd.DataFrame(profiles, index=types, columns=genes),
+    )
+
+
+@pytest.fixture(scope="session")
+def _synthetic_session() -> SyntheticPair:
+    return make_synthetic()
+
+
+@pytest.fixture
+def synthetic(_synthetic_session) -> SyntheticPair:
+    """A fresh copy of the synthetic pair (8 types, 150 genes, 300 spots on a grid)."""
+    return _synthetic_session.copy()
+
+
+@pytest.fixture
+def make_pair():
+    """The synthetic factory itself, for tests that need other sizes (see ``make_synthetic``)."""
+    return make_synthetic
+
+
+@pytest.fixture(scope="session")
+def _real_session() -> tuple[ad.AnnData, ad.AnnData]:
+    if not REAL_DIR.is_dir():
+        pytest.skip(f"real test data not found at {REAL_DIR} (needs the shared/data checkout)")
+    spatial = ad.read_h5ad(REAL_DIR / "spatial.h5ad")
+    reference = ad.read_h5ad(REAL_DIR / "sc_reference.h5ad")
+    return spatial, reference
+
+
+@pytest.fixture
+def real(_real_session) -> tuple[ad.AnnData, ad.AnnData]:
+    """Fresh copies of the Slide-seq cerebellum pair.
+
+    Spatial: 100 beads × 378 genes; reference: 475 cells × 384 genes, 19 types of 25 cells.
+    """
+    spatial, reference = _real_session
+    return spatial.copy(), reference.copy()

@@ -1,0 +1,185 @@
+"""Reference signatures: the documented formula, marker selection and bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from spotlens._validation import InputError
+from spotlens.pp import reference_signatures, signature_kernel
+
+# 7 cells × 5 genes; gene "g_off" is never expressed, cell c6 has no counts at all.
+HAND_COUNTS = np.array(
+    [
+        [4, 0, 1, 0, 5],  # A
+        [8, 2, 0, 0, 0],  # A
+        [1, 1, 1, 0, 1],  # A
+        [0, 9, 3, 0, 0],  # B
+        [0, 3, 3, 0, 6],  # B
+        [2, 0, 0, 0, 8],  # C
+        [0, 0, 0, 0, 0],  # C (empty cell)
+    ],
+    dtype=np.float32,
+)
+HAND_LABELS = ["A", "A", "A", "B", "B", "C", "C"]
+HAND_GENES = ["g1", "g2", "g3", "g_off", "g5"]
+
+
+def _hand_reference(dense: bool = False) -> ad.AnnData:
+    x = HAND_COUNTS.copy() if dense else sparse.csr_matrix(HAND_COUNTS)
+    return ad.AnnData(
+        x,
+        obs=pd.DataFrame({"cell_type": HAND_LABELS}, index=[f"c{i}" for i in range(7)]),
+        var=pd.DataFrame(index=HAND_GENES),
+    )
+
+
+def _oracle_signature(counts: np.ndarray, labels: list[str]) -> pd.DataFrame:
+    """Per type: mean over cells of counts / (cell library), times the type's mean library."""
+    rows = {}
+    labels = np.asarray(labels)
+    for t in sorted(set(labels)):
+        cells = counts[labels == t].astype(float)
+        libs = cells.sum(axis=1)
+        normed = [
+            c / lib if lib > 0 else np.zeros_like(c) for c, lib in zip(cells, libs, strict=True)
+        ]
+        rows[t] = np.mean(normed, axis=0) * libs.mean()
+    return pd.DataFrame(rows).T
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_signature_is_mean_normalised_expression_times_mean_library(dense):
+    sig = reference_signatures(
+        _hand_reference(dense), n_genes_per_type=None, min_cells_per_type=2
+    )
+    expected = _oracle_signature(HAND_COUNTS, HAND_LABELS)
+    expected.columns = HAND_GENES
+    # the never-expressed gene is not informative; everything else is kept, in input order
+    assert sig.genes.tolist() == ["g1", "g2", "g3", "g5"]
+    assert sig.cell_types.tolist() == ["A", "B", "C"]
+    np.testing.assert_allclose(sig.signature.to_numpy(), expected[sig.genes].to_numpy(), rtol=1e-12)
+    libs = [(10 + 10 + 4) / 3, (12 + 12) / 2, (10 + 0) / 2]  # the empty cell counts as 0
+    np.testing.assert_allclose(sig.library_size.to_numpy(), libs)
+    assert sig.n_cells.tolist() == [3, 2, 2]
+
+
+def test_signature_restricted_to_genes_keeps_library_over_all_genes():
+    ref = _hand_reference()
+    full = reference_signatures(ref, n_genes_per_type=None, min_cells_per_type=2)
+    sub = reference_signatures(
+        ref, genes=["g5", "g2", "g1"], n_genes_per_type=None, min_cells_per_type=2
+    )
+    assert sub.genes.tolist() == ["g5", "g2", "g1"]
+    # library sizes are over every reference gene, so restricting genes does not rescale
+    pd.testing.assert_frame_equal(sub.signature, full.signature[["g5", "g2", "g1"]])
+    pd.testing.assert_series_equal(sub.library_size, full.library_size)
+
+
+def test_signature_does_not_modify_reference():
+    ref = _hand_reference()
+    before = ref.copy()
+    reference_signatures(ref, n_genes_per_type=None, min_cells_per_type=2)
+    assert (ref.X != before.X).nnz == 0 and ref.X.dtype == before.X.dtype
+    pd.testing.assert_frame_equal(ref.obs, before.obs)
+    pd.testing.assert_frame_equal(ref.var, before.var)
+
+
+def test_signature_kernel_statistics_match_numpy():
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(2.0, size=(40, 12)).astype(float)
+    counts[5] = 0
+    codes = rng.integers(0, 3, size=40)
+    mean_norm, var_norm, lib, n_cells = signature_kernel(sparse.csr_matrix(counts), codes, 3)
+    libs = counts.sum(1)
+    normed = np.divide(counts, libs[:, None], out=np.zeros_like(counts), where=libs[:, None] > 0)
+    for k in range(3):
+        sel = codes == k
+        np.testing.assert_allclose(mean_norm[k], normed[sel].mean(0), atol=1e-14)
+        np.testing.assert_allclose(var_norm[k], normed[sel].var(0), atol=1e-14)
+        assert lib[k] == pytest.approx(libs[sel].mean())
+        assert n_cells[k] == sel.sum()
+
+
+def _marker_reference(seed=0, n_types=4, n_markers=3, n_background=60, extra=None):
+    """Types with ``n_markers`` private markers (15× up) on a shared background."""
+    rng = np.random.default_rng(seed)
+    n_genes = n_types * n_markers + n_background
+    mean = np.full((n_types, n_genes), 20.0)
+    for k in range(n_types):
+        mean[k, k * n_markers:(k + 1) * n_markers] *= 15.0
+    labels = np.repeat(np.arange(n_types), 25)
+    counts = rng.poisson(mean[labels]).astype(np.float32)
+    genes = [f"marker{k}_{m}" for k in range(n_types) for m in range(n_markers)]
+    genes += [f"bg{j}" for j in range(n_background)]
+    if extra is not None:
+        counts = np.hstack([counts, extra(labels)])
+        genes += [f"extra{j}" for j in range(counts.shape[1] - len(genes))]
+    return ad.AnnData(
+        sparse.csr_matrix(counts),
+        obs=pd.DataFrame({"cell_type": [f"T{k}" for k in labels]},
+                         index=[f"cell{i}" for i in range(len(labels))]),
+        var=pd.DataFrame(index=genes),
+    )
+
+
+def test_informative_genes_are_exactly_the_markers():
+    ref = _marker_reference()
+    sig = reference_signatures(ref, n_genes_per_type=3)
+    markers = {g for g in ref.var_names if g.startswith("marker")}
+    assert set(sig.genes) == markers  # default drop_overdispersed=0.01 drops < 1 of 12 genes
+
+
+def test_unexpressed_gene_does_not_warn_during_selection():
+    # a gene with no counts in any reference cell is routine in real data
+    ref = _marker_reference(extra=lambda labels: np.zeros((len(labels), 1), dtype=np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sig = reference_signatures(ref, n_genes_per_type=3)
+    assert "extra0" not in sig.genes
+    assert {g for g in ref.var_names if g.startswith("marker")} == set(sig.genes)
+
+
+def test_overdispersed_markers_are_dropped_in_the_documented_fraction():
+    # 4 types × 25 markers; 5 markers of T0 are bursty (0 or 10× mean in alternate cells)
+    def bursty(labels):
+        rng = np.random.default_rng(1)
+        on = (np.arange(len(labels)) % 2 == 0) & (labels == 0)
+        mean = np.where(on, 20.0 * 15 * 10, 1.0)[:, None] * np.ones((1, 5))
+        return rng.poisson(mean).astype(np.float32)
+
+    ref = _marker_reference(n_markers=25, n_background=40, extra=bursty)
+    sig = reference_signatures(ref, n_genes_per_type=30, drop_overdispersed=0.05)
+    kept = set(sig.genes)
+    # 105 candidate markers (100 + 5 bursty); 5 % of them, rounded down, is 5: the bursty ones
+    assert not kept & {f"extra{j}" for j in range(5)}
+    assert {g for g in ref.var_names if g.startswith("marker")} <= kept
+
+
+def test_genes_not_in_reference():
+    with pytest.raises(InputError, match=r"Genes not in the reference: \['nope'\]"):
+        reference_signatures(_hand_reference(), genes=["g1", "nope"], min_cells_per_type=2)
+
+
+def test_too_few_informative_genes():
+    with pytest.raises(InputError, match="Only 1 informative genes for 3 cell types"):
+        reference_signatures(
+            _hand_reference(), genes=["g1", "g_off"], n_genes_per_type=None, min_cells_per_type=2
+        )
+
+
+def test_reference_signatures_rejects_log_normalised_reference():
+    ref = _hand_reference(dense=True)
+    ref.X = np.log1p(ref.X)
+    with pytest.raises(InputError, match="reference counts holds non-integer values"):
+        reference_signatures(ref, min_cells_per_type=2)
+
+
+def test_reference_signatures_rare_type():
+    with pytest.raises(InputError, match=r"'B' \(2 cells\), 'C' \(2 cells\)"):
+        reference_signatures(_hand_reference(), min_cells_per_type=3)
