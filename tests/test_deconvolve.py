@@ -505,12 +505,6 @@ def test_bad_parameter_values(real, kwargs, message):
         deconvolve(st, ref, **params)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="BUG _api.py _check_params(): non-numeric alpha/tol/attention_temperature reach "
-    "np.isfinite(...) or `> 0` and raise a bare TypeError instead of InputError",
-)
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

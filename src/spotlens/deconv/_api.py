@@ -302,6 +302,8 @@ def deconvolve(
         (np.ones(len(state_type)), (np.arange(len(state_type)), state_type)),
         shape=(len(state_type), len(types)),
     )
+    # smooth cell-type composition, not states: Tr(P Xᵀ L X) with P = M Mᵀ
+    metric = None if len(state_type) == len(types) else (to_types @ to_types.T).toarray()
     y_norm = _normalise(y, np.ones(len(genes)))
     y_w = _normalise(y, weights)
     problem = Problem.from_matrices(y_w, s_w)
@@ -326,16 +328,16 @@ def deconvolve(
             ridge_grid=RIDGE_GRID if lambda_ridge == "auto" else (float(lambda_ridge),),
             spatial_grid=SPATIAL_GRID if lambda_spatial == "auto" else (float(lambda_spatial),),
             n_folds=cv_folds, seed=seed, n_iter=min(n_iter, 100), tol=max(tol, 1e-4), ops=ops,
-            progress=progress,
+            progress=progress, metric=metric,
         )
         logger.info("chosen by cross-validation: lambda_ridge=%g lambda_spatial=%g",
                     lambda_ridge, lambda_spatial)
 
     logger.info("stage 4/5 fit: %d spots × %d types on %s", len(coords), len(types),
                 backend.device)
-    x_states, history, n_sweeps, converged = fit(
+    x_states, history, n_sweeps, converged, w = fit(
         problem, w, colors, lambda_ridge=float(lambda_ridge), lambda_spatial=float(lambda_spatial),
-        n_iter=n_iter, tol=tol, ops=ops, progress=progress,
+        n_iter=n_iter, tol=tol, ops=ops, progress=progress, metric=metric,
         attention_update=(
             None if not (use_attention and attention_update_every) else
             (attention_update_every, lambda xx: edge_weights(
@@ -369,7 +371,7 @@ def deconvolve(
             "cells_per_state": cells_per_state, "max_states_per_type": max_states_per_type,
             "n_states": len(state_type),
             "n_iter": n_iter, "tol": tol, "n_sweeps": n_sweeps, "converged": converged,
-            "device": backend.device, "seed": seed,
+            "device": device, "backend": f"{backend.name}:{backend.device}", "seed": seed,
             "seconds": round(time.perf_counter() - t0, 3),
         },
         "genes": np.asarray(genes, dtype=object),
@@ -397,34 +399,43 @@ def deconvolve(
     return None
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
 def _check_params(**p) -> None:
     k = p["k_neighbors"]
-    if not isinstance(k, (int, np.integer)) or k < 1:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise InputError(f"k_neighbors must be a positive integer, got {k!r}.")
     for name in ("lambda_ridge", "lambda_spatial"):
         v = p[name]
-        if isinstance(v, str):
-            if v != "auto":
-                raise InputError(f"{name} must be a number ≥ 0 or 'auto', got {v!r}.")
-        elif not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool):
+        if isinstance(v, str) and v == "auto":
+            continue
+        if not _is_number(v) or not np.isfinite(v) or v < 0:
             raise InputError(f"{name} must be a number ≥ 0 or 'auto', got {v!r}.")
-        elif not np.isfinite(v) or v < 0:
-            raise InputError(f"{name} must be a number ≥ 0 or 'auto', got {v!r}.")
-    if not isinstance(p["n_iter"], (int, np.integer)) or p["n_iter"] < 1:
-        raise InputError(f"n_iter must be a positive integer, got {p['n_iter']!r}.")
-    if not p["tol"] > 0:
+    n_iter = p["n_iter"]
+    if not isinstance(n_iter, (int, np.integer)) or isinstance(n_iter, bool) or n_iter < 1:
+        raise InputError(f"n_iter must be a positive integer, got {n_iter!r}.")
+    if not _is_number(p["tol"]) or not p["tol"] > 0:
         raise InputError(f"tol must be > 0, got {p['tol']!r}.")
-    if not isinstance(p["cv_folds"], (int, np.integer)) or p["cv_folds"] < 2:
-        raise InputError(f"cv_folds must be an integer ≥ 2, got {p['cv_folds']!r}.")
-    if p["alpha"] is not None and not (np.isfinite(p["alpha"]) and p["alpha"] > 0):
-        raise InputError(f"alpha must be > 0 or None (automatic), got {p['alpha']!r}.")
+    folds = p["cv_folds"]
+    if not isinstance(folds, (int, np.integer)) or isinstance(folds, bool) or folds < 2:
+        raise InputError(f"cv_folds must be an integer ≥ 2, got {folds!r}.")
+    alpha = p["alpha"]
+    if alpha is not None and not (_is_number(alpha) and np.isfinite(alpha) and alpha > 0):
+        raise InputError(f"alpha must be > 0 or None (automatic), got {alpha!r}.")
     if p["gene_weights"] not in ("poisson", "none"):
         raise InputError(f"gene_weights must be 'poisson' or 'none', got {p['gene_weights']!r}.")
-    if not p["attention_temperature"] > 0:
-        raise InputError("attention_temperature must be > 0.")
+    temp = p["attention_temperature"]
+    if not _is_number(temp) or not temp > 0:
+        raise InputError(f"attention_temperature must be > 0, got {temp!r}.")
     every = p["attention_update_every"]
-    if every is not None and (not isinstance(every, (int, np.integer)) or every < 1):
-        raise InputError(f"attention_update_every must be a positive integer or None, got {every!r}.")
+    if every is not None and (
+        not isinstance(every, (int, np.integer)) or isinstance(every, bool) or every < 1
+    ):
+        raise InputError(
+            f"attention_update_every must be a positive integer or None, got {every!r}."
+        )
 
 
 __all__ = ["DeconvolutionResult", "deconvolve"]

@@ -68,12 +68,13 @@ def fit(
     x0: np.ndarray | None = None,
     progress: bool = False,
     attention_update: tuple[int, Callable[[np.ndarray], sparse.csr_matrix]] | None = None,
-) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    metric: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, int, bool, sparse.csr_matrix]:
     """Solve with relative penalties; optionally rebuild ``W`` from ``X`` every few sweeps.
 
     Returns
     -------
-    x, objective per sweep, sweeps run, converged.
+    x, objective per sweep, sweeps run, converged, and the graph used last.
     """
     lam_r = lambda_ridge * problem.scale
     lam_s = lambda_spatial * problem.scale
@@ -90,7 +91,7 @@ def fit(
             res = solve(
                 problem.b, problem.gram, problem.yy, w=w, colors=colors,
                 lambda_ridge=lam_r, lambda_spatial=lam_s, x0=x,
-                n_iter=min(every, n_iter - done), tol=tol, ops=ops, on_sweep=tick,
+                n_iter=min(every, n_iter - done), tol=tol, ops=ops, on_sweep=tick, metric=metric,
             )
             x, converged = res.x, res.converged
             history.extend(res.objective if not history else res.objective[1:])
@@ -99,7 +100,7 @@ def fit(
                 w = attention_update[1](_normalise_rows(x))
     finally:
         bar.close()
-    return x, np.asarray(history), done, converged
+    return x, np.asarray(history), done, converged, w
 
 
 def _normalise_rows(x: np.ndarray) -> np.ndarray:
@@ -148,6 +149,7 @@ def cross_validate(
     tol: float,
     ops: NumpyOps | TorchOps,
     progress: bool = False,
+    metric: np.ndarray | None = None,
 ) -> tuple[float, float, pd.DataFrame]:
     """Choose ``lambda_ridge`` then ``lambda_spatial`` by count-splitting cross-validation.
 
@@ -205,7 +207,7 @@ def cross_validate(
             x = None
             for g, (lr, ls) in enumerate(pairs):
                 x, *_ = fit(train, w, colors, lambda_ridge=lr / shrink, lambda_spatial=ls / shrink,
-                            n_iter=n_iter, tol=tol, ops=ops, x0=x)
+                            n_iter=n_iter, tol=tol, ops=ops, x0=x, metric=metric)
                 errors[g] += held.held_out_error(x) / n_folds
                 bar.update(1)
         return errors

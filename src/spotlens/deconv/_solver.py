@@ -41,32 +41,40 @@ class SolverResult:
     converged: bool
 
 
-def objective(x, b, gram, yy: float, w, deg, lambda_ridge: float, lambda_spatial: float, ops):
+def objective(
+    x, b, gram, yy: float, w, deg, lambda_ridge: float, lambda_spatial: float, ops, metric=None
+):
     """Objective ``f(X)`` from sufficient statistics, O(n·K² + nnz(W)·K)."""
     fit = yy - 2 * ops.scalar((x * b).sum()) + ops.scalar(((x @ gram) * x).sum())
     ridge = lambda_ridge * ops.scalar((x * x).sum())
     smooth = 0.0
     if lambda_spatial > 0:
-        xx = (x * x).sum(1)
-        smooth = ops.scalar((deg * xx).sum()) - ops.scalar((x * (w @ x)).sum())
+        xp = x if metric is None else x @ metric
+        smooth = ops.scalar((deg * (xp * x).sum(1)).sum()) - ops.scalar((xp * (w @ x)).sum())
     return fit + ridge + lambda_spatial * smooth
 
 
-def _update_block(x, c, gram, diag_extra, n_types: int, inner: int):
+def _update_block(x, c, gram, ridge: float, smooth, metric, n_types: int, inner: int):
     """Exact coordinate descent passes on ``min_{x≥0} x H xᵀ − 2 c xᵀ`` for a block of spots.
 
-    ``H_i = gram + diag_extra_i · I``; every coordinate step is an exact minimisation, so the
-    objective cannot increase.
+    ``H_i = gram + ridge · I + smooth_i · P`` (``P`` = ``metric``, identity when ``None``);
+    every coordinate step is an exact minimisation, so the objective cannot increase.
     """
-    g = x @ gram + diag_extra[:, None] * x - c
+    xp = x if metric is None else x @ metric
+    g = x @ gram + ridge * x + smooth[:, None] * xp - c
     for _ in range(inner):
         for k in range(n_types):
-            h = gram[k, k] + diag_extra
+            p_kk = 1.0 if metric is None else metric[k, k]
+            h = gram[k, k] + ridge + smooth * p_kk
             new = (x[:, k] - g[:, k] / h).clip(min=0)
             delta = new - x[:, k]
             x[:, k] = new
             g += delta[:, None] * gram[k][None, :]
-            g[:, k] += delta * diag_extra
+            g[:, k] += ridge * delta
+            if metric is None:
+                g[:, k] += smooth * delta
+            else:
+                g += (smooth * delta)[:, None] * metric[k][None, :]
     return x
 
 
@@ -85,6 +93,7 @@ def solve(
     inner: int = 2,
     ops: NumpyOps | TorchOps | None = None,
     on_sweep: Callable[[int, float, float], None] | None = None,
+    metric: np.ndarray | None = None,
 ) -> SolverResult:
     """Projected block Gauss–Seidel sweeps.
 
@@ -118,6 +127,11 @@ def solve(
         Array backend; NumPy float64 when ``None``.
     on_sweep
         Called as ``on_sweep(sweep, objective, relative_change)`` after every sweep.
+    metric
+        ``n_types × n_types`` positive semi-definite ``P`` of the smoothing term
+        ``λ_s Tr(P Xᵀ L X)``; identity when ``None``. With ``P = M Mᵀ`` for a 0/1 matrix ``M``
+        mapping columns (cell states) to groups (cell types), the smoothing acts on the group
+        sums: neighbours are asked to agree on cell-type composition, not on states.
 
     Returns
     -------
@@ -135,30 +149,34 @@ def solve(
         if colors is None:
             raise ValueError("colors are required with a spatial graph")
         blocks = [
-            (ops.index(idx), ops.sparse(w[idx]), ops.array(lambda_ridge + lambda_spatial * deg_np[idx]))
+            (ops.index(idx), ops.sparse(w[idx]), ops.array(lambda_spatial * deg_np[idx]))
             for idx in colors
             if len(idx)
         ]
         w_, deg_ = ops.sparse(w), ops.array(deg_np)
     else:
         w_, deg_ = None, None
-        blocks = [(None, None, ops.array(np.full(n, lambda_ridge)))]
+        blocks = [(None, None, ops.array(np.zeros(n)))]
     lam_s = lambda_spatial if spatial else 0.0
+    metric_ = None if metric is None or not spatial else ops.array(metric)
 
     def f(xx):
-        return objective(xx, b_, gram_, yy, w_, deg_, lambda_ridge, lam_s, ops)
+        return objective(xx, b_, gram_, yy, w_, deg_, lambda_ridge, lam_s, ops, metric_)
 
     history = [f(x)]
     converged = False
     sweep = 0
     for sweep in range(1, n_iter + 1):
         x_prev = x.clone() if hasattr(x, "clone") else x.copy()
-        for idx, w_rows, extra in blocks:
+        for idx, w_rows, smooth in blocks:
             if idx is None:
-                x = _update_block(x, b_, gram_, extra, n_types, inner)
+                x = _update_block(x, b_, gram_, lambda_ridge, smooth, None, n_types, inner)
             else:
-                c = b_[idx] + lam_s * (w_rows @ x)
-                x[idx] = _update_block(x[idx], c, gram_, extra, n_types, inner)
+                wx = w_rows @ x
+                c = b_[idx] + lam_s * (wx if metric_ is None else wx @ metric_)
+                x[idx] = _update_block(
+                    x[idx], c, gram_, lambda_ridge, smooth, metric_, n_types, inner
+                )
         history.append(f(x))
         norm = ops.scalar((x * x).sum()) ** 0.5
         change = ops.scalar(((x - x_prev) ** 2).sum()) ** 0.5 / max(norm, 1e-300)
