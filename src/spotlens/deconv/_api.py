@@ -27,7 +27,7 @@ from .._validation import (
 )
 from ..pp import reference_signatures
 from ._graph import attention, color_graph, default_alpha, edge_weights, expression_embedding, knn
-from ._model import Problem, cross_validate, fit
+from ._model import Problem, cross_validate, fit, spatial_window
 from ._ops import get_ops
 
 logger = logging.getLogger("spotlens")
@@ -66,7 +66,10 @@ class DeconvolutionResult:
 def _spatial_counts(spatial: AnnData, layer: str | None) -> sparse.csr_matrix:
     counts = get_matrix(spatial, layer, what="spatial data")
     check_counts(counts, what="spatial counts")
-    return sparse.csr_matrix(counts, dtype=np.float64)
+    counts = sparse.csr_matrix(counts)  # no copy when it already is CSR
+    if not np.issubdtype(counts.dtype, np.floating):
+        counts = counts.astype(np.float32)
+    return counts
 
 
 def _gene_weights(signature: np.ndarray, how: str) -> np.ndarray:
@@ -84,13 +87,6 @@ def _gene_weights(signature: np.ndarray, how: str) -> np.ndarray:
     positive = mean[mean > 0]
     floor = np.quantile(positive, 0.05) if positive.size else 1.0
     return 1.0 / np.sqrt(np.maximum(mean, floor))
-
-
-def _normalise(counts: sparse.csr_matrix, weights: np.ndarray) -> sparse.csr_matrix:
-    """``Y_ig = counts_ig / library_i · w_g`` (zero rows stay zero)."""
-    library = np.asarray(counts.sum(axis=1)).ravel()
-    inv = np.divide(1.0, library, out=np.zeros_like(library), where=library > 0)
-    return (sparse.diags(inv) @ counts @ sparse.diags(weights)).tocsr()
 
 
 def deconvolve(
@@ -111,6 +107,7 @@ def deconvolve(
     lambda_ridge: float | Literal["auto"] = "auto",
     lambda_spatial: float | Literal["auto"] = "auto",
     cv_folds: int = 2,
+    cv_max_spots: int = 20_000,
     gene_weights: Literal["poisson", "none"] = "poisson",
     n_genes_per_type: int | None = 200,
     min_cells_per_type: int = 5,
@@ -181,6 +178,9 @@ def deconvolve(
     cv_folds
         Parts each count is split into for cross-validation (``F`` ≥ 2; the model is fitted on
         ``F − 1`` parts and scored on the last, ``F`` times).
+    cv_max_spots
+        On larger slides the penalties are chosen on a contiguous patch of this many spots
+        (the nearest to a random spot), which keeps the local graph the penalty acts on.
     gene_weights
         ``"poisson"`` or ``"none"``.
     n_genes_per_type
@@ -250,7 +250,8 @@ def deconvolve(
     t0 = time.perf_counter()
     _check_params(
         k_neighbors=k_neighbors, lambda_ridge=lambda_ridge, lambda_spatial=lambda_spatial,
-        n_iter=n_iter, tol=tol, cv_folds=cv_folds, alpha=alpha, gene_weights=gene_weights,
+        n_iter=n_iter, tol=tol, cv_folds=cv_folds, cv_max_spots=cv_max_spots, alpha=alpha,
+        gene_weights=gene_weights,
         attention_temperature=attention_temperature, attention_update_every=attention_update_every,
     )
     backend = resolve_device(device)
@@ -304,9 +305,7 @@ def deconvolve(
     )
     # smooth cell-type composition, not states: Tr(P Xᵀ L X) with P = M Mᵀ
     metric = None if len(state_type) == len(types) else (to_types @ to_types.T).toarray()
-    y_norm = _normalise(y, np.ones(len(genes)))
-    y_w = _normalise(y, weights)
-    problem = Problem.from_matrices(y_w, s_w)
+    problem = Problem.from_counts(y, weights, s_w)
 
     logger.info("stage 2/5 graph: %d spots, k=%d, attention=%s", len(coords), k_neighbors,
                 use_attention)
@@ -314,7 +313,7 @@ def deconvolve(
     alpha_used = default_alpha(dist) if alpha is None else float(alpha)
     attn = None
     if use_attention:
-        embedding = expression_embedding(y_norm, n_comps, seed=seed)
+        embedding = expression_embedding(y, n_comps, seed=seed)
         attn = attention(embedding, idx, attention_temperature)
     w = edge_weights(dist, idx, alpha_used, attn)
     colors = color_graph(w, seed=seed)
@@ -323,8 +322,15 @@ def deconvolve(
     logger.info("stage 3/5 penalties: ridge=%s spatial=%s", lambda_ridge, lambda_spatial)
     cv_table = None
     if lambda_ridge == "auto" or lambda_spatial == "auto":
+        window = spatial_window(coords, cv_max_spots, seed)
+        if len(window) < len(coords):
+            logger.info("choosing penalties on a contiguous patch of %d spots", len(window))
+            w_cv = w[window][:, window].tocsr()
+            colors_cv = color_graph(w_cv, seed=seed)
+        else:
+            w_cv, colors_cv = w, colors
         lambda_ridge, lambda_spatial, cv_table = cross_validate(
-            y, lambda counts: _normalise(counts, weights), s_w, w, colors,
+            y[window], weights, s_w, w_cv, colors_cv,
             ridge_grid=RIDGE_GRID if lambda_ridge == "auto" else (float(lambda_ridge),),
             spatial_grid=SPATIAL_GRID if lambda_spatial == "auto" else (float(lambda_spatial),),
             n_folds=cv_folds, seed=seed, n_iter=min(n_iter, 100), tol=max(tol, 1e-4), ops=ops,
@@ -363,7 +369,7 @@ def deconvolve(
             "version": __version__,
             "labels_key": labels_key, "layer": layer, "reference_layer": reference_layer,
             "spatial_key": spatial_key, "library_key": library_key,
-            "k_neighbors": k_neighbors, "alpha": alpha_used, "use_attention": use_attention,
+            "cv_folds": cv_folds, "cv_max_spots": cv_max_spots, "k_neighbors": k_neighbors, "alpha": alpha_used, "use_attention": use_attention,
             "attention_temperature": attention_temperature,
             "attention_update_every": attention_update_every, "n_comps": n_comps,
             "lambda_ridge": float(lambda_ridge), "lambda_spatial": float(lambda_spatial),
@@ -421,6 +427,9 @@ def _check_params(**p) -> None:
     folds = p["cv_folds"]
     if not isinstance(folds, (int, np.integer)) or isinstance(folds, bool) or folds < 2:
         raise InputError(f"cv_folds must be an integer ≥ 2, got {folds!r}.")
+    cv_max = p["cv_max_spots"]
+    if not isinstance(cv_max, (int, np.integer)) or isinstance(cv_max, bool) or cv_max < 100:
+        raise InputError(f"cv_max_spots must be an integer ≥ 100, got {cv_max!r}.")
     alpha = p["alpha"]
     if alpha is not None and not (_is_number(alpha) and np.isfinite(alpha) and alpha > 0):
         raise InputError(f"alpha must be > 0 or None (automatic), got {alpha!r}.")

@@ -43,6 +43,49 @@ class Problem:
         yy = float(y.multiply(y).sum()) if sparse.issparse(y) else float((y * y).sum())
         return cls(b=b, gram=gram, yy=yy, scale=float(np.mean(np.diag(gram))) if scale is None else scale)
 
+    @classmethod
+    def from_counts(
+        cls,
+        counts: sparse.csr_matrix,
+        weights: np.ndarray,
+        s: np.ndarray,
+        scale: float | None = None,
+    ):
+        """Statistics of ``Y = diag(1/library) · counts · diag(weights)`` without forming ``Y``.
+
+        Parameters
+        ----------
+        counts
+            ``n_spots × n_genes`` raw counts (CSR); a spot's library size is its row sum.
+        weights
+            ``n_genes`` gene weights.
+        s
+            ``n_types × n_genes`` signature matrix, already weighted.
+        scale
+            Penalty scale; mean ``diag(S Sᵀ)`` of ``s`` when ``None``.
+
+        Notes
+        -----
+        O(nnz · n_types) time and O(n_spots · n_types) extra memory (row chunks for ``||Y||²``).
+        """
+        counts = sparse.csr_matrix(counts)
+        library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+        inv = np.divide(1.0, library, out=np.zeros_like(library), where=library > 0)
+        b = np.asarray(counts @ (s * weights[None, :]).T, dtype=np.float64) * inv[:, None]
+        w2 = np.asarray(weights, dtype=np.float64) ** 2
+        row_sq = np.empty(counts.shape[0])
+        step = max(1, 10_000_000 // max(1, counts.shape[1]))
+        for start in range(0, counts.shape[0], step):
+            block = counts[start : start + step]
+            sq = block.data.astype(np.float64) ** 2 * w2[block.indices]
+            row_sq[start : start + step] = np.add.reduceat(sq, block.indptr[:-1]) if sq.size else 0
+            empty = np.diff(block.indptr) == 0
+            row_sq[start : start + step][empty] = 0.0
+        yy = float((row_sq * inv**2).sum())
+        gram = s @ s.T
+        return cls(b=b, gram=gram, yy=yy,
+                   scale=float(np.mean(np.diag(gram))) if scale is None else scale)
+
     def held_out_error(self, x: np.ndarray) -> float:
         """Scale-free error ``Σ_i min_c ||Y_i − c X_i S||²`` of predicting these statistics.
 
@@ -69,6 +112,7 @@ def fit(
     progress: bool = False,
     attention_update: tuple[int, Callable[[np.ndarray], sparse.csr_matrix]] | None = None,
     metric: np.ndarray | None = None,
+    track_objective: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, int, bool, sparse.csr_matrix]:
     """Solve with relative penalties; optionally rebuild ``W`` from ``X`` every few sweeps.
 
@@ -92,6 +136,7 @@ def fit(
                 problem.b, problem.gram, problem.yy, w=w, colors=colors,
                 lambda_ridge=lam_r, lambda_spatial=lam_s, x0=x,
                 n_iter=min(every, n_iter - done), tol=tol, ops=ops, on_sweep=tick, metric=metric,
+                track_objective=track_objective,
             )
             x, converged = res.x, res.converged
             history.extend(res.objective if not history else res.objective[1:])
@@ -106,6 +151,22 @@ def fit(
 def _normalise_rows(x: np.ndarray) -> np.ndarray:
     total = x.sum(axis=1, keepdims=True)
     return np.divide(x, total, out=np.zeros_like(x), where=total > 0)
+
+
+def spatial_window(coords: np.ndarray, n_max: int, seed: int = 0) -> np.ndarray:
+    """Indices of the ``n_max`` spots nearest to a random spot: a contiguous patch of tissue.
+
+    Used to choose the penalties on a large slide: the patch keeps the local graph structure
+    that the spatial term acts on, at a fraction of the cost.
+    """
+    from scipy.spatial import cKDTree
+
+    n = coords.shape[0]
+    if n <= n_max:
+        return np.arange(n)
+    centre = coords[np.random.default_rng(seed).integers(n)]
+    _, idx = cKDTree(coords).query(centre, k=n_max)
+    return np.sort(np.asarray(idx))
 
 
 def thin_counts(
@@ -126,7 +187,7 @@ def thin_counts(
     out = []
     for data in parts:
         m = sparse.csr_matrix(
-            (data.astype(np.float64), counts.indices.copy(), counts.indptr.copy()),
+            (data.astype(np.float32), counts.indices.copy(), counts.indptr.copy()),
             shape=counts.shape,
         )
         m.eliminate_zeros()
@@ -136,7 +197,7 @@ def thin_counts(
 
 def cross_validate(
     counts: sparse.csr_matrix,
-    transform: Callable[[sparse.csr_matrix], sparse.csr_matrix],
+    weights: np.ndarray,
     s: np.ndarray,
     w: sparse.csr_matrix,
     colors: Sequence[np.ndarray],
@@ -166,8 +227,8 @@ def cross_validate(
     ----------
     counts
         ``n_spots × n_genes`` raw counts over the genes used.
-    transform
-        Maps counts to the weighted, library-size-normalised ``Y`` used by the model.
+    weights
+        ``n_genes`` gene weights (``Y = counts / library · weights``).
     s
         ``n_types × n_genes`` weighted signature matrix.
     w, colors
@@ -192,11 +253,12 @@ def cross_validate(
     total = sum(parts[1:], parts[0])
     splits = [
         (
-            Problem.from_matrices(transform(total - part), s, scale=scale),
-            Problem.from_matrices(transform(part), s, scale=scale),
+            Problem.from_counts(total - part, weights, s, scale=scale),
+            Problem.from_counts(part, weights, s, scale=scale),
         )
         for part in parts
     ]
+    del parts, total
     smooth_grid = [float(v) for v in spatial_grid if v > 0]
     n_fits = n_folds * (len(ridge_grid) + len(smooth_grid))
     bar = tqdm(total=n_fits, desc="spotlens cross-validation", disable=not progress, leave=False)
@@ -207,7 +269,8 @@ def cross_validate(
             x = None
             for g, (lr, ls) in enumerate(pairs):
                 x, *_ = fit(train, w, colors, lambda_ridge=lr / shrink, lambda_spatial=ls / shrink,
-                            n_iter=n_iter, tol=tol, ops=ops, x0=x, metric=metric)
+                            n_iter=n_iter, tol=tol, ops=ops, x0=x, metric=metric,
+                            track_objective=False)
                 errors[g] += held.held_out_error(x) / n_folds
                 bar.update(1)
         return errors

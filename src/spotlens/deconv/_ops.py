@@ -36,6 +36,10 @@ class NumpyOps:
         """Back to a NumPy float64 array."""
         return np.asarray(x, dtype=np.float64)
 
+    def transposed(self, x) -> np.ndarray:
+        """Contiguous copy of ``xᵀ``."""
+        return np.ascontiguousarray(x.T)
+
     def scalar(self, x) -> float:
         """Python float of a 0-d result."""
         return float(x)
@@ -70,6 +74,10 @@ class TorchOps:
     def numpy(self, x) -> np.ndarray:
         """Back to a NumPy float64 array."""
         return x.detach().to("cpu").double().numpy()
+
+    def transposed(self, x) -> Any:
+        """Contiguous copy of ``xᵀ``."""
+        return x.T.contiguous()
 
     def scalar(self, x) -> float:
         """Python float of a 0-d result."""

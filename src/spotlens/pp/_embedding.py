@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
-_CHUNK = 50_000
+_CHUNK_ELEMENTS = 20_000_000  # dense values per chunk (160 MB in float64)
 
 
 def _log_normalise(block, scale: float) -> np.ndarray:
@@ -55,9 +55,11 @@ def log_pca(
     fit_rows = np.sort(rng.choice(n, size=max_fit, replace=False)) if n > max_fit else np.arange(n)
     pca = PCA(n_components=n_comps, svd_solver="randomized", random_state=seed)
     pca.fit(_log_normalise(counts[fit_rows], scale))
+    del fit_rows
     z = np.empty((n, n_comps))
-    for start in range(0, n, _CHUNK):
-        stop = min(n, start + _CHUNK)
+    chunk = max(1, _CHUNK_ELEMENTS // max(g, 1))
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
         z[start:stop] = pca.transform(_log_normalise(counts[start:stop], scale))
     rms = float(np.sqrt(np.mean(z**2)))
     return z / rms if rms > 0 else z
