@@ -69,6 +69,40 @@ def _reset_peak() -> bool:
         return False
 
 
+class _PeakTracer:
+    """Sample RSS every ``interval`` s in a thread; keep the main thread's stack at the peak."""
+
+    def __init__(self, interval: float = 0.02):
+        import threading
+
+        self.interval, self.peak_kb, self.stack = interval, 0.0, []
+        self._main = threading.main_thread().ident
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import traceback
+
+        while not self._stop.is_set():
+            rss = _status_kb("VmRSS") or 0.0
+            if rss > self.peak_kb:
+                frame = sys._current_frames().get(self._main)
+                self.peak_kb = rss
+                self.stack = [
+                    f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                    for f in traceback.extract_stack(frame)
+                ][-10:] if frame is not None else []
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     ok = np.isfinite(a) & np.isfinite(b)
     return float(np.corrcoef(a[ok], b[ok])[0, 1])
@@ -109,13 +143,16 @@ def worker(args: argparse.Namespace) -> dict:
     rss_before = _status_kb("VmRSS")
     reset = _reset_peak()
     profiler = cProfile.Profile() if args.profile else None
+    tracer = _PeakTracer() if args.profile else None
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     if profiler:
+        tracer.__enter__()
         profiler.enable()
     result = deconvolve(spatial, reference, inplace=False, progress=False, **kwargs)
     if profiler:
         profiler.disable()
+        tracer.__exit__()
     seconds = time.perf_counter() - t0
 
     peak = _status_kb("VmHWM") if reset else None
@@ -146,6 +183,8 @@ def worker(args: argparse.Namespace) -> dict:
         stats = pstats.Stats(profiler, stream=buf)
         stats.sort_stats("cumulative").print_stats(r"spotlens", args.profile_top)
         stats.sort_stats("tottime").print_stats(args.profile_top)
+        buf.write(f"RSS peak {tracer.peak_kb / 1e6:.2f} GB (sampled every 20 ms) at:\n  ")
+        buf.write("\n  ".join(tracer.stack) + "\n")
         out["profile"] = buf.getvalue()
     return out
 
@@ -347,7 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lambda-ridge", type=float, default=0.0,
                    help="ridge used with a numeric λ_spatial (default 0)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--profile", action="store_true", help="cProfile each deconvolve call")
+    p.add_argument("--profile", action="store_true",
+                   help="cProfile each deconvolve call and record where RSS peaks")
     p.add_argument("--profile-top", type=int, default=20)
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     p.add_argument("--out", default=str(HERE / "results"))

@@ -219,6 +219,27 @@ def test_synthetic_reproducible_by_seed():
     assert abs(a.X - d.X).max() == 0 and rd.n_obs == 40
 
 
+def test_count_assembly_without_reservation_is_identical():
+    from spotlens.datasets import _simulate
+
+    rng = np.random.default_rng(0)
+    n, n_genes = 50, 40
+    dense = rng.poisson(0.5, size=(n, n_genes))
+    slices = [slice(0, 7), slice(7, 30), slice(30, 50)]
+
+    def pieces():
+        for sl in slices:
+            block = dense[sl]
+            at = np.flatnonzero(block)
+            yield (np.count_nonzero(block, axis=1), (at % n_genes).astype(np.int32),
+                   block.ravel()[at].astype(np.float32))
+
+    for reserve in (True, False):
+        m = _simulate._assemble(pieces(), slices, n, n_genes, reserve=reserve)
+        assert m.shape == (n, n_genes) and m.nnz == np.count_nonzero(dense)
+        assert np.array_equal(m.toarray(), dense)
+
+
 def test_synthetic_domains_are_spatially_coherent():
     def neighbour_similarity(layout):
         st, _ = datasets.synthetic(900, 50, 6, seed=2, layout=layout)

@@ -320,21 +320,46 @@ def draw_counts(
 
     n_jobs = (os.cpu_count() or 1) if n_jobs is None else max(1, int(n_jobs))
     if n_jobs == 1 or len(slices) == 1:
-        pieces = [work(i) for i in range(len(slices))]
-    else:
-        with ThreadPoolExecutor(max_workers=min(n_jobs, len(slices))) as pool:
-            pieces = list(pool.map(work, range(len(slices))))
-    nnz = sum(p[1].size for p in pieces)
-    index_dtype = np.int32 if nnz < np.iinfo(np.int32).max else np.int64
+        return _assemble(map(work, range(len(slices))), slices, n, n_genes)
+    with ThreadPoolExecutor(max_workers=min(n_jobs, len(slices))) as pool:
+        # results arrive in order and are copied out at once: a few chunks in flight at a time
+        return _assemble(pool.map(work, range(len(slices))), slices, n, n_genes)
+
+
+def _assemble(
+    pieces, slices: list[slice], n: int, n_genes: int, *, reserve: bool = True
+) -> sparse.csr_matrix:
+    """Copy CSR pieces, in row order, into one matrix as they arrive.
+
+    The output buffers are allocated at the largest possible size (``n × n_genes`` entries) but
+    only the pages written become resident; they are shrunk in place at the end (``realloc``),
+    so peak memory is the result plus the chunks in flight, not twice the result. Where the
+    system refuses so large a reservation (or ``reserve=False``) the pieces are kept and
+    concatenated instead.
+    """
+    index_dtype = np.int32 if n * n_genes < np.iinfo(np.int32).max else np.int64
     indptr = np.zeros(n + 1, dtype=index_dtype)
-    indices = np.empty(nnz, dtype=index_dtype)
-    data = np.empty(nnz, dtype=np.float32)
+    indices = data = None
+    if reserve:
+        try:
+            indices = np.empty(n * n_genes, dtype=index_dtype)
+            data = np.empty(n * n_genes, dtype=np.float32)
+        except MemoryError:
+            indices = data = None
+    kept: list[tuple[np.ndarray, np.ndarray]] = []
     at = 0
-    for i, sl in enumerate(slices):
-        row_nnz, cols, vals = pieces[i]
-        pieces[i] = None  # free each piece as soon as it is copied: peak ≈ result + one piece
+    for sl, (row_nnz, cols, vals) in zip(slices, pieces, strict=True):
         indptr[sl.start + 1 : sl.stop + 1] = at + np.cumsum(row_nnz)
-        indices[at : at + cols.size] = cols
-        data[at : at + vals.size] = vals
+        if data is None:
+            kept.append((cols, vals))
+        else:
+            indices[at : at + cols.size] = cols
+            data[at : at + vals.size] = vals
         at += vals.size
-    return sparse.csr_matrix((data, indices, indptr), shape=(n, n_genes))
+    if data is None:
+        indices = np.concatenate([c for c, _ in kept]).astype(index_dtype, copy=False)
+        data = np.concatenate([v for _, v in kept])
+    else:
+        indices.resize(at, refcheck=False)
+        data.resize(at, refcheck=False)
+    return sparse.csr_matrix((data, indices, indptr), shape=(n, n_genes), copy=False)
