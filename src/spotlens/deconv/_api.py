@@ -333,7 +333,7 @@ def deconvolve(
             y[window], weights, s_w, w_cv, colors_cv,
             ridge_grid=RIDGE_GRID if lambda_ridge == "auto" else (float(lambda_ridge),),
             spatial_grid=SPATIAL_GRID if lambda_spatial == "auto" else (float(lambda_spatial),),
-            n_folds=cv_folds, seed=seed, n_iter=min(n_iter, 100), tol=max(tol, 1e-4), ops=ops,
+            n_folds=cv_folds, seed=seed, n_iter=min(n_iter, 60), tol=max(tol, 1e-3), ops=ops,
             progress=progress, metric=metric,
         )
         logger.info("chosen by cross-validation: lambda_ridge=%g lambda_spatial=%g",

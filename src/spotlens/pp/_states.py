@@ -43,6 +43,7 @@ def cell_states(
         ``n_states`` type code of each state.
     """
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     state_codes = np.empty(len(codes), dtype=np.int64)
     state_type: list[int] = []
@@ -50,7 +51,10 @@ def cell_states(
         members = np.flatnonzero(codes == k)
         n_states = int(min(max_states_per_type, max(1, len(members) // cells_per_state)))
         if n_states > 1:
-            labels = KMeans(n_states, n_init=4, random_state=seed).fit_predict(embedding[members])
+            # small k-means problems: OpenMP start-up costs more than it saves
+            with threadpool_limits(limits=1):
+                km = KMeans(n_states, n_init=4, random_state=seed)
+                labels = km.fit_predict(embedding[members])
             # k-means may leave a cluster empty only in degenerate cases; renumber densely
             _, labels = np.unique(labels, return_inverse=True)
             n_states = int(labels.max()) + 1
