@@ -223,10 +223,10 @@ def _machine() -> dict:
             text=True, check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
             capture_output=True, text=True, check=True,
         ).stdout.strip()
-        commit += " (uncommitted changes)" if dirty else ""
+        commit += " + uncommitted changes in src/" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     return {
