@@ -71,16 +71,21 @@ class Problem:
         counts = sparse.csr_matrix(counts)
         library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
         inv = np.divide(1.0, library, out=np.zeros_like(library), where=library > 0)
-        b = np.asarray(counts @ (s * weights[None, :]).T, dtype=np.float64) * inv[:, None]
+        sw = (s * weights[None, :]).T.astype(np.float64)
         w2 = np.asarray(weights, dtype=np.float64) ** 2
-        row_sq = np.empty(counts.shape[0])
+        n = counts.shape[0]
+        b = np.empty((n, s.shape[0]))
+        row_sq = np.zeros(n)
+        # row chunks in float64: bounded memory, whatever the dtype of the counts
         step = max(1, 10_000_000 // max(1, counts.shape[1]))
-        for start in range(0, counts.shape[0], step):
-            block = counts[start : start + step]
-            sq = block.data.astype(np.float64) ** 2 * w2[block.indices]
-            row_sq[start : start + step] = np.add.reduceat(sq, block.indptr[:-1]) if sq.size else 0
-            empty = np.diff(block.indptr) == 0
-            row_sq[start : start + step][empty] = 0.0
+        for start in range(0, n, step):
+            block = counts[start : start + step].astype(np.float64)
+            b[start : start + step] = block @ sw
+            rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+            row_sq[start : start + step] = np.bincount(
+                rows, block.data**2 * w2[block.indices], minlength=block.shape[0]
+            )
+        b *= inv[:, None]
         yy = float((row_sq * inv**2).sum())
         gram = s @ s.T
         return cls(b=b, gram=gram, yy=yy,
