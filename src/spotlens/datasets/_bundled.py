@@ -94,6 +94,11 @@ def osmfish_cortex(*, fine: bool = False) -> tuple[AnnData, AnnData]:
     Nat Methods 15, 932–935 (2018), doi:10.1038/s41592-018-0175-z. Data via
     ``drieslab/spatial-datasets`` (MIT licence, © 2019 Ruben Dries).
 
+    Notes
+    -----
+    The coarse type "Microglia/Macrophage" is named "Microglia-Macrophage" here: cell-type names
+    become HDF5 keys when results are written to h5ad, and anndata refuses "/" in them.
+
     Examples
     --------
     >>> import spotlens
@@ -106,10 +111,25 @@ def osmfish_cortex(*, fine: bool = False) -> tuple[AnnData, AnnData]:
     spatial = _read(SPATIAL_FILE)
     reference = _read(REFERENCE_FILE)
     _truth_frames(spatial, fine=fine)
+    _writable_names(spatial, reference)
     if fine:
         reference.obs["cell_type_coarse"] = reference.obs["cell_type"]
         reference.obs["cell_type"] = reference.obs["cell_type_fine"]
     return spatial, reference
+
+
+def _writable_names(spatial: AnnData, reference: AnnData) -> None:
+    """Replace '/' in cell-type names by '-' ("Microglia/Macrophage" -> "Microglia-Macrophage").
+
+    Names become HDF5 keys when results are written to h5ad, and anndata refuses '/' there.
+    """
+    for column in ("cell_type", "cell_type_fine"):
+        if column in reference.obs:
+            labels = reference.obs[column].astype(str).str.replace("/", "-", regex=False)
+            reference.obs[column] = labels.astype("category")
+    for key, frame in list(spatial.obsm.items()):
+        if key.startswith("true_") and isinstance(frame, pd.DataFrame):
+            spatial.obsm[key] = frame.rename(columns=lambda c: str(c).replace("/", "-"))
 
 
 def osmfish_heldout(*, fine: bool = False) -> tuple[AnnData, AnnData]:
