@@ -42,7 +42,7 @@ DEFAULT_DATA = HERE.parents[1] / "shared" / "data" / "osmfish_cortex_pseudospots
 def metrics(pred: pd.DataFrame, truth: pd.DataFrame) -> dict:
     t = truth.loc[pred.index, pred.columns].to_numpy()
     p = pred.to_numpy()
-    js = np.mean([jensenshannon(a + 1e-12, b + 1e-12, base=2) ** 2 for a, b in zip(p, t)])
+    js = np.mean([jensenshannon(a + 1e-12, b + 1e-12, base=2) ** 2 for a, b in zip(p, t, strict=True)])
     return {
         "pearson_r": np.corrcoef(p.ravel(), t.ravel())[0, 1],
         "rmse": np.sqrt(np.mean((p - t) ** 2)),

@@ -72,7 +72,9 @@ def resolve_device(device: str = "cpu") -> Backend:
         If torch is missing for a torch device, or CUDA is requested but not available.
     """
     if not isinstance(device, str):
-        raise InputError(f"device must be a string such as 'cpu', 'cuda' or 'auto', got {device!r}.")
+        raise InputError(
+            f"device must be a string such as 'cpu', 'cuda' or 'auto', got {device!r}."
+        )
     dev = device.strip().lower()
     if dev == "cpu":
         return Backend("numpy", "cpu")

@@ -13,7 +13,7 @@ def proportions_key(method: str = DEFAULT_METHOD) -> str:
 
 
 def abundance_key(key_added: str) -> str:
-    """Return ``obsm`` key of estimated cells per spot and type, derived from the proportions key."""
+    """Return ``obsm`` key of estimated cells per spot and type (from the proportions key)."""
     if key_added.startswith("proportions_"):
         return "abundance_" + key_added[len("proportions_") :]
     return f"{key_added}_abundance"

@@ -48,7 +48,8 @@ def check_not_empty(adata: AnnData, *, what: str, obs_name: str) -> None:
 
 def check_unique_names(adata: AnnData, *, what: str, obs_name: str) -> None:
     """Raise if observation or gene names repeat."""
-    for axis, names, label in (("obs", adata.obs_names, obs_name), ("var", adata.var_names, "gene")):
+    axes = (("obs", adata.obs_names, obs_name), ("var", adata.var_names, "gene"))
+    for axis, names, label in axes:
         if not names.is_unique:
             dup = names[names.duplicated()].unique()[:5].tolist()
             fix = f"adata.{axis}_names_make_unique()"
@@ -86,7 +87,8 @@ def check_counts(matrix, *, what: str) -> None:
     if values.min() < 0:
         raise InputError(
             f"The {what} contains negative values (min {values.min():g}); raw counts cannot be "
-            "negative. It looks scaled or batch-corrected: pass the raw counts (e.g. layer='counts')."
+            "negative. It looks scaled or batch-corrected: pass the raw counts "
+            "(e.g. layer='counts')."
         )
     if np.issubdtype(values.dtype, np.integer):
         return
@@ -134,7 +136,7 @@ def check_labels(
 
 
 def check_coordinates(adata: AnnData, spatial_key: str) -> np.ndarray:
-    """Return the ``n_spots × 2`` coordinates as float64, raising if missing, not 2-D or not finite."""
+    """Return ``n_spots × 2`` float64 coordinates; raise if missing, not 2-D or not finite."""
     if spatial_key not in adata.obsm:
         have = ", ".join(map(repr, adata.obsm.keys())) or "none"
         raise InputError(
@@ -157,7 +159,8 @@ def check_coordinates(adata: AnnData, spatial_key: str) -> np.ndarray:
         raise InputError(f"obsm[{spatial_key!r}] is not numeric.") from err
     if not np.all(np.isfinite(coords)):
         raise InputError(
-            f"obsm[{spatial_key!r}] contains NaN or infinite coordinates; every spot needs a position."
+            f"obsm[{spatial_key!r}] contains NaN or infinite coordinates; every spot needs a "
+            "position."
         )
     return coords
 

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scipy import sparse
-from tqdm.auto import tqdm
 
 from .. import __version__
 from .._backend import resolve_device
@@ -369,7 +368,8 @@ def deconvolve(
             "version": __version__,
             "labels_key": labels_key, "layer": layer, "reference_layer": reference_layer,
             "spatial_key": spatial_key, "library_key": library_key,
-            "cv_folds": cv_folds, "cv_max_spots": cv_max_spots, "k_neighbors": k_neighbors, "alpha": alpha_used, "use_attention": use_attention,
+            "cv_folds": cv_folds, "cv_max_spots": cv_max_spots, "k_neighbors": k_neighbors,
+            "alpha": alpha_used, "use_attention": use_attention,
             "attention_temperature": attention_temperature,
             "attention_update_every": attention_update_every, "n_comps": n_comps,
             "lambda_ridge": float(lambda_ridge), "lambda_spatial": float(lambda_spatial),

@@ -72,7 +72,8 @@ def attention(
 ) -> np.ndarray:
     """Scaled dot-product softmax attention of each spot over its neighbours.
 
-    ``Attn(i, j) = softmax_j(z_i · z_j / (√d · temperature))`` over ``j`` in the neighbours of ``i``.
+    ``Attn(i, j) = softmax_j(z_i · z_j / (√d · temperature))`` over the neighbours ``j`` of
+    ``i``.
 
     Parameters
     ----------

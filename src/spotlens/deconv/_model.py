@@ -36,12 +36,15 @@ class Problem:
     scale: float
 
     @classmethod
-    def from_matrices(cls, y: sparse.spmatrix | np.ndarray, s: np.ndarray, scale: float | None = None):
-        """Statistics of ``y`` (``n_spots × n_genes``, sparse or dense) and ``s`` (``n_types × n_genes``)."""
+    def from_matrices(
+        cls, y: sparse.spmatrix | np.ndarray, s: np.ndarray, scale: float | None = None
+    ):
+        """Statistics of ``y`` (``n_spots × n_genes``) and ``s`` (``n_types × n_genes``)."""
         b = np.asarray(y @ s.T)
         gram = s @ s.T
         yy = float(y.multiply(y).sum()) if sparse.issparse(y) else float((y * y).sum())
-        return cls(b=b, gram=gram, yy=yy, scale=float(np.mean(np.diag(gram))) if scale is None else scale)
+        scale = float(np.mean(np.diag(gram))) if scale is None else scale
+        return cls(b=b, gram=gram, yy=yy, scale=scale)
 
     @classmethod
     def from_counts(
@@ -159,7 +162,7 @@ def _normalise_rows(x: np.ndarray) -> np.ndarray:
 
 
 def spatial_window(coords: np.ndarray, n_max: int, seed: int = 0) -> np.ndarray:
-    """Indices of the ``n_max`` spots nearest to a random spot: a contiguous patch of tissue.
+    """Return the ``n_max`` spots nearest to a random spot: a contiguous patch of tissue.
 
     Used to choose the penalties on a large slide: the patch keeps the local graph structure
     that the spatial term acts on, at a fraction of the cost.

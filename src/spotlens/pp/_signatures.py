@@ -11,8 +11,6 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from ._embedding import log_pca
-from ._states import cell_states
 from .._validation import (
     InputError,
     check_counts,
@@ -21,6 +19,8 @@ from .._validation import (
     check_unique_names,
     get_matrix,
 )
+from ._embedding import log_pca
+from ._states import cell_states
 
 logger = logging.getLogger("spotlens")
 
@@ -260,7 +260,7 @@ def reference_signatures(
         s_mean, _, s_lib, _ = signature_kernel(counts, state_codes, len(owner))
         s_mean = s_mean[:, reference.var_names.get_indexer(kept)]
         rank = np.concatenate([np.arange((owner == k).sum()) for k in range(len(types))])
-        names = [f"{types[k]}#{r}" for k, r in zip(owner, rank)]
+        names = [f"{types[k]}#{r}" for k, r in zip(owner, rank, strict=True)]
         states = pd.DataFrame(s_mean * s_lib[:, None], index=names, columns=kept)
         state_type = pd.Series(types[owner], index=names, name="cell_type")
     logger.info("signatures: %d cell types (%d states) × %d informative genes",
