@@ -65,7 +65,7 @@ DeviceOption = Annotated[
     typer.Option(help="'cpu' (NumPy), 'torch' (torch on CPU), 'cuda', 'cuda:N', or 'auto' "
                       "(CUDA if available)."),
 ]
-SeedOption = Annotated[int, typer.Option(help="Seed for gene folds, PCA and graph colouring.")]
+SeedOption = Annotated[int, typer.Option(help="Seed for count splitting, PCA, cell states and graph colouring.")]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress",
                                               help="Show a progress bar.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q",

@@ -199,7 +199,7 @@ def deconvolve(
         ``"cpu"`` (NumPy/SciPy reference), ``"torch"`` (torch on CPU), ``"cuda"``, ``"cuda:N"``
         or ``"auto"``. torch runs in float32; proportions agree with ``"cpu"`` within 1e-3.
     seed
-        Seed for gene folds, PCA and graph colouring.
+        Seed for count splitting, PCA, cell states and graph colouring.
     key_added
         ``obsm`` key for proportions.
     inplace
