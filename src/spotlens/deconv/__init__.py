@@ -1,5 +1,19 @@
-"""Cell-type deconvolution: public API and pure kernels."""
+"""Cell-type deconvolution: public API and pure kernels.
+
+- :func:`deconvolve`: type-level proportions (step 1).
+- :func:`cell_level`: weights over individual reference cells (step 2).
+- :func:`assign_cells`: a single-cell AnnData of reference cells placed in the spots.
+- :func:`cell_type_expression`: expression of chosen genes split by cell type per spot.
+"""
 
 from ._api import DeconvolutionResult, deconvolve
+from ._cell_api import CellLevelResult, assign_cells, cell_level, cell_type_expression
 
-__all__ = ["DeconvolutionResult", "deconvolve"]
+__all__ = [
+    "CellLevelResult",
+    "DeconvolutionResult",
+    "assign_cells",
+    "cell_level",
+    "cell_type_expression",
+    "deconvolve",
+]
