@@ -173,8 +173,9 @@ def cell_level(
 
     References
     ----------
-    Zhou et al., "Identifying cell states in spatial transcriptomics with Redeconve",
-    Nat Commun 14, 1283 (2023) (cell-level weights); Vahid et al., "High-resolution alignment of
+    Zhou et al., "Spatial transcriptomics deconvolution at single-cell resolution using
+    Redeconve", Nat Commun 14, 7930 (2023), doi:10.1038/s41467-023-43600-9 (cell-level
+    weights); Vahid et al., "High-resolution alignment of
     single-cell and spatial transcriptomes with CytoSPACE", Nat Biotechnol 41, 1543–1548 (2023)
     (cells assigned to spots).
 
