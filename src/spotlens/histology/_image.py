@@ -1,0 +1,552 @@
+"""Lazy access to full-resolution histology images: JPEG/PNG via PIL, TIFF/SVS via tifffile.
+
+Pixel convention used everywhere in :mod:`spotlens.histology`: a point ``(x, y)`` is in
+full-resolution pixels, ``x`` = column, ``y`` = row, and pixel ``(i, j)`` has its centre at
+``x = j, y = i`` (the convention of ``obsm["spatial"]`` in scanpy/squidpy).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .._validation import InputError
+
+_PIL_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+_TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".btf", ".tf8", ".tf2", ".ome.tif"}
+_OPENSLIDE_ONLY = {".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif"}
+_FILL = 255  # white, the background of a bright-field slide
+_BAND_ROWS = 1024  # rows read at a time when a thumbnail is built from the full image
+
+
+def check_mpp(mpp, *, what: str = "mpp", unit: str = "µm per pixel") -> float | None:
+    """Return ``mpp`` as a positive float (default unit µm per pixel), or None; raise otherwise."""
+    if mpp is None:
+        return None
+    example = " (e.g. 0.5 for a 20× scan)" if unit == "µm per pixel" else ""
+    try:
+        value = float(mpp)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{what} must be a number of {unit}, got {mpp!r}.") from err
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"{what} must be a positive number of {unit}{example}, got {mpp!r}.")
+    return value
+
+
+def _to_rgb_uint8(array: np.ndarray, *, what: str) -> np.ndarray:
+    """Return ``array`` as ``(h, w, 3)`` uint8: grey is repeated, alpha dropped, 16-bit scaled."""
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
+        raise InputError(
+            f"The {what} must be (height, width) or (height, width, 3|4), got shape "
+            f"{array.shape}. Multi-channel fluorescence images are not bright-field H&E."
+        )
+    if array.dtype == np.uint16:
+        array = (array >> 8).astype(np.uint8)
+    elif array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype != np.uint8:
+        raise InputError(
+            f"The {what} holds {array.dtype} values; spotlens reads 8-bit (or 16-bit) RGB H&E. "
+            "Convert it to uint8 first."
+        )
+    if array.shape[2] in (1, 2):
+        array = np.repeat(array[..., :1], 3, axis=2)
+    elif array.shape[2] == 4:
+        array = array[..., :3]
+    return array
+
+
+class _ArraySource:
+    """An in-memory (or memory-mapped) ``(h, w, c)`` image."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.shape = (int(array.shape[0]), int(array.shape[1]))
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return _to_rgb_uint8(self.array[y0:y1, x0:x1], what="image")
+
+    def thumbnail_source(self, factor: int):
+        return self, 1.0
+
+
+class _PILSource:
+    """A JPEG/PNG decoded once, on first use, and kept as a uint8 array."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with _open_pil(path) as im:
+            self.shape = (int(im.height), int(im.width))
+        self._array: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def array(self) -> np.ndarray:
+        with self._lock:
+            if self._array is None:
+                with _open_pil(self.path) as im:
+                    if im.mode not in ("RGB", "L"):
+                        im = im.convert("RGB")
+                    self._array = np.asarray(im)
+            return self._array
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return _to_rgb_uint8(self.array[y0:y1, x0:x1], what="image")
+
+    def thumbnail_source(self, factor: int):
+        return self, 1.0
+
+
+def _open_pil(path: Path):
+    """Open an image with PIL, allowing whole-slide sizes (no decompression-bomb warning)."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except OSError as err:
+        raise InputError(f"Cannot read {path} as an image: {err}") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+class _TiffPageSource:
+    """One TIFF page read lazily, tile by tile or strip by strip, with a small decoded cache."""
+
+    def __init__(self, tif, page, *, cache_bytes: int = 256 * 2**20):
+        self.tif = tif
+        self.page = page
+        self.shape = (int(page.imagelength), int(page.imagewidth))
+        if page.imagedepth > 1:
+            raise InputError(f"{tif.filename} is a volumetric TIFF; expected a 2-D slide image.")
+        self.samples = int(page.samplesperpixel)
+        self.planar = page.planarconfig == 2 and self.samples > 1
+        if page.is_tiled:
+            self.seg_h, self.seg_w = int(page.tilelength), int(page.tilewidth)
+        else:
+            self.seg_h, self.seg_w = int(page.rowsperstrip), self.shape[1]
+        self.seg_h = min(self.seg_h, self.shape[0])
+        self.n_rows = math.ceil(self.shape[0] / self.seg_h)
+        self.n_cols = math.ceil(self.shape[1] / self.seg_w)
+        self._cache: OrderedDict[int, np.ndarray | None] = OrderedDict()
+        self._cache_bytes = cache_bytes
+        self._cached = 0
+        self._lock = threading.Lock()
+        self._memmap = None
+        if page.is_memmappable:
+            offset = page.dataoffsets[0]
+            shape = page.shaped[1:] if not self.planar else None
+            if shape is not None:
+                # normalized shape: (separate samples, depth, length, width, contig samples)
+                self._memmap = np.memmap(
+                    tif.filehandle.path, dtype=np.dtype(tif.byteorder + page.dtype.char),
+                    mode="r", offset=offset, shape=(self.shape[0], self.shape[1], shape[-1]),
+                )
+
+    def _segment(self, index: int) -> np.ndarray | None:
+        with self._lock:
+            if index in self._cache:
+                self._cache.move_to_end(index)
+                return self._cache[index]
+            page = self.page
+            fh = self.tif.filehandle
+            offset, count = page.dataoffsets[index], page.databytecounts[index]
+            data = None
+            if count > 0:
+                fh.seek(offset)
+                data = fh.read(count)
+            try:
+                segment, _, shape = page.decode(
+                    data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader
+                )
+            except (ValueError, NotImplementedError) as err:
+                raise InputError(
+                    f"tifffile cannot decode {self.tif.filename} ({page.compression!r}): {err}. "
+                    "Install the 'imagecodecs' package (JPEG/LZW/JPEG2000 tiles), or "
+                    "openslide-python for SVS slides."
+                ) from err
+            if segment is not None:
+                segment = segment.reshape(shape[1:])  # (length, width, contig samples)
+            self._cache[index] = segment
+            self._cached += 0 if segment is None else segment.nbytes
+            while self._cached > self._cache_bytes and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cached -= 0 if old is None else old.nbytes
+            return segment
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        if self._memmap is not None:
+            return _to_rgb_uint8(np.array(self._memmap[y0:y1, x0:x1]), what="TIFF image")
+        n_planes = self.samples if self.planar else 1
+        contig = 1 if self.planar else self.samples
+        out = np.zeros((y1 - y0, x1 - x0, n_planes * contig), dtype=self.page.dtype)
+        per_plane = self.n_rows * self.n_cols
+        for plane in range(n_planes):
+            for row in range(y0 // self.seg_h, (y1 - 1) // self.seg_h + 1):
+                for col in range(x0 // self.seg_w, (x1 - 1) // self.seg_w + 1):
+                    seg = self._segment(plane * per_plane + row * self.n_cols + col)
+                    sy, sx = row * self.seg_h, col * self.seg_w
+                    ay0, ay1 = max(y0, sy), min(y1, sy + self.seg_h, self.shape[0])
+                    ax0, ax1 = max(x0, sx), min(x1, sx + self.seg_w, self.shape[1])
+                    if seg is None or ay1 <= ay0 or ax1 <= ax0:
+                        continue
+                    block = seg[ay0 - sy:ay1 - sy, ax0 - sx:ax1 - sx]
+                    channels = slice(plane, plane + 1) if self.planar else slice(None)
+                    out[ay0 - y0:ay0 - y0 + block.shape[0], ax0 - x0:ax0 - x0 + block.shape[1],
+                        channels] = block
+        return _to_rgb_uint8(out, what="TIFF image")
+
+    def thumbnail_source(self, factor: int):
+        return self, 1.0
+
+
+class _TiffSource:
+    """Level 0 of a (possibly pyramidal) TIFF/SVS; thumbnails come from a smaller level."""
+
+    def __init__(self, path: Path):
+        import tifffile
+
+        try:
+            self.tif = tifffile.TiffFile(path)
+        except (tifffile.TiffFileError, OSError, ValueError) as err:
+            raise InputError(f"Cannot read {path} as a TIFF: {err}") from err
+        weakref.finalize(self, self.tif.close)  # the file closes when the image is dropped
+        series = self.tif.series[0]
+        pages = [level.keyframe for level in series.levels]
+        self.level0 = _TiffPageSource(self.tif, pages[0])
+        self.shape = self.level0.shape
+        self._levels = pages[1:]
+        self._level_sources: dict[int, _TiffPageSource] = {}
+        self.mpp = _tiff_mpp(self.tif, pages[0])
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return self.level0.read(y0, y1, x0, x1)
+
+    def thumbnail_source(self, factor: int):
+        """Return the smallest pyramid level at least ``1 / factor`` of level 0, and its scale."""
+        best, best_scale = self.level0, 1.0
+        for i, page in enumerate(self._levels):
+            scale = page.imagewidth / self.shape[1]
+            if scale * factor >= 1.0 - 1e-9 and scale < best_scale and page.samplesperpixel >= 1:
+                if i not in self._level_sources:
+                    self._level_sources[i] = _TiffPageSource(self.tif, page)
+                best, best_scale = self._level_sources[i], scale
+        return best, best_scale
+
+    def close(self) -> None:
+        self.tif.close()
+
+
+class _OpenSlideSource:
+    """Any slide format OpenSlide reads (SVS, NDPI, MRXS, ...), when openslide is installed."""
+
+    def __init__(self, path: Path, openslide):
+        try:
+            self.slide = openslide.OpenSlide(str(path))
+        except Exception as err:  # openslide raises its own error types
+            raise InputError(f"OpenSlide cannot read {path}: {err}") from err
+        weakref.finalize(self, self.slide.close)
+        width, height = self.slide.dimensions
+        self.shape = (int(height), int(width))
+        mpp = self.slide.properties.get("openslide.mpp-x")
+        self.mpp = float(mpp) if mpp else None
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return self._read_level(0, y0, y1, x0, x1)
+
+    def _read_level(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        down = self.slide.level_downsamples[level]
+        location = (int(round(x0 * down)), int(round(y0 * down)))  # level-0 coordinates
+        rgba = np.asarray(self.slide.read_region(location, level, (x1 - x0, y1 - y0)))
+        alpha = rgba[..., 3:4].astype(np.float32) / 255.0  # transparent = outside the scan
+        rgb = rgba[..., :3] * alpha + _FILL * (1.0 - alpha)
+        return np.round(rgb).astype(np.uint8)
+
+    def thumbnail_source(self, factor: int):
+        """Return a reader of the smallest level at least ``1 / factor`` of level 0, its scale."""
+        level = self.slide.get_best_level_for_downsample(factor)
+        width, height = self.slide.level_dimensions[level]
+        reader = _LevelReader((int(height), int(width)), level, self._read_level)
+        return reader, width / self.shape[1]
+
+    def close(self) -> None:
+        self.slide.close()
+
+
+class _LevelReader:
+    """``read(y0, y1, x0, x1)`` on one level of a multi-resolution source."""
+
+    def __init__(self, shape, level: int, read_level):
+        self.shape = shape
+        self._level, self._read_level = level, read_level
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return self._read_level(self._level, y0, y1, x0, x1)
+
+
+def _tiff_mpp(tif, page) -> float | None:
+    """µm per pixel from an SVS description (``MPP = ...``) or the X resolution tags."""
+    description = page.description or ""
+    if tif.is_svs and "MPP" in description:
+        for part in description.split("|"):
+            key, _, value = part.partition("=")
+            if key.strip() == "MPP":
+                try:
+                    return check_mpp(float(value))
+                except (ValueError, InputError):
+                    break
+    if 282 not in page.tags:  # XResolution
+        return None
+    unit = page.tags.valueof(296, default=2)  # 1 none, 2 inch, 3 cm, 4 mm, 5 µm
+    um_per_unit = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}.get(unit)
+    if um_per_unit is None:
+        return None
+    px_per_unit = page.get_resolution()[0]
+    if not px_per_unit or px_per_unit <= 1:  # the default 1 px/unit (or 72 dpi) carries no scale
+        return None
+    if unit == 2 and px_per_unit <= 600:  # screen/print DPI, not a microscope scale
+        return None
+    return um_per_unit / px_per_unit
+
+
+class SlideImage:
+    """A full-resolution histology image read lazily, region by region.
+
+    Create it with :func:`read_image` (files) or :meth:`SlideImage.from_array` (arrays).
+
+    Attributes
+    ----------
+    shape
+        ``(height, width)`` of the full-resolution image in pixels.
+    mpp
+        Microns per pixel (µm/px) of the full-resolution image, or None when unknown.
+    path
+        The file it was read from, or None for an in-memory array.
+    """
+
+    def __init__(self, source, *, mpp: float | None, path: Path | None):
+        self._source = source
+        self.shape: tuple[int, int] = source.shape
+        self.mpp = mpp
+        self.path = path
+
+    @classmethod
+    def from_array(cls, array: np.ndarray, *, mpp: float | None = None) -> SlideImage:
+        """Wrap an in-memory ``height × width × 3`` uint8 (or grey ``height × width``) image.
+
+        Parameters
+        ----------
+        array
+            ``height × width`` or ``height × width × 3|4`` uint8 (or uint16) image; not copied.
+        mpp
+            Microns per pixel (µm/px), or None.
+
+        Raises
+        ------
+        InputError
+            If the array has another shape or dtype, or ``mpp`` is not positive.
+        """
+        array = np.asarray(array)
+        _to_rgb_uint8(array[:1, :1], what="image array")
+        if array.shape[0] == 0 or array.shape[1] == 0:
+            raise InputError(f"The image array is empty (shape {array.shape}).")
+        return cls(_ArraySource(array), mpp=check_mpp(mpp), path=None)
+
+    def __repr__(self) -> str:
+        name = self.path.name if self.path is not None else "array"
+        mpp = "unknown" if self.mpp is None else f"{self.mpp:.4g}"
+        return f"SlideImage({name}, {self.shape[1]} × {self.shape[0]} px, mpp={mpp} µm/px)"
+
+    def read_region(self, x0: int, y0: int, width: int, height: int) -> np.ndarray:
+        """Read a ``height × width`` window whose top-left pixel is ``(x0, y0)``.
+
+        Parameters
+        ----------
+        x0, y0
+            Column and row of the window's top-left pixel, full-resolution px; may be negative
+            or beyond the image (the part outside is padded).
+        width, height
+            Window size in px (>= 1).
+
+        Returns
+        -------
+        ``height × width × 3`` uint8 RGB; pixels outside the image are white (255).
+
+        Raises
+        ------
+        InputError
+            If ``width`` or ``height`` is not a positive integer.
+        """
+        x0, y0, width, height = (int(v) for v in (x0, y0, width, height))
+        if width < 1 or height < 1:
+            raise InputError(f"read_region needs width, height >= 1 px, got {width} × {height}.")
+        out = np.full((height, width, 3), _FILL, dtype=np.uint8)
+        ih, iw = self.shape
+        ax0, ay0 = max(x0, 0), max(y0, 0)
+        ax1, ay1 = min(x0 + width, iw), min(y0 + height, ih)
+        if ax1 > ax0 and ay1 > ay0:
+            out[ay0 - y0:ay1 - y0, ax0 - x0:ax1 - x0] = self._source.read(ay0, ay1, ax0, ax1)
+        return out
+
+    def thumbnail(self, max_size: int = 2000) -> tuple[np.ndarray, float]:
+        """Return a box-averaged (anti-aliased) overview whose long side is at most ``max_size``.
+
+        Parameters
+        ----------
+        max_size
+            Longest side of the thumbnail in px.
+
+        Returns
+        -------
+        thumbnail
+            ``h × w × 3`` uint8.
+        scale
+            Thumbnail px per full-resolution px (the same in x and y):
+            ``thumbnail_xy = full_xy * scale``.
+
+        Raises
+        ------
+        InputError
+            If ``max_size`` is not a positive integer.
+        """
+        if int(max_size) != max_size or max_size < 1:
+            raise InputError(f"max_size must be a positive number of px, got {max_size!r}.")
+        factor = max(1, math.ceil(max(self.shape) / int(max_size)))
+        source, level_scale = self._source.thumbnail_source(factor)
+        # remaining integer reduction on the chosen level
+        sub = max(1, math.ceil(max(source.shape) / int(max_size)))
+        thumb = _reduce(source.read, source.shape, sub)
+        return thumb, level_scale / sub
+
+    def close(self) -> None:
+        """Release the file handle (TIFF/OpenSlide) or the decoded pixels (JPEG/PNG)."""
+        close = getattr(self._source, "close", None)
+        if close is not None:
+            close()
+        if isinstance(self._source, _PILSource):
+            self._source._array = None
+
+    def __enter__(self) -> SlideImage:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _reduce(read: Callable[[int, int, int, int], np.ndarray], shape, factor: int) -> np.ndarray:
+    """Box-average ``factor × factor`` blocks, reading the image in bands of rows."""
+    height, width = shape
+    if factor == 1:
+        return read(0, height, 0, width)
+    step = factor * max(1, _BAND_ROWS // factor)
+    bands = []
+    for y0 in range(0, height, step):
+        band = read(y0, min(y0 + step, height), 0, width)
+        bands.append(np.asarray(Image.fromarray(band).reduce(factor)))
+    return np.concatenate(bands, axis=0)
+
+
+def read_image(path, *, mpp: float | None = None) -> SlideImage:
+    """Open a full-resolution H&E image lazily.
+
+    JPEG/PNG are decoded by PIL once, on the first :meth:`SlideImage.read_region`, and kept in
+    memory as a ``height × width × 3`` uint8 array (≈ 280 MB for a 9,300 × 9,900 px scan).
+    TIFF, pyramidal (OME-)TIFF and SVS are read by tifffile from the level-0 page, only the
+    tiles or strips a region touches (uncompressed pages are memory-mapped); thumbnails use the
+    smallest adequate pyramid level. Other slide formats (NDPI, MRXS, ...) need openslide-python,
+    which is used for them, and for SVS, when it is installed.
+
+    Parameters
+    ----------
+    path
+        Image file.
+    mpp
+        Microns per pixel (µm/px) of the full-resolution image. Overrides the file's metadata.
+        When None it is read from an SVS description (``MPP = ...``) or the TIFF resolution tags
+        (XResolution with ResolutionUnit cm/mm/µm, or inch at > 600 dpi); JPEG/PNG carry no
+        trustworthy scale, so their ``mpp`` stays None.
+
+    Returns
+    -------
+    A :class:`SlideImage` with ``shape = (height, width)`` px and ``mpp`` (µm/px or None).
+
+    Raises
+    ------
+    InputError
+        If the file does not exist, its format is not supported, it cannot be decoded, or
+        ``mpp`` is not a positive number.
+
+    Examples
+    --------
+    >>> from spotlens.histology import read_image
+    >>> img = read_image("shared/data/her2st/C6_HE_fullres.jpg", mpp=0.684)  # doctest: +SKIP
+    >>> img.shape, img.read_region(4800, 2300, 146, 146).shape  # doctest: +SKIP
+    ((9907, 9288), (146, 146, 3))
+    """
+    mpp = check_mpp(mpp)
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Image file not found: {path}.")
+    suffix = path.suffix.lower()
+    openslide = None
+    if suffix in _OPENSLIDE_ONLY or suffix == ".svs":
+        try:
+            import openslide
+        except ImportError:
+            if suffix in _OPENSLIDE_ONLY:
+                raise InputError(
+                    f"{path.name}: {suffix} slides need openslide-python (pip install "
+                    "openslide-python openslide-bin), or convert the slide to a pyramidal TIFF."
+                ) from None
+    if openslide is not None:
+        source = _OpenSlideSource(path, openslide)
+    elif suffix in _TIFF_SUFFIXES:
+        try:
+            import tifffile  # noqa: F401
+        except ImportError:
+            raise InputError(
+                "Reading TIFF/SVS needs tifffile: pip install 'spotlens[histology]'."
+            ) from None
+        source = _TiffSource(path)
+    elif suffix in _PIL_SUFFIXES:
+        source = _PILSource(path)
+    else:
+        raise InputError(
+            f"Unsupported image format {suffix!r} for {path.name}: use JPEG, PNG, TIFF "
+            "(incl. pyramidal/OME-TIFF) or SVS."
+        )
+    if mpp is None:
+        mpp = getattr(source, "mpp", None)
+    return SlideImage(source, mpp=mpp, path=path)
+
+
+def as_slide_image(image, *, mpp: float | None = None) -> SlideImage:
+    """Return ``image`` as a :class:`SlideImage` (a path is opened, an array wrapped).
+
+    Raises
+    ------
+    InputError
+        If ``image`` is neither a SlideImage, a path nor an image array.
+    """
+    if isinstance(image, SlideImage):
+        return image
+    if isinstance(image, (str, Path)):
+        return read_image(image, mpp=mpp)
+    if isinstance(image, np.ndarray):
+        return SlideImage.from_array(image, mpp=mpp)
+    raise InputError(
+        f"image must be a SlideImage (spotlens.histology.read_image), a file path or a "
+        f"height × width × 3 uint8 array, got {type(image).__name__}."
+    )
