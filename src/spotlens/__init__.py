@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("cli", "datasets", "deconv", "io", "pl", "pp")
+_SUBMODULES = ("cli", "datasets", "deconv", "histology", "io", "pl", "pp")
 
 __all__ = [*_SUBMODULES, "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import cli, datasets, deconv, io, pl, pp  # noqa: F401
+    from . import cli, datasets, deconv, histology, io, pl, pp  # noqa: F401
 
 
 def __getattr__(name: str):
