@@ -11,6 +11,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import sparse
 from typer.testing import CliRunner
 
 from spotlens._metrics import accuracy
@@ -147,3 +148,147 @@ def test_accuracy_metrics():
         accuracy(truth.set_axis(["x", "y", "z"]), truth)
     with pytest.raises(InputError, match="no cell-type names"):
         accuracy(truth.set_axis(["C", "D"], axis=1), truth)
+
+
+# --- cell level --------------------------------------------------------------------------------
+
+CELL_OUTPUTS = ("cells.h5ad", "cells.png")
+
+
+def test_cell_level_writes_the_cells_and_the_weights(data, tmp_path):
+    spatial, reference = data
+    result = run("deconvolve", "-s", spatial, "-r", reference, "-o", tmp_path, "--cell-level",
+                 "--n-candidates", "4", *FAST)
+    assert result.exit_code == 0, result.output
+    assert all((tmp_path / name).is_file() for name in OUTPUTS + CELL_OUTPUTS)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert str(tmp_path / "cells.h5ad") in result.stdout
+    assert "cell level 1/3" in result.stderr
+
+    st, ref = ad.read_h5ad(tmp_path / "spatial.h5ad"), ad.read_h5ad(reference)
+    w = st.obsm["cell_weights_spotlens"]
+    assert sparse.issparse(w) and w.shape == (st.n_obs, ref.n_obs)
+    info = st.uns["cell_weights_spotlens"]
+    assert list(info["columns"]) == list(ref.obs_names)  # the columns are the reference cells
+    assert np.asarray(info["metacell"]).dtype.kind == "i" and (info["metacell"] == -1).all()
+    assert info["params"]["n_candidates"] == 4
+    n_types = ref.obs["cell_type"].nunique()
+    assert np.diff(sparse.csr_matrix(w).indptr).max() <= 4 * n_types
+    # the proportions are still there, unchanged by the cell-level step
+    table = pd.read_csv(tmp_path / "proportions.csv", index_col=0)
+    np.testing.assert_allclose(st.obsm["proportions_spotlens"].to_numpy(), table.to_numpy())
+
+    cells = ad.read_h5ad(tmp_path / "cells.h5ad")
+    counts = st.obsm["cell_counts_spotlens"]
+    placed = cells.obs.groupby("spot", observed=False).size().reindex(st.obs_names, fill_value=0)
+    np.testing.assert_array_equal(placed.to_numpy(), counts.sum(axis=1).to_numpy())
+    source = ref.obs_names.get_indexer(cells.obs["source_cell"])
+    assert (source >= 0).all()
+    np.testing.assert_array_equal(cells.obs["cell_type"].astype(str),
+                                  ref.obs["cell_type"].astype(str).to_numpy()[source])
+    assert (tmp_path / "cells.png").stat().st_size > 10_000
+
+
+def test_cells_per_spot_column_sets_the_cells_placed(data, tmp_path):
+    spatial, reference = data
+    st = ad.read_h5ad(spatial)
+    st.obs["n_nuclei"] = np.random.default_rng(0).integers(1, 6, st.n_obs)
+    st.write_h5ad(tmp_path / "with_nuclei.h5ad")
+    out = tmp_path / "out"
+    result = run("deconvolve", "-s", tmp_path / "with_nuclei.h5ad", "-r", reference, "-o", out,
+                 "--cell-level", "--cells-per-spot", "n_nuclei", *FAST)
+    assert result.exit_code == 0, result.output
+    written = ad.read_h5ad(out / "spatial.h5ad")
+    assert written.uns["cell_weights_spotlens"]["params"]["cells_per_spot"] == "n_nuclei"
+    cells = ad.read_h5ad(out / "cells.h5ad")
+    placed = cells.obs.groupby("spot", observed=False).size().reindex(st.obs_names, fill_value=0)
+    np.testing.assert_array_equal(placed.to_numpy(), st.obs["n_nuclei"].to_numpy())
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "message"),
+    [
+        ("nope", None, "The spatial data has no obs column 'nope' for cells_per_spot"),
+        ("label", "text", "obs['label'] must be numeric"),
+        ("n_nuclei", -1, "obs['n_nuclei'] has negative, NaN or infinite cell counts"),
+    ],
+)
+def test_bad_cells_per_spot_exits_2_before_fitting(data, tmp_path, column, values, message):
+    spatial, reference = data
+    st = ad.read_h5ad(spatial)
+    if values is not None:
+        st.obs[column] = values
+    st.write_h5ad(tmp_path / "st.h5ad")
+    out = tmp_path / "out"
+    result = run("deconvolve", "-s", tmp_path / "st.h5ad", "-r", reference, "-o", out,
+                 "--cell-level", "--cells-per-spot", column, *FAST)
+    assert result.exit_code == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in result.output
+    assert "stage 1/5" not in result.stderr  # refused before the type-level fit
+    assert list(out.iterdir()) == []
+
+
+def test_cell_level_options_need_cell_level(data, tmp_path):
+    spatial, reference = data
+    result = run("deconvolve", "-s", spatial, "-r", reference, "-o", tmp_path,
+                 "--n-candidates", "5", *FAST)
+    assert result.exit_code == 2
+    assert "error: --cells-per-spot and --n-candidates apply to the cell-level step; add " \
+           "--cell-level." in result.stderr
+    result = run("deconvolve", "-s", spatial, "-r", reference, "-o", tmp_path, "--cell-level",
+                 "--n-candidates", "0", *FAST)
+    assert result.exit_code == 2 and "--n-candidates" in result.stderr
+    assert not (tmp_path / "proportions.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def osmfish_part():
+    """40 spots of the bundled osmFISH example, their cells and 12 other cells per type."""
+    from spotlens.datasets import osmfish_cortex
+
+    st, ref = osmfish_cortex()
+    xy = st.obsm["spatial"]
+    keep = np.argsort(np.linalg.norm(xy - np.median(xy, axis=0), axis=1), kind="stable")[:40]
+    st = st[np.sort(keep)].copy()
+    member = ref.obs["spot"].isin(st.obs_names).to_numpy()
+    rng = np.random.default_rng(0)
+    others = [rng.choice(np.flatnonzero(~member & (ref.obs["cell_type"] == t).to_numpy()), 12,
+                         replace=False) for t in ref.obs["cell_type"].cat.categories]
+    ref = ref[np.sort(np.concatenate([np.flatnonzero(member), *others]))].copy()
+    ref.obs["cell_type"] = ref.obs["cell_type"].cat.remove_unused_categories()
+    return st, ref
+
+
+def test_demo_cell_level_prints_recall_and_count_error(osmfish_part, tmp_path, monkeypatch):
+    st, ref = osmfish_part[0].copy(), osmfish_part[1].copy()
+    fake = types.ModuleType("spotlens.datasets")
+    fake.osmfish_cortex = lambda: (st, ref)
+    monkeypatch.setitem(sys.modules, "spotlens.datasets", fake)
+
+    result = run("demo", "-o", tmp_path, "--cell-level", "--no-progress", "-q")
+    assert result.exit_code == 0, result.output
+    assert all((tmp_path / name).is_file() for name in OUTPUTS + CELL_OUTPUTS)
+    assert "Pearson r" in result.stdout
+
+    # recompute both scores from the written files, independently of the CLI's code
+    written = ad.read_h5ad(tmp_path / "spatial.h5ad")
+    w = written.obsm["cell_weights_spotlens"].toarray()
+    spot_of_cell = ref.obs["spot"].to_numpy()
+    recall = []
+    for i, (name, n) in enumerate(zip(written.obs_names, written.obs["n_cells"], strict=True)):
+        ranked = [j for j in np.argsort(-w[i], kind="stable") if w[i, j] > 0][:n]
+        recall.append(sum(spot_of_cell[j] == name for j in ranked) / n)
+    truth = written.obsm["true_cell_counts"]
+    pred = written.obsm["cell_counts_spotlens"].reindex(columns=truth.columns, fill_value=0)
+    error = np.abs(pred.to_numpy() - truth.to_numpy()).mean()
+    random = np.mean(written.obs["n_cells"].to_numpy() / ref.n_obs)
+
+    printed = re.search(r"^  recall\s+([\d.]+).*random ([\d.]+)", result.stdout, re.MULTILINE)
+    assert printed, result.stdout
+    assert float(printed.group(1)) == pytest.approx(np.mean(recall), abs=5e-4)
+    assert float(printed.group(2)) == pytest.approx(random, abs=5e-4)
+    printed = re.search(r"^  count MAE\s+([\d.]+)", result.stdout, re.MULTILINE)
+    assert printed and float(printed.group(1)) == pytest.approx(error, abs=5e-4)
+    assert np.mean(recall) > 5 * random  # real cells are found, not drawn at random

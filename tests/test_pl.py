@@ -93,3 +93,157 @@ def test_saves_a_png_without_touching_pyplot(st, tmp_path):
     spotlens.io.save_figure(fig, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 10_000
     assert plt.get_fignums() == open_before  # no figure left open in pyplot
+
+
+# --- spotlens.pl.cells -------------------------------------------------------------------------
+
+DIAMETER = 50.0
+
+
+@pytest.fixture
+def placed():
+    """3 spots (footprint 50 units) and 7 cells of types A/B/C inside them, as assign_cells."""
+    centres = np.array([[0, 0], [100, 0], [0, 100]], dtype=float)
+    spots = ad.AnnData(np.ones((3, 2), dtype=np.float32),
+                       obs=pd.DataFrame(index=["s0", "s1", "s2"]))
+    spots.obsm["spatial"] = centres
+    spot = np.array([0, 0, 0, 1, 1, 2, 2])
+    offset = np.array([[5, 5], [-10, 0], [0, 12], [3, -4], [-8, 8], [10, 0], [0, -15]], float)
+    cell_type = pd.Categorical(["A", "A", "B", "C", "B", "A", "C"], categories=["A", "B", "C"])
+    cells = ad.AnnData(
+        np.ones((7, 2), dtype=np.float32),
+        obs=pd.DataFrame({"spot": pd.Categorical(np.array(["s0", "s1", "s2"])[spot]),
+                          "cell_type": cell_type, "weight": np.linspace(0.2, 1.4, 7)},
+                         index=[f"cell_{i}" for i in range(7)]),
+    )
+    cells.obsm["spatial"] = centres[spot] + offset
+    cells.uns["spot_diameter"] = DIAMETER
+    return cells, spots
+
+
+def map_axes(fig):
+    return [ax for ax in fig.axes if ax.get_title()]
+
+
+def test_cells_draws_footprints_in_data_units_and_dots_by_type(placed):
+    from matplotlib.collections import EllipseCollection
+
+    cells, spots = placed
+    fig = spotlens.pl.cells(cells, spots)
+    (ax,) = map_axes(fig)  # 3 spots: no zoom panel
+    assert ax.get_title() == "7 cells in 3 spots"
+    assert ax.yaxis_inverted() and ax.get_aspect() == 1.0
+    discs, dots = ax.collections[0], ax.collections[-1]
+    # footprints: one light grey disc per spot, DIAMETER wide in data units
+    assert isinstance(discs, EllipseCollection)
+    np.testing.assert_array_equal(discs.get_offsets(), spots.obsm["spatial"])
+    np.testing.assert_allclose(discs.get_widths(), DIAMETER)
+    grey = discs.get_facecolors()[0]
+    assert grey[0] == grey[1] == grey[2] and grey[0] > 0.85
+    # cells: at their positions, one colour per type, in the legend in category order
+    np.testing.assert_array_equal(dots.get_offsets(), cells.obsm["spatial"])
+    colours = [tuple(c) for c in dots.get_facecolors()]
+    by_type = {t: {colours[i] for i in np.flatnonzero(cells.obs["cell_type"] == t)}
+               for t in ["A", "B", "C"]}
+    assert all(len(c) == 1 for c in by_type.values())
+    used = set.union(*by_type.values())
+    assert len(used) == 3 and tuple(grey) not in used
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["A", "B", "C"]
+    assert legend.get_title().get_text() == "cell_type"
+    # every footprint is inside the frame
+    (x0, x1), (y1, y0) = ax.get_xlim(), ax.get_ylim()
+    assert x0 <= -DIAMETER / 2 and x1 >= 100 + DIAMETER / 2
+    assert y0 <= -DIAMETER / 2 and y1 >= 100 + DIAMETER / 2
+
+
+def test_cells_zoom_box_adds_a_panel_and_marks_it(placed):
+    from matplotlib.patches import Rectangle
+
+    cells, spots = placed
+    fig = spotlens.pl.cells(cells, spots, zoom=(-30, -30, 30, 30))
+    overview, zoomed = map_axes(fig)
+    assert zoomed.get_xlim() == (-30, 30) and zoomed.get_ylim() == (30, -30)
+    assert zoomed.get_title() == "zoom: 3 cells, 1 spots"
+    assert zoomed.get_aspect() == 1.0
+    boxes = [p for p in overview.patches if isinstance(p, Rectangle)]
+    assert len(boxes) == 1 and boxes[0].get_xy() == (-30, -30) and boxes[0].get_width() == 60
+
+
+def test_cells_auto_zoom_on_a_large_slide():
+    """15 × 15 spots: 'auto' zooms on a 5 × 5 block of spots, where both types are."""
+    grid = np.array([[x, y] for y in range(15) for x in range(15)], dtype=float) * 100
+    spots = ad.AnnData(np.ones((len(grid), 1), dtype=np.float32),
+                       obs=pd.DataFrame(index=[f"s{i}" for i in range(len(grid))]))
+    spots.obsm["spatial"] = grid
+    rng = np.random.default_rng(0)
+    which = np.repeat(np.arange(len(grid)), 3)
+    # one type everywhere except a second type in the spots near (1000, 1000)
+    near = np.linalg.norm(grid[which] - [1000, 1000], axis=1) <= 100
+    cells = ad.AnnData(
+        np.ones((len(which), 1), dtype=np.float32),
+        obs=pd.DataFrame({"cell_type": np.where(near, "rare", "common")},
+                         index=[f"c{i}" for i in range(len(which))]),
+    )
+    cells.obsm["spatial"] = grid[which] + rng.uniform(-20, 20, (len(which), 2))
+    cells.uns["spot_diameter"] = 55.0
+    overview, zoomed = map_axes(spotlens.pl.cells(cells, spots))
+    (x0, x1), (y1, y0) = zoomed.get_xlim(), zoomed.get_ylim()
+    # 4 pitches between the outer centres, plus a footprint and a 10 % margin
+    assert x1 - x0 == pytest.approx(400 + 1.1 * 55) and y1 - y0 == pytest.approx(400 + 1.1 * 55)
+    xy = cells.obsm["spatial"]
+    inside = (xy[:, 0] >= x0) & (xy[:, 0] <= x1) & (xy[:, 1] >= y0) & (xy[:, 1] <= y1)
+    assert set(cells.obs["cell_type"][inside]) == {"rare", "common"}  # shows both types
+    assert zoomed.get_title() == f"zoom: {inside.sum()} cells, 25 spots"
+    assert len(map_axes(spotlens.pl.cells(cells, spots, zoom=None))) == 1
+
+
+def test_cells_numeric_colour_and_no_spots(placed):
+    cells, _ = placed
+    fig = spotlens.pl.cells(cells, color="weight", zoom=None)
+    (ax,) = map_axes(fig)
+    assert ax.get_title() == "7 cells"
+    assert len(ax.collections) == 1  # dots only, no footprints
+    colorbars = [a for a in fig.axes if a is not ax]
+    assert len(colorbars) == 1 and colorbars[0].get_ylabel() == "weight"
+    norm = ax.collections[0].norm
+    assert (norm.vmin, norm.vmax) == pytest.approx((0.2, 1.4))
+
+
+@pytest.mark.parametrize(
+    ("change", "kwargs", "message"),
+    [
+        ("no_positions", {}, r"cells\.obsm has no 'spatial'"),
+        (None, {"color": "state"}, "cells.obs has no column 'state'"),
+        (None, {"spatial_key": "xy"}, r"no obsm\['xy'\]"),
+        (None, {"zoom": (30, 30, -30, -30)}, "x_min < x_max"),
+        (None, {"zoom": 0}, "positive number of spots"),
+        (None, {"zoom": "big"}, "zoom must be 'auto'"),
+        (None, {"cell_size": -1}, "cell_size must be a positive number"),
+        (None, {"spot_size": float("nan")}, "spot_size must be a positive number"),
+    ],
+)
+def test_cells_rejects_bad_input(placed, change, kwargs, message):
+    cells, spots = placed
+    if change == "no_positions":
+        del cells.obsm["spatial"]
+    with pytest.raises(InputError, match=message):
+        spotlens.pl.cells(cells, spots, **kwargs)
+
+
+def test_cells_needs_anndata(placed):
+    cells, spots = placed
+    with pytest.raises(InputError, match="cells needs an AnnData"):
+        spotlens.pl.cells(cells.obs)
+    with pytest.raises(InputError, match="spatial needs an AnnData"):
+        spotlens.pl.cells(cells, spots.obsm["spatial"])
+
+
+def test_cells_saves_a_png_without_touching_pyplot(placed, tmp_path):
+    import matplotlib.pyplot as plt
+
+    cells, spots = placed
+    open_before = plt.get_fignums()
+    spotlens.io.save_figure(spotlens.pl.cells(cells, spots), tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    assert plt.get_fignums() == open_before

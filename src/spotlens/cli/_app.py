@@ -19,6 +19,8 @@ logger = logging.getLogger("spotlens")
 EXIT_INPUT = 2
 EXIT_FAILURE = 1
 PROPORTIONS_KEY = "proportions_spotlens"
+CELL_WEIGHTS_KEY = "cell_weights_spotlens"
+CELL_COUNTS_KEY = "cell_counts_spotlens"
 
 app = typer.Typer(
     name="spotlens",
@@ -26,7 +28,9 @@ app = typer.Typer(
         "Cell-type deconvolution of spatial transcriptomics with an attention-weighted spatial "
         "graph.\n\n"
         "Each command writes OUT/spatial.h5ad (input plus results), OUT/proportions.csv "
-        "(spots × cell types, rows sum to 1) and OUT/proportions.png (one map per cell type)."
+        "(spots × cell types, rows sum to 1) and OUT/proportions.png (one map per cell type); "
+        "with --cell-level also OUT/cells.h5ad (reference cells placed in the spots) and "
+        "OUT/cells.png (their map)."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -65,11 +69,18 @@ DeviceOption = Annotated[
     typer.Option(help="'cpu' (NumPy), 'torch' (torch on CPU), 'cuda', 'cuda:N', or 'auto' "
                       "(CUDA if available)."),
 ]
-SeedOption = Annotated[int, typer.Option(help="Seed for count splitting, PCA, cell states and graph colouring.")]
+SeedOption = Annotated[int, typer.Option(
+    help="Seed for count splitting, PCA, cell states and graph colouring (and, with "
+         "--cell-level, metacells and cell positions).")]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress",
                                               help="Show a progress bar.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q",
                                            help="Log warnings only, not each stage.")]
+CellLevelOption = Annotated[bool, typer.Option(
+    "--cell-level",
+    help="After the proportions, weight individual reference cells in each spot "
+         "(spotlens.deconv.cell_level) and place them (assign_cells): writes OUT/cells.h5ad and "
+         "OUT/cells.png, and the weights into OUT/spatial.h5ad.")]
 
 
 @app.callback()
@@ -118,25 +129,41 @@ def deconvolve_command(
     device: DeviceOption = "cpu",
     seed: SeedOption = 0,
     n_iter: Annotated[int, typer.Option(min=1, help="Maximum solver sweeps.")] = 200,
+    cell_level: CellLevelOption = False,
+    cells_per_spot: Annotated[str | None, typer.Option(
+        metavar="COLUMN",
+        help="With --cell-level: obs column of the spatial data with a known number of cells "
+             "(e.g. nuclei) per spot [default: estimated from the counts].",
+        show_default=False)] = None,
+    n_candidates: Annotated[int | None, typer.Option(
+        min=1, metavar="INT",
+        help="With --cell-level: candidate reference cells per cell type and spot "
+             "[default: 10].", show_default=False)] = None,
     progress: ProgressOption = True,
     quiet: QuietOption = False,
 ) -> None:
     """Estimate the cell-type proportions of every spot from a single-cell reference.
 
     Reads the spatial data and the reference, runs spotlens.deconv.deconvolve and writes
-    OUT/spatial.h5ad, OUT/proportions.csv and OUT/proportions.png. Bad input prints
-    "error: ..." and exits with code 2.
+    OUT/spatial.h5ad, OUT/proportions.csv and OUT/proportions.png. With --cell-level it then
+    runs spotlens.deconv.cell_level and assign_cells and also writes OUT/cells.h5ad and
+    OUT/cells.png. Bad input prints "error: ..." and exits with code 2.
 
-    Example: spotlens deconvolve -s sample/outs -r ref.h5ad -o results
+    Example: spotlens deconvolve -s outs -r ref.h5ad -o out --cell-level
     """
     with _logging(quiet), _errors():
         from ..deconv import deconvolve
         from ..io import read_reference, read_spatial
 
         _check_device(device)
+        if not cell_level and (cells_per_spot is not None or n_candidates is not None):
+            raise InputError("--cells-per-spot and --n-candidates apply to the cell-level step; "
+                             "add --cell-level.")
         out = _out_dir(out)
         logger.info("reading spatial data %s", spatial)
         st = read_spatial(spatial, spatial_key=spatial_key)
+        if cells_per_spot is not None:  # fail before the long type-level fit
+            _check_cells_per_spot(st, cells_per_spot)
         logger.info("reading reference %s", reference)
         ref = read_reference(reference, labels_key=labels_key)
         deconvolve(
@@ -146,7 +173,15 @@ def deconvolve_command(
             device=device, seed=seed, n_iter=n_iter, key_added=PROPORTIONS_KEY, inplace=True,
             progress=progress,
         )
-        _write_outputs(st, out, spatial_key=spatial_key)
+        cells = None
+        if cell_level:
+            cells = _cell_level(
+                st, ref, labels_key=labels_key, layer=layer, reference_layer=reference_layer,
+                spatial_key=spatial_key, cells_per_spot=cells_per_spot,
+                n_candidates=10 if n_candidates is None else n_candidates, seed=seed,
+                progress=progress,
+            )
+        _write_outputs(st, out, spatial_key=spatial_key, cells=cells)
 
 
 @app.command("demo", short_help="Run the bundled example and score it against the truth.")
@@ -154,15 +189,18 @@ def demo_command(
     out: OutOption,
     device: DeviceOption = "cpu",
     seed: SeedOption = 0,
+    cell_level: CellLevelOption = False,
     progress: ProgressOption = True,
     quiet: QuietOption = False,
 ) -> None:
     """Run on the bundled osmFISH cortex example and score the result against the truth.
 
-    Writes the same three files as 'deconvolve' and prints Pearson r, RMSE and mean
-    Jensen–Shannon divergence against the known proportions.
+    Writes the same files as 'deconvolve' and prints Pearson r, RMSE and mean Jensen–Shannon
+    divergence against the known proportions. Every spot is made of known reference cells, so
+    with --cell-level it also prints the recall of each spot's true cells among its
+    top-weighted reference cells and the error of the estimated cells per type.
 
-    Example: spotlens demo -o demo_output
+    Example: spotlens demo -o demo_output --cell-level
     """
     with _logging(quiet), _errors():
         from .._metrics import accuracy
@@ -179,9 +217,22 @@ def demo_command(
         st, ref = osmfish_cortex()
         deconvolve(st, ref, labels_key="cell_type", device=device, seed=seed,
                    key_added=PROPORTIONS_KEY, inplace=True, progress=progress)
-        _write_outputs(st, out, spatial_key="spatial")
+        cells = None
+        if cell_level:
+            cells = _cell_level(st, ref, labels_key="cell_type", layer=None,
+                                reference_layer=None, spatial_key="spatial",
+                                cells_per_spot=None, n_candidates=10, seed=seed,
+                                progress=progress)
+        _write_outputs(st, out, spatial_key="spatial", cells=cells)
         scores = accuracy(st.obsm[PROPORTIONS_KEY], st.obsm["true_proportions"])
         typer.echo(_accuracy_table(scores))
+        if cell_level:
+            from ._scores import count_error, member_recall
+
+            recall = member_recall(st, ref, key=CELL_WEIGHTS_KEY)
+            error = count_error(st.obsm[CELL_COUNTS_KEY], st.obsm["true_cell_counts"])
+            typer.echo(_cell_table(recall, error, n_types=st.obsm[CELL_COUNTS_KEY].shape[1],
+                                   n_cells=ref.n_obs))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,20 +259,59 @@ def _accuracy_table(scores: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_outputs(st, out: Path, *, spatial_key: str) -> None:
+def _cell_table(recall: dict, error: float, *, n_types: int, n_cells: int) -> str:
+    lines = [f"cell level against the true member cells ({recall['n_spots']} spots, "
+             f"{n_cells} reference cells, {n_types} cell types):"]
+    lines += [
+        f"  {'recall':<10} {recall['recall']:>6.3f}   (spot's own n cells among its n "
+        f"top-weighted; random {recall['random']:.3f})",
+        f"  {'count MAE':<10} {error:>6.3f}   (cells per spot and type; 0 is perfect)",
+    ]
+    return "\n".join(lines)
+
+
+def _cell_level(st, ref, *, labels_key: str, layer: str | None, reference_layer: str | None,
+                spatial_key: str, cells_per_spot: str | None, n_candidates: int, seed: int,
+                progress: bool):
+    """Run the cell-level step into ``st`` and return the placed cells."""
+    from ..deconv import assign_cells, cell_level
+
+    cell_level(
+        st, ref, labels_key=labels_key, layer=layer, reference_layer=reference_layer,
+        key=PROPORTIONS_KEY, cells_per_spot=cells_per_spot, n_candidates=n_candidates, seed=seed,
+        key_added=CELL_WEIGHTS_KEY, inplace=True, progress=progress,
+    )
+    return assign_cells(st, ref, key=CELL_WEIGHTS_KEY, spatial_key=spatial_key,
+                        reference_layer=reference_layer, seed=seed)
+
+
+def _write_outputs(st, out: Path, *, spatial_key: str, cells=None) -> None:
     from ..io import save_figure, write_csv, write_h5ad
+    from ..pl import cells as cell_map
     from ..pl import proportions
 
     logger.info("writing %s", out)
-    paths = {name: out / name for name in ("spatial.h5ad", "proportions.csv", "proportions.png")}
+    names = ("spatial.h5ad", "proportions.csv", "proportions.png")
+    if cells is not None:
+        names += ("cells.h5ad", "cells.png")
+    paths = {name: out / name for name in names}
     write_h5ad(st, paths["spatial.h5ad"])
     table = st.obsm[PROPORTIONS_KEY].copy()
     table.index.name = "spot"
     write_csv(table, paths["proportions.csv"])
     fig = proportions(st, key=PROPORTIONS_KEY, spatial_key=spatial_key)
     save_figure(fig, paths["proportions.png"])
+    if cells is not None:
+        write_h5ad(cells, paths["cells.h5ad"])
+        save_figure(cell_map(cells, st, spatial_key=spatial_key), paths["cells.png"])
     for path in paths.values():
         typer.echo(f"wrote {path}")
+
+
+def _check_cells_per_spot(st, column: str) -> None:
+    from ..deconv._cell_api import _cells_per_spot
+
+    _cells_per_spot(st, column)
 
 
 def _check_device(device: str) -> None:

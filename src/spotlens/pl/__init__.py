@@ -1,5 +1,6 @@
 """Plotting: reads the documented keys, returns matplotlib Figures; never calls ``show``."""
 
+from ._cells import cells
 from ._proportions import proportions
 
-__all__ = ["proportions"]
+__all__ = ["cells", "proportions"]
