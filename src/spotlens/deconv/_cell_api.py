@@ -60,7 +60,8 @@ def _largest_remainder(values: np.ndarray, totals: np.ndarray) -> np.ndarray:
     scaled = np.divide(values * totals[:, None], row_sum, out=np.zeros_like(values),
                        where=row_sum > 0)
     floor = np.floor(scaled)
-    missing = (totals - floor.sum(axis=1)).astype(int)
+    # a row with nothing to share out stays at zero, whatever its total
+    missing = np.where(row_sum[:, 0] > 0, totals - floor.sum(axis=1), 0).astype(int)
     order = np.argsort(-(scaled - floor), axis=1, kind="stable")
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(values.shape[1])[None, :], axis=1)
@@ -285,6 +286,17 @@ def cell_level(
     per_type = np.asarray((w @ to_types).todense())
     if cells_per_spot is None:
         totals = np.round(per_type.sum(axis=1))
+    else:
+        # spots without cell weights (no counts, or no type above min_abundance) share their
+        # known number of cells by the type-level proportions, when there are any
+        empty = per_type.sum(axis=1) <= 0
+        per_type[empty] = np.nan_to_num(props[types].to_numpy(dtype=np.float64))[empty]
+        unknown = empty & (per_type.sum(axis=1) <= 0) & (totals > 0)
+        if unknown.any():
+            logger.warning(
+                "%d spots have a cell count in obs[%r] but no estimate of their cell types (no "
+                "counts and no smoothing): they get 0 cells", unknown.sum(), cells_per_spot,
+            )
     cell_counts = pd.DataFrame(
         _largest_remainder(per_type, totals), index=spatial.obs_names, columns=types
     )
@@ -539,5 +551,7 @@ def cell_type_expression(
         for j, g in enumerate(genes):
             blocks[(g, name)] = part[:, j]
     frame = pd.DataFrame(blocks, index=spatial.obs_names)
-    frame.columns = pd.MultiIndex.from_tuples(frame.columns, names=["gene", "cell_type"])
-    return frame.sort_index(axis=1, level=0, sort_remaining=False)
+    order = [(g, name) for g in genes for name in types]  # genes in the order asked for
+    frame = frame[order]
+    frame.columns = pd.MultiIndex.from_tuples(order, names=["gene", "cell_type"])
+    return frame

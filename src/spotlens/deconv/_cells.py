@@ -228,8 +228,10 @@ def cell_weights(
     counts = sparse.csr_matrix(counts)
     n, n_genes = counts.shape
     if block is None:
-        # about 40 M doubles for the block's M × (G + M) arrays (M ≈ 4 types × n_candidates)
-        width = 4 * n_candidates
+        # about 40 M doubles for the block's M × (G + M) arrays; M is set by the spot with the
+        # most types present
+        most_types = int((abundance >= min_abundance).sum(axis=1).max(initial=1))
+        width = max(1, most_types) * n_candidates
         block = int(np.clip(40_000_000 // (width * (n_genes + width)), 16, 4096))
     rows, cols, vals = [], [], []
     for start in range(0, n, block):
