@@ -1,0 +1,836 @@
+"""Expression from H&E, end to end: AnnData sections and images in, a model folder out.
+
+This is the adapter layer over the array-level pieces: :func:`spot_tiles` cuts tiles,
+:func:`tile_features` (or :func:`colour_features`) turns them into features, the target genes
+come from :func:`select_target_genes` / :func:`section_log_expression`, and the model is an
+:class:`ExpressionModel` (``"attention"``, ``"graph"``) or a :class:`RidgeBaseline`
+(``"ridge"``). A model folder holds
+
+- ``config.json``: encoder, tile geometry (µm, px, µm/px), spot pitch, genes and the rule that
+  chose them, training sections, seed, validation metrics, spotlens version;
+- ``model.pt`` (:meth:`ExpressionModel.save`) or ``model.npz`` (ridge arrays, no pickle);
+- ``checkpoint.pt``, ``checkpoint-final.pt`` and ``checkpoint.json`` while (and after) training,
+  so an interrupted :func:`train` resumes where it stopped.
+
+Every file is written atomically (a temporary file in the folder, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._validation import InputError
+from ._image import SlideImage, check_mpp, read_image
+from ._tiles import spot_tiles, tile_geometry
+
+logger = logging.getLogger("spotlens")
+
+FORMAT = "spotlens.histology.model/1"
+CONFIG_FILE = "config.json"
+COLOUR_ENCODER = "colour"
+MODEL_TYPES = ("attention", "graph", "ridge")
+GENE_RULES = ("hvg", "top_expressed")
+PREDICTION_KEY = "histology_prediction"
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".svs")
+_MAX_MPP_RATIO = 2.0  # a scan this much coarser than the training scans is refused
+
+
+# --------------------------------------------------------------------------------------------
+# Reading sections
+# --------------------------------------------------------------------------------------------
+
+
+def load_section(h5ad_path, image_path=None) -> tuple[AnnData, Path]:
+    """Read one section's ``.h5ad`` and find its full-resolution H&E image.
+
+    Parameters
+    ----------
+    h5ad_path
+        ``.h5ad`` with raw counts in ``X`` (``n_spots × n_genes``), spot centres ``(x, y)`` in
+        full-resolution px in ``obsm["spatial"]`` and ``uns["spatial"][library_id]
+        ["scalefactors"]["spot_diameter_fullres"]``.
+    image_path
+        The full-resolution image; None = the one file beside the ``.h5ad`` named
+        ``<stem>_HE*`` with suffix ``.jpg``, ``.jpeg``, ``.png``, ``.tif``, ``.tiff`` or
+        ``.svs`` (e.g. ``C6_HE_fullres.jpg`` beside ``C6.h5ad``).
+
+    Returns
+    -------
+    adata
+        The section.
+    image_path
+        Path of its image.
+
+    Raises
+    ------
+    InputError
+        If the ``.h5ad`` or the given image does not exist, or no / several images match
+        beside the ``.h5ad`` (pass the image explicitly then).
+    """
+    import anndata as ad
+
+    h5ad_path = Path(h5ad_path).expanduser()
+    if not h5ad_path.is_file():
+        raise InputError(f"Section file not found: {h5ad_path}.")
+    if image_path is None:
+        stem = h5ad_path.name[: -len(".h5ad")] if h5ad_path.name.endswith(".h5ad") else (
+            h5ad_path.stem)
+        found = sorted(
+            p for p in h5ad_path.parent.glob(f"{stem}_HE*")
+            if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
+        )
+        if not found:
+            raise InputError(
+                f"No H&E image beside {h5ad_path} (looked for {stem}_HE*"
+                f"{{{','.join(_IMAGE_SUFFIXES)}}}). Pass the full-resolution image explicitly."
+            )
+        if len(found) > 1:
+            raise InputError(
+                f"Several H&E images beside {h5ad_path}: {[p.name for p in found]}. Pass the "
+                "full-resolution one explicitly."
+            )
+        image_path = found[0]
+    image_path = Path(image_path).expanduser()
+    if not image_path.is_file():
+        raise InputError(f"Image file not found: {image_path}.")
+    try:
+        adata = ad.read_h5ad(h5ad_path)
+    except (OSError, KeyError) as err:
+        raise InputError(f"Cannot read {h5ad_path} as an AnnData .h5ad file: {err}") from err
+    return adata, image_path
+
+
+def _section_name(adata: AnnData, image_path: Path, taken: set[str]) -> str:
+    spatial = adata.uns.get("spatial")
+    name = str(next(iter(spatial))) if hasattr(spatial, "keys") and len(spatial) == 1 else (
+        Path(image_path).stem)
+    base, i = name, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# Features
+# --------------------------------------------------------------------------------------------
+
+
+def _encoder_info(encoder: str, device: str) -> tuple[Any, dict]:
+    """Return ``(encoder or None for colour features, its description for config.json)``."""
+    if str(encoder).lower() == COLOUR_ENCODER:
+        from ._features import COLOUR_FEATURE_NAMES
+
+        return None, {"name": COLOUR_ENCODER, "argument": COLOUR_ENCODER,
+                      "weights_id": "colour_features/1", "dim": len(COLOUR_FEATURE_NAMES)}
+    from ._encoders import get_encoder
+
+    enc = get_encoder(encoder, device=device)
+    return enc, {"name": enc.name, "argument": str(encoder), "weights_id": enc.weights_id,
+                 "dim": int(enc.dim), "input_size": int(enc.input_size),
+                 "identity": enc.identity}
+
+
+def _features(tiles, encoder, image_path, geometry, out_px, *, cache_dir, progress):
+    """``n_spots × dim`` features of tiles, cached under the benchmark's key layout."""
+    from ._features import colour_features
+
+    if encoder is None:
+        return colour_features(tiles)
+    from ._features import image_identity, tile_cache_key, tile_features
+
+    key = tile_cache_key(
+        "spot_tiles|" + image_identity(image_path), geometry.centres_px,
+        tile_um=geometry.tile_um, tile_px=geometry.side_px, mpp=geometry.mpp, out_px=out_px,
+    )
+    return tile_features(tiles, encoder, cache_dir=cache_dir, cache_key=key, progress=progress)
+
+
+def _spot_pitch_px(coords: np.ndarray) -> float | None:
+    """Median centre-to-nearest-centre distance of the spots, px (None for < 2 spots)."""
+    from scipy.spatial import cKDTree
+
+    if len(coords) < 2:
+        return None
+    dist, _ = cKDTree(coords).query(coords, k=2)
+    return float(np.median(dist[:, 1]))
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _choose_genes(genes, adatas: dict[str, AnnData]) -> tuple[list[str], str]:
+    from ._metrics import select_target_genes
+
+    if isinstance(genes, str):
+        if genes not in GENE_RULES:
+            raise InputError(
+                f"genes must be 'hvg', 'top_expressed' or a list of gene names, got {genes!r}."
+            )
+        return list(select_target_genes(adatas)[genes]), genes
+    genes = [str(g) for g in genes]
+    if not genes:
+        raise InputError("The gene list is empty.")
+    if len(set(genes)) != len(genes):
+        raise InputError("The gene list has duplicates.")
+    known = set().union(*(a.var_names for a in adatas.values()))
+    missing = [g for g in genes if g not in known]
+    if missing:
+        raise InputError(
+            f"{len(missing)} of {len(genes)} genes are in none of the training sections, e.g. "
+            f"{missing[:5]}. Check the names (gene symbols as in var_names)."
+        )
+    return genes, "list"
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    from ..io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def train(
+    sections,
+    *,
+    genes="hvg",
+    model: str = "attention",
+    encoder: str = "efficientnet-lite0",
+    tile_um: float | None = None,
+    out_px: int = 224,
+    config=None,
+    cache_dir=None,
+    device: str = "cpu",
+    seed: int = 0,
+    out,
+    resume: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Train a model of spot expression from H&E tiles and write it to a folder.
+
+    Steps: cut a tile around every spot (:func:`spot_tiles`), encode the tiles (features are
+    cached in ``cache_dir``), choose the target genes on the training sections, compute their
+    log-normalised expression ``log1p(normalize_total(counts, 1e4))`` (genes a section lacks are
+    0), then fit. For ``"attention"``/``"graph"``: early stopping on the last training section
+    (training on the others), then a refit on all sections for the best number of epochs (at
+    least 10). For ``"ridge"``: standardise → PCA(256) → ridge, alpha by leave-one-section-out
+    cross-validation.
+
+    Parameters
+    ----------
+    sections
+        List of ``(adata, image)`` pairs, e.g. from :func:`load_section`: ``adata`` with raw
+        counts (``n_spots × n_genes``) and spot centres in full-resolution px in
+        ``obsm["spatial"]``; ``image`` the full-resolution H&E file path (or a
+        :class:`SlideImage` opened from a file).
+    genes
+        ``"hvg"`` (50 highly variable genes, seurat_v3 with batch = section), ``"top_expressed"``
+        (250 most expressed genes) or a list of gene names.
+    model
+        ``"attention"``, ``"graph"`` or ``"ridge"``.
+    encoder
+        Encoder name or TorchScript file for :func:`get_encoder`, or ``"colour"`` for the 25
+        colour statistics of :func:`colour_features` (no torch needed with ``"ridge"``).
+    tile_um
+        Tile side in µm; None = each section's spot diameter.
+    out_px
+        Tile side in px after resizing.
+    config
+        :class:`TrainConfig` for ``"attention"``/``"graph"`` (its ``model`` and ``seed`` are
+        overridden by ``model`` and ``seed``); None = defaults.
+    cache_dir
+        Folder of cached encoder features; None = no cache.
+    device
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (encoder and model).
+    seed
+        Seed of the model's initialisation and dropout.
+    out
+        Model folder (created if missing).
+    resume
+        Continue from ``out/checkpoint*.pt`` of an interrupted run with the same data and
+        settings (a larger ``config.epochs`` continues training).
+    progress
+        Progress bars for encoding and training.
+
+    Returns
+    -------
+    The model folder ``out`` with ``config.json`` and ``model.pt`` (or ``model.npz``).
+
+    Raises
+    ------
+    InputError
+        No section, a section without coordinates or spot diameter, an image that does not fit
+        its spots (another section or resolution), unknown genes or gene rule, a bad model type,
+        ``"ridge"`` with fewer than 2 sections, or a checkpoint in ``out`` from a different run
+        (pass ``resume=False`` or another ``out``).
+
+    Examples
+    --------
+    >>> pairs = [load_section(f"her2st/{s}.h5ad") for s in ("C2", "C3", "C4", "C5")]
+    >>> train(pairs, tile_um=100, out="her2st_model")  # doctest: +SKIP
+    """
+    from .. import __version__
+
+    if model not in MODEL_TYPES:
+        raise InputError(f"model must be one of {MODEL_TYPES}, got {model!r}.")
+    if not isinstance(sections, (list, tuple)) or not sections:
+        raise InputError("train needs a non-empty list of (adata, image_path) sections.")
+    if model == "ridge" and len(sections) < 2:
+        raise InputError("The ridge model chooses its penalty by leave-one-section-out "
+                         "cross-validation and needs at least 2 training sections.")
+    if tile_um is not None:
+        tile_um = check_mpp(tile_um, what="tile_um", unit="µm")
+    out = _model_dir(out, create=True)
+    enc, enc_info = _encoder_info(encoder, device)
+
+    names: list[str] = []
+    data: dict[str, dict] = {}
+    for pair in sections:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise InputError("Each section must be an (adata, image_path) pair.")
+        adata, image = pair
+        if not isinstance(adata, AnnData):
+            raise InputError(f"A section is a {type(adata).__name__}, not an AnnData.")
+        image = image if isinstance(image, SlideImage) else read_image(image)
+        if image.path is None:
+            raise InputError("Training images must be files (they key the feature cache).")
+        name = _section_name(adata, image.path, set(names))
+        names.append(name)
+        logger.info("%s: cutting %d tiles from %s", name, adata.n_obs, image.path.name)
+        geometry = tile_geometry(adata, image=image, tile_um=tile_um)
+        tiles = spot_tiles(adata, image, tile_um=tile_um, out_px=out_px)
+        feats = _features(tiles, enc, image.path, geometry, out_px, cache_dir=cache_dir,
+                          progress=progress)
+        coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+        data[name] = {"adata": adata, "image": str(image.path), "features": feats,
+                      "coords": coords, "side_px": geometry.side_px, "mpp": geometry.mpp,
+                      "tile_um": geometry.tile_um, "pitch_px": _spot_pitch_px(coords)}
+        del tiles
+
+    logger.info("choosing target genes (%s)", genes if isinstance(genes, str) else "list")
+    gene_list, rule = _choose_genes(genes, {n: data[n]["adata"] for n in names})
+    from ._metrics import section_log_expression
+
+    for name in names:
+        data[name]["y"] = section_log_expression(data[name]["adata"], gene_list)
+
+    mpps = [data[n]["mpp"] for n in names]
+    known = all(m is not None for m in mpps)
+    pitch_um = [data[n]["pitch_px"] * data[n]["mpp"] for n in names
+                if known and data[n]["pitch_px"] is not None]
+    tiles_cfg = {
+        "tile_um": float(np.mean([data[n]["tile_um"] for n in names])) if known else None,
+        "tile_um_argument": tile_um,
+        "tile_px": float(np.mean([data[n]["side_px"] for n in names])),
+        "out_px": int(out_px),
+        "mpp": float(np.mean(mpps)) if known else None,
+        "spot_pitch_um": float(np.median(pitch_um)) if pitch_um else None,
+        "spot_pitch_px": float(np.median([data[n]["pitch_px"] for n in names
+                                          if data[n]["pitch_px"] is not None] or [np.nan])),
+    }
+    if config is None:
+        from ._train import TrainConfig
+
+        config = TrainConfig()
+    if model != "ridge":
+        config = replace(config, model=model, seed=int(seed))
+    fingerprint = _fingerprint(names, data, gene_list, enc_info, tiles_cfg, model, config)
+
+    if model == "ridge":
+        validation, model_file = _train_ridge(names, data, gene_list, out)
+        train_cfg = None
+    else:
+        validation, model_file, train_cfg = _train_network(
+            names, data, gene_list, config, out, fingerprint=fingerprint, device=device,
+            resume=resume, progress=progress)
+
+    cfg = {
+        "format": FORMAT,
+        "spotlens_version": __version__,
+        "model_type": model,
+        "model_file": model_file,
+        "train_config": train_cfg,
+        "seed": int(seed),
+        "encoder": enc_info,
+        "tiles": tiles_cfg,
+        "genes": gene_list,
+        "gene_rule": rule,
+        "sections": [{"name": n, "image": data[n]["image"], "n_spots": len(data[n]["coords"]),
+                      "mpp": data[n]["mpp"], "tile_px": data[n]["side_px"]} for n in names],
+        "validation": validation,
+    }
+    _write_json(cfg, out / CONFIG_FILE)
+    logger.info("wrote %s", out)
+    return out
+
+
+def _fingerprint(names, data, genes, enc_info, tiles_cfg, model, config) -> str:
+    cfg = asdict(config) if model != "ridge" else {}
+    cfg.pop("epochs", None)
+    blob = json.dumps({
+        "sections": [(n, data[n]["image"], len(data[n]["coords"])) for n in names],
+        "genes": genes, "encoder": enc_info.get("identity", enc_info["weights_id"]),
+        "tiles": tiles_cfg, "model": model, "config": cfg,
+    }, sort_keys=True, default=_json_default)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _train_network(names, data, genes, config, out: Path, *, fingerprint, device, resume,
+                   progress):
+    from ._train import ExpressionModel, Section
+
+    def section(n, with_y=True):
+        d = data[n]
+        return Section(n, d["features"], d["coords"], d["y"] if with_y else None)
+
+    sidecar_path = out / "checkpoint.json"
+    probe_ckpt, final_ckpt = out / "checkpoint.pt", out / "checkpoint-final.pt"
+    sidecar = _read_json(sidecar_path) if resume else None
+    if resume and probe_ckpt.exists():
+        if sidecar is None or sidecar.get("fingerprint") != fingerprint:
+            raise InputError(
+                f"{out} holds a checkpoint of a different training run (other sections, genes, "
+                "encoder, tiles or settings). Pass another output folder, or --no-resume "
+                "(resume=False) to start over there."
+            )
+    if not resume:
+        for path in (probe_ckpt, final_ckpt, sidecar_path):
+            path.unlink(missing_ok=True)
+        sidecar = None
+    sidecar = {"fingerprint": fingerprint, "final_epochs": (sidecar or {}).get("final_epochs")}
+    _write_json(sidecar, sidecar_path)
+
+    validation = None
+    epochs = config.epochs
+    if len(names) >= 2:
+        val = names[-1]
+        logger.info("training (%s) on %s, early stopping on %s", config.model,
+                    ", ".join(names[:-1]), val)
+        probe = ExpressionModel(list(genes), config).fit(
+            [section(n) for n in names[:-1]], validation=section(val), device=device,
+            checkpoint=probe_ckpt, resume=True, progress=progress,
+        )
+        scores = [h["val_pearson"] for h in probe.history if "val_pearson" in h]
+        epochs = max(probe.best_epoch, 10)
+        best_pred = probe.predict(section(val, with_y=False), device=device)
+        from ._metrics import evaluate as _score
+
+        res = _score(best_pred, data[val]["y"], genes)
+        validation = {"section": val, "mean_pearson": res["mean_pearson"], "mse": res["mse"],
+                      "best_epoch": probe.best_epoch, "epochs_run": len(probe.history),
+                      "n_spots": res["n_spots"],
+                      "val_pearson_history": [round(float(s), 5) for s in scores]}
+        logger.info("validation on %s: mean Pearson r %.3f at epoch %d of %d", val,
+                    res["mean_pearson"], probe.best_epoch, len(probe.history))
+    if sidecar["final_epochs"] != epochs:
+        final_ckpt.unlink(missing_ok=True)
+    sidecar["final_epochs"] = epochs
+    _write_json(sidecar, sidecar_path)
+    logger.info("refitting on all %d sections for %d epochs", len(names), epochs)
+    final_cfg = replace(config, epochs=int(epochs))
+    final = ExpressionModel(list(genes), final_cfg).fit(
+        [section(n) for n in names], device=device, checkpoint=final_ckpt, resume=True,
+        progress=progress,
+    )
+    final.save(out / "model.pt")
+    return validation, "model.pt", asdict(final_cfg)
+
+
+def _train_ridge(names, data, genes, out: Path):
+    from ..io import atomic_path
+    from ._baseline import RidgeBaseline
+
+    logger.info("fitting the ridge baseline on %s", ", ".join(names))
+    ridge = RidgeBaseline().fit({n: data[n]["features"] for n in names},
+                                {n: data[n]["y"] for n in names})
+    proj = ridge._projection
+    with atomic_path(out / "model.npz") as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, mean=proj.mean, scale=proj.scale, components=proj.components,
+                 coef=ridge.coef_, intercept=ridge.intercept_, alpha=np.array(ridge.alpha_))
+    cv = ridge.cv_scores_.loc[ridge.alpha_]
+    validation = {"section": "leave-one-section-out", "alpha": ridge.alpha_,
+                  "mean_pearson": float(cv.mean()),
+                  "per_section": {k: float(v) for k, v in cv.items()}}
+    logger.info("ridge: alpha %.3g, cross-validated mean Pearson r %.3f", ridge.alpha_,
+                cv.mean())
+    return validation, "model.npz"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and predicting
+# --------------------------------------------------------------------------------------------
+
+
+def _model_dir(path, *, create: bool = False) -> Path:
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"The model path {path} is a file; a model is a folder.")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"Cannot create the model folder {path} ({err.strerror}).") from err
+    return path
+
+
+class HistologyModel:
+    """A trained model folder, ready to predict (from :func:`load_model`).
+
+    Attributes
+    ----------
+    path
+        The model folder.
+    config
+        The parsed ``config.json``.
+    genes
+        Target genes, in the order of the predictions' columns.
+    """
+
+    def __init__(self, path: Path, config: dict, *, device: str = "cpu"):
+        self.path = path
+        self.config = config
+        self.genes: list[str] = list(config["genes"])
+        self.device = device
+        self._encoder = None
+        self._net = None
+        self._ridge = None
+        model_path = path / config["model_file"]
+        if not model_path.is_file():
+            raise InputError(f"{path} has no {config['model_file']}; training did not finish.")
+        if config["model_type"] == "ridge":
+            with np.load(model_path, allow_pickle=False) as z:
+                self._ridge = {k: z[k] for k in z.files}
+        else:
+            from ._train import ExpressionModel
+
+            self._net = ExpressionModel.load(model_path, device=device)
+
+    def __repr__(self) -> str:
+        return (f"HistologyModel({self.path}, {self.config['model_type']}, "
+                f"{self.config['encoder']['name']}, {len(self.genes)} genes)")
+
+    @property
+    def encoder(self):
+        """The encoder the model was trained with (None for colour features).
+
+        Raises
+        ------
+        InputError
+            If the encoder available now has other weights than the one used in training.
+        """
+        info = self.config["encoder"]
+        if info["name"] == COLOUR_ENCODER or self._encoder is not None:
+            return self._encoder
+        enc, now = _encoder_info(info["argument"], self.device)
+        if now["weights_id"] != info["weights_id"] or now["dim"] != info["dim"]:
+            raise InputError(
+                f"The model was trained on features of {info['name']} with weights "
+                f"{info['weights_id'][:24]}… ({info['dim']} features), but that encoder now "
+                f"has weights {now['weights_id'][:24]}… ({now['dim']} features). Features of "
+                "another encoder do not fit this model; install the original weights or retrain."
+            )
+        self._encoder = enc
+        return enc
+
+    def predict_features(self, features: np.ndarray, coords: np.ndarray) -> np.ndarray:
+        """Predict from ``n_spots × dim`` features and ``n_spots × 2`` centres (px).
+
+        Returns
+        -------
+        ``n_spots × n_genes`` float32 log-normalised expression, columns = :attr:`genes`.
+
+        Raises
+        ------
+        InputError
+            If the feature width differs from the encoder's in training.
+        """
+        dim = self.config["encoder"]["dim"]
+        if features.ndim != 2 or features.shape[1] != dim:
+            raise InputError(
+                f"Features have shape {features.shape}; the model expects n_spots × {dim} "
+                f"features of {self.config['encoder']['name']}."
+            )
+        if self._ridge is not None:
+            r = self._ridge
+            z = ((features - r["mean"]) / r["scale"]) @ r["components"].T
+            pred = z @ r["coef"] + r["intercept"]
+        else:
+            from ._train import Section
+
+            pred = self._net.predict(Section("predict", features, coords), device=self.device)
+        return np.asarray(pred, dtype=np.float32)
+
+    def _tile_args(self, image: SlideImage, mpp: float | None) -> dict:
+        tiles = self.config["tiles"]
+        mpp = mpp if mpp is not None else image.mpp
+        if mpp is not None and tiles["mpp"] is not None and mpp > _MAX_MPP_RATIO * tiles["mpp"]:
+            side = tiles["tile_um"] / mpp
+            raise InputError(
+                f"The image has {mpp:.3g} µm/px, more than {_MAX_MPP_RATIO:g}× coarser than the "
+                f"training scans ({tiles['mpp']:.3g} µm/px): a {tiles['tile_um']:.0f} µm tile "
+                f"would be {side:.0f} px instead of {tiles['tile_px']:.0f} px. Use the "
+                "full-resolution image (not a downscaled copy), or check --mpp."
+            )
+        return {"tile_um": tiles["tile_um"] if tiles["tile_um"] is not None else None,
+                "mpp": mpp}
+
+    def predict_section(self, adata: AnnData, image, *, mpp: float | None = None,
+                        cache_dir=None, progress: bool = False) -> np.ndarray:
+        """Predict expression of every spot of a section from its image.
+
+        Parameters
+        ----------
+        adata
+            Spots with centres ``(x, y)`` in full-resolution px in ``obsm["spatial"]`` (and
+            µm/px in ``uns["spatial"]`` or on the image when the model's tiles are in µm).
+        image
+            The section's full-resolution image (path or :class:`SlideImage`).
+        mpp
+            µm per full-resolution px; None = the image's, else the AnnData's.
+        cache_dir
+            Feature cache folder (None = none).
+        progress
+            Progress bar while encoding.
+
+        Returns
+        -------
+        ``n_spots × n_genes`` float32 log-normalised expression, columns = :attr:`genes`.
+
+        Raises
+        ------
+        InputError
+            If the image does not fit the spots (another section, or a downscaled copy), its
+            scale is unknown, it is much coarser than the training scans, or the encoder changed.
+        """
+        image = image if isinstance(image, SlideImage) else read_image(image)
+        args = self._tile_args(image, mpp)
+        tile_um = args["tile_um"]
+        geometry = tile_geometry(adata, image=image, tile_um=tile_um, mpp=args["mpp"])
+        if tile_um is not None and geometry.mpp is not None:
+            self._tile_args(image, geometry.mpp)  # the resolution check with the resolved mpp
+        out_px = self.config["tiles"]["out_px"]
+        tiles = spot_tiles(adata, image, tile_um=tile_um, mpp=args["mpp"], out_px=out_px)
+        feats = _features(tiles, self.encoder, image.path, geometry, out_px,
+                          cache_dir=cache_dir if image.path is not None else None,
+                          progress=progress)
+        return self.predict_features(feats, np.asarray(adata.obsm["spatial"], dtype=float))
+
+
+def load_model(path, *, device: str = "cpu") -> HistologyModel:
+    """Open a model folder written by :func:`train`.
+
+    Parameters
+    ----------
+    path
+        The model folder (with ``config.json``).
+    device
+        Device of the encoder and network.
+
+    Returns
+    -------
+    :class:`HistologyModel`.
+
+    Raises
+    ------
+    InputError
+        If the folder or its ``config.json`` is missing, unreadable or not a spotlens model, or
+        the model file is missing.
+    """
+    path = _model_dir(path)
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise InputError(f"{path} is not a spotlens histology model: no {CONFIG_FILE} in it.")
+    config = _read_json(cfg_path)
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise InputError(f"{cfg_path} is not a spotlens histology model config ({FORMAT}).")
+    return HistologyModel(path, config, device=device)
+
+
+def evaluate(model_dir, sections, *, cache_dir=None, device: str = "cpu",
+             progress: bool = False) -> pd.DataFrame:
+    """Score a model on sections with measured expression.
+
+    Parameters
+    ----------
+    model_dir
+        Folder written by :func:`train` (or a :class:`HistologyModel`).
+    sections
+        List of ``(adata, image_path)`` pairs (:func:`load_section`), raw counts in ``X``.
+    cache_dir, device, progress
+        As in :func:`train`.
+
+    Returns
+    -------
+    DataFrame, one row per section (index = section name): ``mean_pearson`` (mean over the
+    model's genes of the per-gene Pearson r across spots; constant genes count 0),
+    ``median_pearson``, ``mse`` (over spots × genes, log-normalised units), ``n_spots``,
+    ``n_genes``, ``n_genes_missing`` (model genes absent from the section, counted as 0
+    expression, as in :func:`section_log_expression`). ``df.attrs["per_gene"]`` holds the
+    per-gene Pearson r as ``{section: {gene: r}}``; ``pd.DataFrame(df.attrs["per_gene"])`` is
+    the ``n_genes × n_sections`` table.
+
+    Raises
+    ------
+    InputError
+        If no section is given, a section shares no gene with the model, or as
+        :meth:`HistologyModel.predict_section`.
+    """
+    from ._metrics import evaluate as score
+    from ._metrics import section_log_expression
+
+    model = model_dir if isinstance(model_dir, HistologyModel) else load_model(
+        model_dir, device=device)
+    if not isinstance(sections, (list, tuple)) or not sections:
+        raise InputError("evaluate needs a non-empty list of (adata, image_path) sections.")
+    rows, per_gene, names = [], {}, set()
+    for adata, image in sections:
+        image = image if isinstance(image, SlideImage) else read_image(image)
+        name = _section_name(adata, image.path or Path("section"), names)
+        names.add(name)
+        present = adata.var_names.isin(model.genes).sum()
+        if present == 0:
+            raise InputError(
+                f"Section {name} shares none of the model's {len(model.genes)} genes (e.g. "
+                f"{model.genes[:3]}; the section has e.g. {list(adata.var_names[:3])}). Is it "
+                "another organism or gene naming (symbols vs Ensembl IDs)?"
+            )
+        logger.info("%s: predicting %d spots", name, adata.n_obs)
+        pred = model.predict_section(adata, image, cache_dir=cache_dir, progress=progress)
+        res = score(pred, section_log_expression(adata, model.genes), model.genes)
+        rows.append({"section": name, "mean_pearson": res["mean_pearson"],
+                     "median_pearson": res["median_pearson"], "mse": res["mse"],
+                     "n_spots": res["n_spots"], "n_genes": res["n_genes"],
+                     "n_genes_missing": len(model.genes) - int(present)})
+        per_gene[name] = res["pearson"]
+    table = pd.DataFrame(rows).set_index("section")
+    # a plain dict (pandas compares attrs when combining frames; a DataFrame there breaks that)
+    table.attrs["per_gene"] = {s: {g: float(r) for g, r in v.items()} for s, v in per_gene.items()}
+    return table
+
+
+def predict(
+    model_dir,
+    image_path,
+    *,
+    mpp: float | None = None,
+    spacing_um: float | None = None,
+    mask=None,
+    cache_dir=None,
+    device: str = "cpu",
+    progress: bool = False,
+) -> AnnData:
+    """Predict expression on a grid of pseudo-spots over the tissue of an H&E-only image.
+
+    The grid (:func:`grid_spots`) has the training spots' pitch and each pseudo-spot is
+    tiled like a training spot (same side in µm, same ``out_px``).
+
+    Parameters
+    ----------
+    model_dir
+        Folder written by :func:`train` (or a :class:`HistologyModel`).
+    image_path
+        Full-resolution H&E image.
+    mpp
+        µm per full-resolution px; None = from the file (TIFF/SVS), which JPEG/PNG lack.
+    spacing_um
+        Grid pitch in µm; None = the training spots' pitch (``config["tiles"]
+        ["spot_pitch_um"]``, 200 µm for legacy ST, 100 µm for Visium).
+    mask
+        Tissue mask for :func:`grid_spots` (None = detected).
+    cache_dir, device, progress
+        As in :func:`train`.
+
+    Returns
+    -------
+    AnnData ``n_grid × n_genes``: ``X`` = predicted log-normalised expression (float32),
+    ``var_names`` = model genes; ``obsm["spatial"]`` = centres ``(x, y)`` in full-resolution
+    px; ``obs["array_row"]``, ``obs["array_col"]``, ``obs["in_tissue"]``;
+    ``uns["spatial"][<image stem>]`` = ``{"images": {"hires"}, "scalefactors":
+    {"spot_diameter_fullres" (= the tile side), "tissue_hires_scalef", "microns_per_pixel",
+    "spot_spacing_fullres"}, "metadata"}`` (for ``sc.pl.spatial`` and
+    :func:`spotlens.pl.overlay`); ``uns["histology_prediction"]["params"]`` = model folder,
+    model type, encoder, tile µm, spacing µm, µm/px, spotlens version.
+
+    Raises
+    ------
+    InputError
+        If µm per pixel is unknown (pass ``mpp``), no tissue is found, the image is much
+        coarser than the training scans, the model's tiles have no size in µm, or the encoder
+        changed since training.
+    """
+    from .. import __version__
+    from ._tissue import grid_spots
+
+    model = model_dir if isinstance(model_dir, HistologyModel) else load_model(
+        model_dir, device=device)
+    path = Path(image_path).expanduser()
+    image = read_image(path)
+    mpp = check_mpp(mpp)
+    if mpp is not None and image.mpp is not None and abs(mpp / image.mpp - 1) > 0.1:
+        logger.warning("mpp %.4g differs from the %.4g µm/px stored in %s; using %.4g",
+                       mpp, image.mpp, path.name, mpp)
+    mpp = mpp if mpp is not None else image.mpp
+    if mpp is None:
+        raise InputError(
+            f"The scale of {path.name} is unknown (JPEG/PNG carry none): pass --mpp (mpp=, µm "
+            "per pixel of the full-resolution image, e.g. 0.5 for a 20× scan)."
+        )
+    image.mpp = mpp
+    tiles = model.config["tiles"]
+    if tiles["tile_um"] is None:
+        raise InputError(
+            "The model was trained on sections of unknown µm/px, so its tile size is known only "
+            "in px of those scans; predicting on a new image needs a model trained with µm/px "
+            "known (metadata['microns_per_pixel'] in the training sections)."
+        )
+    model._tile_args(image, mpp)
+    spacing = spacing_um if spacing_um is not None else tiles["spot_pitch_um"]
+    if spacing is None:
+        raise InputError("The model records no spot pitch; pass spacing_um= (--spacing-um).")
+    library_id = path.stem
+    logger.info("laying a %.0f µm grid over the tissue of %s", spacing, path.name)
+    grid = grid_spots(image, spacing_um=spacing, mpp=mpp, mask=mask,
+                      spot_diameter_um=tiles["tile_um"], library_id=library_id)
+    logger.info("%d pseudo-spots on tissue; predicting %d genes", grid.n_obs, len(model.genes))
+    pred = model.predict_section(grid, image, mpp=mpp, cache_dir=cache_dir, progress=progress)
+    result = AnnData(X=pred, obs=grid.obs.copy(),
+                     var=pd.DataFrame(index=pd.Index(model.genes, name=None)))
+    result.obsm["spatial"] = grid.obsm["spatial"]
+    result.uns["spatial"] = grid.uns["spatial"]
+    result.uns[PREDICTION_KEY] = {"params": {
+        "model": str(model.path), "model_type": model.config["model_type"],
+        "encoder": model.config["encoder"]["name"], "tile_um": tiles["tile_um"],
+        "spacing_um": float(spacing), "mpp": float(mpp), "image": str(path),
+        "values": "log1p(normalize_total(counts, 1e4)), predicted",
+        "spotlens_version": __version__,
+    }}
+    return result
+
