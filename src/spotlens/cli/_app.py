@@ -371,3 +371,8 @@ def _logging(quiet: bool) -> Iterator[None]:
         logger.removeHandler(handler)
         logger.setLevel(before[0])
         logger.propagate = before[1]
+
+
+from ._histology import histology_app  # noqa: E402  (it imports the helpers above)
+
+app.add_typer(histology_app, name="histology")

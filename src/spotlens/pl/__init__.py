@@ -1,6 +1,7 @@
 """Plotting: reads the documented keys, returns matplotlib Figures; never calls ``show``."""
 
 from ._cells import cells
+from ._overlay import overlay
 from ._proportions import proportions
 
-__all__ = ["cells", "proportions"]
+__all__ = ["cells", "overlay", "proportions"]

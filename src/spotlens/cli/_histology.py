@@ -1,0 +1,248 @@
+"""``spotlens histology train|evaluate|predict``: expression from H&E on the command line."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .._validation import InputError
+from ._app import (
+    DeviceOption,
+    ProgressOption,
+    QuietOption,
+    _check_device,
+    _errors,
+    _logging,
+    _out_dir,
+)
+
+logger = logging.getLogger("spotlens")
+
+histology_app = typer.Typer(
+    name="histology",
+    help="Predict spot expression from H&E images: train a model on sections with both, "
+         "score it on held-out sections, predict on an image alone.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+# `--sections A.h5ad B.h5ad` (several values after one flag) arrive as extra arguments
+_MANY = {"allow_extra_args": True, "ignore_unknown_options": False}
+
+SectionsOption = Annotated[list[Path], typer.Option(
+    "--sections", "-s", metavar="H5AD...", show_default=False,
+    help="Section .h5ad files (raw counts, obsm['spatial'] in full-resolution px); list them "
+         "after one --sections or repeat the flag. The H&E image beside each, <stem>_HE*.jpg|"
+         "png|tif|tiff|svs, is used unless --images is given.")]
+ImagesOption = Annotated[list[Path] | None, typer.Option(
+    "--images", metavar="IMAGE", show_default=False,
+    help="Full-resolution H&E image of each section, in the order of --sections (repeat the "
+         "flag) [default: found beside each .h5ad].")]
+CacheOption = Annotated[Path | None, typer.Option(
+    "--cache-dir", metavar="DIR", show_default=False,
+    help="Folder of cached encoder features (re-runs skip the encoder) [default: no cache].")]
+ModelOption = Annotated[Path, typer.Option(
+    "--model", "-m", metavar="DIR", show_default=False, help="Model folder written by 'train'.")]
+
+
+def _sections(ctx: typer.Context, sections: list[Path], images: list[Path] | None):
+    from ..histology._pipeline import load_section
+
+    extra = [a for a in ctx.args]
+    flags = [a for a in extra if a.startswith("-")]
+    if flags:
+        raise InputError(f"Unknown option(s) {flags}; see --help.")
+    paths = [*sections, *map(Path, extra)]
+    if not paths:
+        raise InputError("Pass at least one section with --sections FILE.h5ad.")
+    if images and len(images) != len(paths):
+        raise InputError(f"{len(images)} --images for {len(paths)} sections; give one image per "
+                         "section, in the same order, or none to use the images beside them.")
+    pairs = []
+    for i, path in enumerate(paths):
+        logger.info("reading %s", path)
+        pairs.append(load_section(path, images[i] if images else None))
+    return pairs
+
+
+def _genes(value: str):
+    value = value.strip()
+    if value in ("hvg", "top_expressed"):
+        return value
+    genes = [g.strip() for g in value.split(",") if g.strip()]
+    if not genes:
+        raise InputError("--genes must be 'hvg', 'top_expressed' or a comma-separated list.")
+    return genes
+
+
+@histology_app.command("train", context_settings=_MANY, no_args_is_help=True,
+                       short_help="Train a model of spot expression from H&E tiles.")
+def train_command(
+    ctx: typer.Context,
+    sections: SectionsOption,
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", show_default=False,
+                                      help="Model folder (created if missing).")],
+    images: ImagesOption = None,
+    model_type: Annotated[str, typer.Option(
+        "--model-type", metavar="attention|graph|ridge",
+        help="Spot-interaction attention, graph autoencoder + GCN, or PCA + ridge.")
+    ] = "attention",
+    genes: Annotated[str, typer.Option(
+        metavar="hvg|top_expressed|G1,G2,...",
+        help="Target genes: 50 highly variable genes, the 250 most expressed, or a list; chosen "
+             "on the training sections and recorded with the model.")] = "hvg",
+    encoder: Annotated[str, typer.Option(
+        help="Tile encoder: 'efficientnet-lite0', 'resnet50', a TorchScript file, or 'colour' "
+             "(25 colour statistics).")] = "efficientnet-lite0",
+    tile_um: Annotated[float | None, typer.Option(
+        metavar="µm", show_default=False,
+        help="Tile side in µm [default: each section's spot diameter].")] = None,
+    out_px: Annotated[int, typer.Option(min=8, help="Tile side after resizing, px.")] = 224,
+    epochs: Annotated[int, typer.Option(min=1, help="Maximum training epochs.")] = 300,
+    patience: Annotated[int, typer.Option(
+        min=1, help="Stop after this many epochs without a better validation score.")] = 40,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout.")] = 0.2,
+    cache_dir: CacheOption = None,
+    device: DeviceOption = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and dropout.")] = 0,
+    resume: Annotated[bool, typer.Option(
+        "--resume/--no-resume", help="Continue an interrupted run from OUT/checkpoint*.pt.")
+    ] = True,
+    progress: ProgressOption = True,
+    quiet: QuietOption = False,
+) -> None:
+    """Train on sections with expression and H&E; write OUT/config.json and OUT/model.pt.
+
+    Early stopping on the last section listed (training on the others), then a refit on all
+    sections for the best number of epochs. Re-running with the same OUT resumes.
+
+    Example: spotlens histology train --sections C2.h5ad C3.h5ad C4.h5ad C5.h5ad
+    --genes top_expressed --tile-um 100 -o her2st_model
+    """
+    with _logging(quiet), _errors():
+        from ..histology._pipeline import MODEL_TYPES, train
+        from ..histology._train import TrainConfig
+
+        if model_type not in MODEL_TYPES:
+            raise InputError(f"--model-type must be one of {', '.join(MODEL_TYPES)}, got "
+                             f"{model_type!r}.")
+        _check_device(device)
+        gene_arg = _genes(genes)
+        out = _out_dir(out)
+        pairs = _sections(ctx, sections, images)
+        config = None
+        if model_type != "ridge":
+            config = TrainConfig(model=model_type, epochs=epochs, patience=patience,
+                                 dropout=dropout, seed=seed)
+        train(pairs, genes=gene_arg, model=model_type, encoder=encoder, tile_um=tile_um,
+              out_px=out_px, config=config, cache_dir=cache_dir, device=device, seed=seed,
+              out=out, resume=resume, progress=progress)
+        typer.echo(f"wrote {out / 'config.json'}")
+
+
+@histology_app.command("evaluate", context_settings=_MANY, no_args_is_help=True,
+                       short_help="Score a model on sections with measured expression.")
+def evaluate_command(
+    ctx: typer.Context,
+    model: ModelOption,
+    sections: SectionsOption,
+    images: ImagesOption = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", metavar="DIR", show_default=False,
+        help="Also write DIR/evaluation.csv and DIR/pearson_per_gene.csv.")] = None,
+    cache_dir: CacheOption = None,
+    device: DeviceOption = "cpu",
+    progress: ProgressOption = True,
+    quiet: QuietOption = False,
+) -> None:
+    """Print mean per-gene Pearson r, MSE and spots of each section.
+
+    Targets are log1p(normalize_total(counts, 1e4)) of the model's genes; genes a section
+    lacks count as 0.
+
+    Example: spotlens histology evaluate --model her2st_model --sections C6.h5ad B4.h5ad
+    """
+    with _logging(quiet), _errors():
+        import pandas as pd
+
+        from ..histology._pipeline import evaluate
+
+        _check_device(device)
+        pairs = _sections(ctx, sections, images)
+        table = evaluate(model, pairs, cache_dir=cache_dir, device=device, progress=progress)
+        typer.echo(table.to_string(float_format=lambda v: f"{v:.3f}"))
+        if out is not None:
+            from ..io import write_csv
+
+            out = _out_dir(out)
+            write_csv(table, out / "evaluation.csv")
+            per_gene = pd.DataFrame(table.attrs["per_gene"])
+            per_gene.index.name = "gene"
+            write_csv(per_gene, out / "pearson_per_gene.csv")
+            typer.echo(f"wrote {out / 'evaluation.csv'}\nwrote {out / 'pearson_per_gene.csv'}")
+
+
+@histology_app.command("predict", no_args_is_help=True,
+                       short_help="Predict expression on a grid over the tissue of an image.")
+def predict_command(
+    model: ModelOption,
+    image: Annotated[Path, typer.Option("--image", "-i", metavar="IMAGE", show_default=False,
+                                        help="Full-resolution H&E image.")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", show_default=False,
+                                      help="Output folder (created if missing).")],
+    mpp: Annotated[float | None, typer.Option(
+        metavar="µm/px", show_default=False,
+        help="µm per pixel of the image [default: from a TIFF/SVS; JPEG/PNG need it].")] = None,
+    spacing_um: Annotated[float | None, typer.Option(
+        metavar="µm", show_default=False,
+        help="Grid pitch [default: the training spots' pitch].")] = None,
+    plot_genes: Annotated[str | None, typer.Option(
+        metavar="G1,G2,...", show_default=False,
+        help="Write OUT/<gene>.png, the predicted expression over the image, for these genes.")
+    ] = None,
+    cache_dir: CacheOption = None,
+    device: DeviceOption = "cpu",
+    progress: ProgressOption = True,
+    quiet: QuietOption = False,
+) -> None:
+    """Write OUT/predicted.h5ad (grid spots × model genes) and PNG overlays.
+
+    X holds predicted log-normalised expression; obsm['spatial'] the spot centres in
+    full-resolution px; uns['spatial'] a thumbnail and scale factors (sc.pl.spatial works).
+
+    Example: spotlens histology predict -m her2st_model -i C6_HE_fullres.jpg --mpp 0.684
+    -o C6_pred --plot-genes ERBB2
+    """
+    with _logging(quiet), _errors():
+        from ..histology._pipeline import load_model, predict
+        from ..io import save_figure, write_h5ad
+        from ..pl import overlay
+
+        _check_device(device)
+        fitted = load_model(model, device=device)
+        genes = [g.strip() for g in (plot_genes or "").split(",") if g.strip()]
+        unknown = [g for g in genes if g not in fitted.genes]
+        if unknown:
+            raise InputError(f"--plot-genes {unknown} are not among the model's "
+                             f"{len(fitted.genes)} genes (e.g. {fitted.genes[:5]}).")
+        out = _out_dir(out)
+        result = predict(fitted, image, mpp=mpp, spacing_um=spacing_um, cache_dir=cache_dir,
+                         device=device, progress=progress)
+        paths = [out / "predicted.h5ad"]
+        write_h5ad(result, paths[0])
+        for gene in genes:
+            path = out / f"{_safe(gene)}.png"
+            fig = overlay(result, [gene], label="predicted log-normalised expression")
+            save_figure(fig, path)
+            paths.append(path)
+        for path in paths:
+            typer.echo(f"wrote {path}")
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
