@@ -10,7 +10,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from .._validation import InputError, check_coordinates
-from ._proportions import PANEL_INCHES, _nearest_distance, _spots
+from ._proportions import _nearest_distance, _spots
 
 
 def _library(adata: AnnData, library_id: str | None) -> tuple[str | None, dict]:
@@ -71,6 +71,7 @@ def overlay(
     spot_scale: float = 1.0,
     label: str = "log-normalised expression",
     crop: bool = True,
+    panel_size: float = 4.0,
 ):
     """Draw each gene's expression as coloured spots over the H&E thumbnail, one panel per gene.
 
@@ -108,6 +109,8 @@ def overlay(
         Colourbar label.
     crop
         Show only the part of the image around the spots.
+    panel_size
+        Longest side of each panel, inches.
 
     Returns
     -------
@@ -154,8 +157,10 @@ def overlay(
         x0, y0 = xy.min(axis=0) - pad
         x1, y1 = xy.max(axis=0) + pad
     ratio = (y1 - y0) / max(x1 - x0, 1e-9)
-    width, height = (PANEL_INCHES, PANEL_INCHES * ratio) if ratio < 1 else (
-        PANEL_INCHES / ratio, PANEL_INCHES)
+    if not (np.isfinite(panel_size) and panel_size > 0):
+        raise InputError(f"panel_size must be a positive number of inches, got {panel_size!r}.")
+    width, height = (panel_size, panel_size * ratio) if ratio < 1 else (
+        panel_size / ratio, panel_size)
     ncols = min(int(ncols), len(genes))
     nrows = math.ceil(len(genes) / ncols)
     fig = Figure(figsize=((width + 1.1) * ncols, (height + 0.4) * nrows), layout="constrained")
@@ -173,6 +178,8 @@ def overlay(
         circles = _spots(ax, xy, diameter, values=v, cmap=colormaps[cmap],
                          norm=Normalize(vmin=lo, vmax=hi))
         circles.set_alpha(alpha)
+        circles.set_edgecolor("white")  # separates dark spots from dark (haematoxylin) tissue
+        circles.set_linewidth(0.3)
         ax.set_xlim(x0, x1)
         ax.set_ylim(y1, y0)  # y down, as in the image
         ax.set_aspect("equal")
