@@ -32,7 +32,14 @@ _LAZY = {
     "ExpressionModel": "._train",
     "Section": "._train",
     "TrainConfig": "._train",
+    "HistologyModel": "._pipeline",
+    "load_model": "._pipeline",
+    "load_section": "._pipeline",
+    "predict": "._pipeline",
+    "train": "._pipeline",
 }
+# public name -> (module, attribute) where they differ
+_ALIASES = {"evaluate_model": ("._pipeline", "evaluate")}
 
 __all__ = [
     "DEFAULT_REFERENCE",
@@ -48,12 +55,14 @@ __all__ = [
     "tile_geometry",
     "tissue_mask",
     *sorted(_LAZY),
+    *sorted(_ALIASES),
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    if name in _LAZY or name in _ALIASES:
+        module, attr = _ALIASES.get(name, (_LAZY.get(name), name))
+        value = getattr(importlib.import_module(module, __name__), attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'spotlens.histology' has no attribute {name!r}")
