@@ -302,9 +302,18 @@ def test_synthetic_bad_reference(osmfish):
 
 
 def test_synthetic_writes_to_h5ad(small, tmp_path):
+    import anndata as ad
+
     st, ref = small
     st.write_h5ad(tmp_path / "st.h5ad")
     ref.write_h5ad(tmp_path / "ref.h5ad")
+    st2, ref2 = ad.read_h5ad(tmp_path / "st.h5ad"), ad.read_h5ad(tmp_path / "ref.h5ad")
+    # the simulation, its truth and its reference survive the round trip unchanged
+    np.testing.assert_array_equal(st2.X.toarray(), st.X.toarray())
+    np.testing.assert_array_equal(ref2.X.toarray(), ref.X.toarray())
+    pd.testing.assert_frame_equal(st2.obsm["true_proportions"], st.obsm["true_proportions"])
+    np.testing.assert_array_equal(st2.obsm["spatial"], st.obsm["spatial"])
+    assert (ref2.obs["cell_type"].astype(str) == ref.obs["cell_type"].astype(str)).all()
 
 
 def test_deconvolve_recovers_synthetic_truth(small):
