@@ -42,6 +42,9 @@ from spotlens.histology._metrics import evaluate, section_log_expression, select
 from spotlens.histology._tiles import spot_tiles, tile_geometry
 from spotlens.histology._train import ExpressionModel, Section, TrainConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("SPOTLENS_DATA", HERE.parents[1] / "shared" / "data"))
 
@@ -95,24 +98,9 @@ def cut_tiles(adata, image_path: Path, tile_um, out_px: int = 224):
     return tiles, key, f"spot_tiles, side {geometry.side_px:.1f} px"
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mem = ""
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f", {kb / 2**20:.0f} GiB RAM"
-    except (OSError, ValueError, IndexError):
-        pass
-    return (f"{cpu}, {cores} usable cores{mem}; Python {platform.python_version()}, "
-            f"torch {torch.__version__} (CPU), numpy {np.__version__}")
+def machine_line() -> str:
+    return (f"{machine()}; Python {platform.python_version()}, torch {torch.__version__} (CPU), "
+            f"numpy {np.__version__}")
 
 
 def run_dataset(name: str, spec: dict, encoder, cache_dir, log) -> tuple[list, dict]:
@@ -256,7 +244,7 @@ def main(argv=None) -> int:
         "# Expression from H&E at spot level: ridge baseline and models on held-out sections",
         "",
         f"- date: {dt.date.today().isoformat()}",
-        f"- machine: {machine()}",
+        f"- machine: {machine_line()}",
         "- command: `python benchmarks/histology_her2st.py"
         + (" --no-cache" if args.no_cache else "") + "`",
         "- protocol: her2st train C2–C5 → test C6 (same patient), B4 (other patient); "

@@ -227,7 +227,7 @@ def demo_command(
         scores = accuracy(st.obsm[PROPORTIONS_KEY], st.obsm["true_proportions"])
         typer.echo(_accuracy_table(scores))
         if cell_level:
-            from ._scores import count_error, member_recall
+            from .._metrics import count_error, member_recall
 
             recall = member_recall(st, ref, key=CELL_WEIGHTS_KEY)
             error = count_error(st.obsm[CELL_COUNTS_KEY], st.obsm["true_cell_counts"])

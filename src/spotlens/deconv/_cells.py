@@ -70,7 +70,7 @@ def candidate_cells(
     s_w = signature * weights[None, :]
     expected = abundance @ s_w
     present = abundance >= min_abundance
-    chosen: list[list[np.ndarray]] = [[] for _ in range(n)]
+    spot_ids, cell_ids = [], []
     for k in range(n_types):
         rows = np.flatnonzero(present[:, k])
         members = np.flatnonzero(cell_type == k)
@@ -85,14 +85,18 @@ def candidate_cells(
         top = np.argpartition(-scores, m - 1, axis=1)[:, :m] if m < len(members) else (
             np.tile(np.arange(len(members)), (len(rows), 1))
         )
-        for r, picks in zip(rows, members[top], strict=True):
-            chosen[r].append(picks)
-    width = max((sum(len(p) for p in c) for c in chosen), default=0)
-    out = np.full((n, max(width, 1)), -1, dtype=np.int64)
-    for i, picks in enumerate(chosen):
-        if picks:
-            flat = np.concatenate(picks)
-            out[i, : len(flat)] = flat
+        spot_ids.append(np.repeat(rows, m))
+        cell_ids.append(members[top].ravel())
+    if not spot_ids:
+        return np.full((n, 1), -1, dtype=np.int64)
+    spot_ids, cell_ids = np.concatenate(spot_ids), np.concatenate(cell_ids)
+    # gather each spot's candidates into one padded row, types kept contiguous (stable sort)
+    order = np.argsort(spot_ids, kind="stable")
+    spot_ids, cell_ids = spot_ids[order], cell_ids[order]
+    starts = np.searchsorted(spot_ids, np.arange(n))
+    slot = np.arange(len(spot_ids)) - starts[spot_ids]
+    out = np.full((n, int(slot.max()) + 1), -1, dtype=np.int64)
+    out[spot_ids, slot] = cell_ids
     return out
 
 
