@@ -25,18 +25,12 @@ GENES = ["Gapdh", "Actb", "Actb", "Mbp"]  # a repeated symbol, as in real 10x re
 COUNTS = np.array([[5, 0, 1, 2, 7], [0, 3, 0, 1, 9], [2, 2, 4, 0, 1]])  # spots × features
 
 
-def make_spaceranger(root: Path, *, legacy_positions: bool = False) -> Path:
-    """Write a minimal Space Ranger outs/ folder (10x v3 HDF5 matrix + spatial/)."""
-    outs = root / "outs"
-    (outs / "spatial").mkdir(parents=True)
-    barcodes = list(PIXELS)
-    names = [*GENES, "CD3"]  # the last feature is an antibody, not a gene
-    types = ["Gene Expression"] * len(GENES) + ["Antibody Capture"]
-    m = sparse.csc_matrix(COUNTS.T)  # 10x stores features × barcodes, compressed by barcode
-    with h5py.File(outs / "filtered_feature_bc_matrix.h5", "w") as f:
-        f.attrs["library_ids"] = np.array([b"section1"])
-        f.attrs["chemistry_description"] = "Spatial 3' v1"
-        f.attrs["software_version"] = "spaceranger-2.1.0"
+def write_10x_h5(file: Path, counts, barcodes, names, types, *, attrs: dict) -> None:
+    """Write a 10x v3 HDF5 feature-barcode matrix (``counts``: barcodes × features)."""
+    m = sparse.csc_matrix(counts.T)  # 10x stores features × barcodes, compressed by barcode
+    with h5py.File(file, "w") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
         g = f.create_group("matrix")
         g["barcodes"] = np.array(barcodes, dtype="S")
         g["data"] = m.data.astype(np.int32)
@@ -49,6 +43,19 @@ def make_spaceranger(root: Path, *, legacy_positions: bool = False) -> Path:
         feats["feature_type"] = np.array(types, dtype="S")
         feats["genome"] = np.array(["mm10"] * len(names), dtype="S")
         feats["_all_tag_keys"] = np.array([b"genome"])
+
+
+def make_spaceranger(root: Path, *, legacy_positions: bool = False) -> Path:
+    """Write a minimal Space Ranger outs/ folder (10x v3 HDF5 matrix + spatial/)."""
+    outs = root / "outs"
+    (outs / "spatial").mkdir(parents=True)
+    barcodes = list(PIXELS)
+    names = [*GENES, "CD3"]  # the last feature is an antibody, not a gene
+    types = ["Gene Expression"] * len(GENES) + ["Antibody Capture"]
+    write_10x_h5(outs / "filtered_feature_bc_matrix.h5", COUNTS, barcodes, names, types,
+                 attrs={"library_ids": np.array([b"section1"]),
+                        "chemistry_description": "Spatial 3' v1",
+                        "software_version": "spaceranger-2.1.0"})
     # positions list every spot of the slide, in another order than the matrix
     rows = [("TTTT-1", 0, 0, 0, 900, 900)] + [
         (bc, 1, i, i, y, x) for i, (bc, (y, x)) in reversed(list(enumerate(PIXELS.items())))
@@ -231,3 +238,200 @@ def test_writer_errors_are_clear(tmp_path):
         sio.save_figure(Figure(), tmp_path / "f.docx")
     with pytest.raises(InputError, match="AnnData"):
         sio.write_h5ad(pd.DataFrame(), tmp_path / "a.h5ad")
+
+
+# -- Visium HD binned outputs ------------------------------------------------------------------
+
+# µm per full-resolution px of a 40x scan; 8 / 0.25 = 32 px per bin exactly, so bin centres are
+# exact multiples of the µm grid and equidistant neighbours stay exactly equidistant (the kNN
+# graph breaks such ties by rounding, so a scale with rounding could pick other diagonals)
+HD_MPP = 0.25
+HD_HIRES_SCALEF = 0.08
+
+
+@pytest.fixture(scope="module")
+def osmfish_block():
+    """300 contiguous osmFISH pseudo-spots (real counts, µm coordinates) and the reference."""
+    from spotlens.datasets import osmfish_cortex
+
+    st, ref = osmfish_cortex()
+    xy = st.obsm["spatial"]
+    centre = xy[np.argmin(np.linalg.norm(xy - np.median(xy, axis=0), axis=1))]
+    keep = np.sort(np.argsort(np.linalg.norm(xy - centre, axis=1))[:300])
+    return st[keep].copy(), ref
+
+
+def _grid_index(st):
+    """(array_row, array_col) of the 50 µm osmFISH pseudo-spot grid (centres at 25 + 50 i µm)."""
+    ij = np.rint((st.obsm["spatial"] - 25) / 50).astype(int)
+    return ij[:, 1], ij[:, 0]
+
+
+def make_visium_hd(root: Path, st, *, bin_sizes=(8, 16), library_id: bytes | None = None,
+                   images: bool = True) -> Path:
+    """Write Space Ranger Visium HD ``outs/`` with ``binned_outputs/square_<NNN>um/`` folders.
+
+    Each spot of ``st`` becomes one bin (the osmFISH grid index is the bin grid index), with the
+    layout of Space Ranger ≥ 3.0: the 10x HDF5 matrix, ``spatial/tissue_positions.parquet``
+    (every bin of the grid, in_tissue 0 for bins outside the matrix, rows in another order) and
+    ``spatial/scalefactors_json.json`` with ``bin_size_um`` and ``microns_per_pixel``. The
+    tissue images lie in ``outs/spatial/`` only.
+    """
+    outs = root / "hd_sample" / "outs"
+    rows, cols = _grid_index(st)
+    counts = sparse.csr_matrix(st.X).astype(np.int64)
+    genes = list(st.var_names)
+    for size in bin_sizes:
+        folder = outs / "binned_outputs" / f"square_{size:03d}um"
+        (folder / "spatial").mkdir(parents=True)
+        barcodes = [f"s_{size:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols, strict=True)]
+        attrs = {"software_version": "spaceranger-3.1.1",
+                 "chemistry_description": "Visium HD v1"}
+        if library_id is not None:
+            attrs["library_ids"] = np.array([library_id])
+        write_10x_h5(folder / "filtered_feature_bc_matrix.h5", counts, barcodes, genes,
+                     ["Gene Expression"] * len(genes), attrs=attrs)
+        all_r, all_c = np.meshgrid(np.arange(rows.max() + 2), np.arange(cols.max() + 2),
+                                   indexing="ij")
+        grid = pd.DataFrame({"array_row": all_r.ravel(), "array_col": all_c.ravel()})
+        grid["barcode"] = [f"s_{size:03d}um_{r:05d}_{c:05d}-1"
+                           for r, c in zip(grid.array_row, grid.array_col, strict=True)]
+        grid["in_tissue"] = grid.barcode.isin(barcodes).astype(np.int32)
+        grid["pxl_row_in_fullres"] = (grid.array_row + 0.5) * size / HD_MPP
+        grid["pxl_col_in_fullres"] = (grid.array_col + 0.5) * size / HD_MPP
+        grid = grid[["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres",
+                     "pxl_col_in_fullres"]].iloc[::-1]
+        grid.to_parquet(folder / "spatial" / "tissue_positions.parquet", index=False)
+        scalefactors = {"spot_diameter_fullres": size / HD_MPP, "bin_size_um": float(size),
+                        "microns_per_pixel": HD_MPP, "regist_target_img_scalef": 0.2,
+                        "tissue_lowres_scalef": 0.024, "fiducial_diameter_fullres": 1000.0,
+                        "tissue_hires_scalef": HD_HIRES_SCALEF}
+        (folder / "spatial" / "scalefactors_json.json").write_text(json.dumps(scalefactors))
+    if images:
+        from matplotlib.image import imsave
+
+        (outs / "spatial").mkdir(parents=True, exist_ok=True)
+        imsave(outs / "spatial" / "tissue_hires_image.png", np.full((40, 60, 3), 0.8))
+    return outs
+
+
+def test_visium_hd_bins_counts_coordinates_and_scalefactors(tmp_path, osmfish_block):
+    st, _ = osmfish_block
+    outs = make_visium_hd(tmp_path, st, library_id=b"hd_section")
+    hd = sio.read_spatial(outs, bin_size=8)
+
+    rows, cols = _grid_index(st)
+    names = [f"s_008um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols, strict=True)]
+    assert list(hd.obs_names) == names
+    # raw counts, unchanged and in matrix order
+    np.testing.assert_array_equal(hd.X.toarray(), sparse.csr_matrix(st.X).toarray())
+    assert list(hd.var_names) == list(st.var_names)
+    # bin centres (x, y) in full-resolution px: the 8 µm bin grid over microns_per_pixel
+    expected = np.column_stack([(cols + 0.5) * 8 / HD_MPP, (rows + 0.5) * 8 / HD_MPP])
+    np.testing.assert_allclose(hd.obsm["spatial"], expected)
+    assert hd.obs["array_row"].tolist() == rows.tolist()
+    assert hd.obs["in_tissue"].eq(1).all()
+    lib = hd.uns["spatial"]["hd_section"]
+    sf = lib["scalefactors"]
+    assert sf["bin_size_um"] == 8.0 and sf["microns_per_pixel"] == HD_MPP
+    assert sf["spot_diameter_fullres"] * sf["microns_per_pixel"] == pytest.approx(8.0)
+    assert lib["metadata"]["software_version"] == "spaceranger-3.1.1"
+    assert lib["images"]["hires"].shape[:2] == (40, 60)  # found in outs/spatial/
+
+    # the same bins from the bin folder itself, from the sample folder, and by default (8 µm)
+    for path, size in [(outs / "binned_outputs" / "square_008um", None),
+                       (outs.parent, 8), (outs / "binned_outputs", None), (outs, None)]:
+        other = sio.read_spatial(path, bin_size=size, load_images=False)
+        assert list(other.obs_names) == list(hd.obs_names)
+        np.testing.assert_array_equal(other.obsm["spatial"], hd.obsm["spatial"])
+    # another bin size: same grid, 16 µm apart
+    hd16 = sio.read_spatial(outs, bin_size=16, load_images=False)
+    assert hd16.obs_names[0].startswith("s_016um_")
+    np.testing.assert_allclose(hd16.obsm["spatial"], 2 * hd.obsm["spatial"])
+    assert hd16.uns["spatial"]["hd_section"]["scalefactors"]["bin_size_um"] == 16.0
+
+
+def test_visium_hd_library_id_and_missing_microns_per_pixel(tmp_path, osmfish_block):
+    st, _ = osmfish_block
+    outs = make_visium_hd(tmp_path, st[:20], bin_sizes=(16,), images=False)
+    sf_file = outs / "binned_outputs" / "square_016um" / "spatial" / "scalefactors_json.json"
+    sf = json.loads(sf_file.read_text())
+    del sf["microns_per_pixel"]
+    sf_file.write_text(json.dumps(sf))
+    hd = sio.read_spatial(outs)  # the only bin size there is
+    # no library id in the matrix: the sample folder's name; µm/px from the bin side in px
+    assert list(hd.uns["spatial"]) == ["hd_sample"]
+    got = hd.uns["spatial"]["hd_sample"]["scalefactors"]
+    assert got["microns_per_pixel"] == pytest.approx(HD_MPP)
+
+
+def test_visium_hd_errors_name_what_is_missing(tmp_path, osmfish_block):
+    st, _ = osmfish_block
+    outs = make_visium_hd(tmp_path, st[:20], bin_sizes=(2, 16), images=False)
+    with pytest.raises(InputError, match=r"no 8 µm bins.*2 µm \(square_002um\), 16 µm"):
+        sio.read_spatial(outs, bin_size=8)
+    with pytest.raises(InputError, match="several bin sizes and none is 8 µm; pass bin_size"):
+        sio.read_spatial(outs)
+    for bad in ("8", 0, 2.5, True):
+        with pytest.raises(InputError, match="positive whole number of µm"):
+            sio.read_spatial(outs, bin_size=bad)
+    folder = outs / "binned_outputs" / "square_016um"
+    with pytest.raises(InputError, match="holds 16 µm bins, but bin_size=2"):
+        sio.read_spatial(folder, bin_size=2)
+    sf_file = folder / "spatial" / "scalefactors_json.json"
+    sf = json.loads(sf_file.read_text())
+    sf_file.write_text(json.dumps({**sf, "bin_size_um": 2.0}))
+    with pytest.raises(InputError, match="bin_size_um=2.0, but the folder holds 16 µm bins"):
+        sio.read_spatial(folder)
+    (folder / "spatial" / "tissue_positions.parquet").unlink()
+    with pytest.raises(InputError, match=r"no spatial/tissue_positions.parquet"):
+        sio.read_spatial(outs, bin_size=16)
+    # bin_size on data that are not Visium HD
+    make_spaceranger(tmp_path / "visium")
+    with pytest.raises(InputError, match="applies to Visium HD binned outputs"):
+        sio.read_spatial(tmp_path / "visium" / "outs", bin_size=8)
+    h5ad = tmp_path / "st.h5ad"
+    st.write_h5ad(h5ad)
+    with pytest.raises(InputError, match="applies to Visium HD binned outputs"):
+        sio.read_spatial(h5ad, bin_size=8)
+
+
+def test_deconvolve_on_visium_hd_bins_equals_the_h5ad_run(tmp_path, osmfish_block):
+    """Read from the HD layout, the fit is the one on the same counts in µm (graph unit-free)."""
+    from spotlens._metrics import accuracy
+    from spotlens.deconv import deconvolve
+
+    st, ref = osmfish_block
+    hd = sio.read_spatial(make_visium_hd(tmp_path, st, bin_sizes=(8,)), bin_size=8)
+    kwargs = {"labels_key": "cell_type", "lambda_ridge": 0.01, "lambda_spatial": 0.1,
+              "progress": False}
+    deconvolve(hd, ref, **kwargs)
+    direct = st.copy()
+    deconvolve(direct, ref, **kwargs)
+    props = hd.obsm["proportions_spotlens"]
+    assert list(props.index) == list(hd.obs_names)
+    np.testing.assert_allclose(props.to_numpy(), direct.obsm["proportions_spotlens"].to_numpy(),
+                               atol=1e-8)
+    scores = accuracy(pd.DataFrame(props.to_numpy(), index=st.obs_names, columns=props.columns),
+                      st.obsm["true_proportions"])
+    assert scores["pearson_r"] > 0.8
+
+
+def test_cli_deconvolve_reads_visium_hd(tmp_path, osmfish_block):
+    from typer.testing import CliRunner
+
+    from spotlens.cli import app
+
+    st, ref = osmfish_block
+    outs = make_visium_hd(tmp_path, st, bin_sizes=(8, 16))
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    base = ["deconvolve", "-s", str(outs), "-r", str(tmp_path / "ref.h5ad"),
+            "--lambda-ridge", "0.01", "--lambda-spatial", "0.1", "--no-progress", "-q"]
+    res = CliRunner().invoke(app, [*base, "--bin-size", "16", "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(tmp_path / "out" / "proportions.csv", index_col=0)
+    assert table.index[0].startswith("s_016um_") and len(table) == st.n_obs
+    np.testing.assert_allclose(table.sum(axis=1), 1.0, atol=1e-6)
+    res = CliRunner().invoke(app, [*base, "--bin-size", "4", "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2
+    assert "error:" in res.output and "8 µm (square_008um), 16 µm" in res.output

@@ -97,11 +97,16 @@ def deconvolve_command(
     spatial: Annotated[Path, typer.Option(
         "--spatial", "-s", show_default=False, metavar="PATH",
         help="Spatial data: .h5ad with raw counts and obsm coordinates, or a Space Ranger outs/ "
-             "folder.")],
+             "folder (Visium or Visium HD; for HD also a binned_outputs/square_<NNN>um/ "
+             "folder).")],
     reference: Annotated[Path, typer.Option(
         "--reference", "-r", show_default=False, metavar="H5AD",
         help="Single-cell reference .h5ad with raw counts and cell-type labels in obs.")],
     out: OutOption,
+    bin_size: Annotated[int | None, typer.Option(
+        min=1, metavar="UM",
+        help="Visium HD: bin size in µm to read from outs/binned_outputs/square_<NNN>um/ "
+             "(e.g. 2, 8, 16) [default: 8 when present].", show_default=False)] = None,
     labels_key: Annotated[str, typer.Option(help="Reference obs column with cell types.")] = (
         "cell_type"
     ),
@@ -150,6 +155,7 @@ def deconvolve_command(
     OUT/cells.png. Bad input prints "error: ..." and exits with code 2.
 
     Example: spotlens deconvolve -s outs -r ref.h5ad -o out --cell-level
+    Visium HD: spotlens deconvolve -s outs --bin-size 8 -r ref.h5ad -o out
     """
     with _logging(quiet), _errors():
         from ..deconv import deconvolve
@@ -161,7 +167,7 @@ def deconvolve_command(
                              "add --cell-level.")
         out = _out_dir(out)
         logger.info("reading spatial data %s", spatial)
-        st = read_spatial(spatial, spatial_key=spatial_key)
+        st = read_spatial(spatial, spatial_key=spatial_key, bin_size=bin_size)
         if cells_per_spot is not None:  # fail before the long type-level fit
             _check_cells_per_spot(st, cells_per_spot)
         logger.info("reading reference %s", reference)

@@ -1,9 +1,13 @@
-"""Readers: ``.h5ad`` files and 10x Space Ranger ``outs/`` folders. No analysis here."""
+"""Readers: ``.h5ad`` files and 10x Space Ranger ``outs/`` folders (Visium and Visium HD).
+
+No analysis here.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from os import PathLike
 from pathlib import Path
@@ -22,6 +26,11 @@ POSITION_FILES = ("tissue_positions.csv", "tissue_positions_list.csv", "tissue_p
 SCALEFACTORS_FILE = "scalefactors_json.json"
 POSITION_COLUMNS = ("in_tissue", "array_row", "array_col", "pxl_row_in_fullres",
                     "pxl_col_in_fullres")
+#: Visium HD: ``outs/binned_outputs/square_<NNN>um/`` per bin size, positions in parquet.
+BINNED_FOLDER = "binned_outputs"
+HD_POSITIONS_FILE = "tissue_positions.parquet"
+HD_DEFAULT_BIN_UM = 8  # Space Ranger's recommended bin size for analysis
+_BIN_FOLDER = re.compile(r"^square_(\d+)um$")
 
 
 def read_spatial(
@@ -31,8 +40,13 @@ def read_spatial(
     count_file: str = COUNT_FILE,
     library_id: str | None = None,
     load_images: bool = True,
+    bin_size: int | None = None,
 ) -> AnnData:
     """Read spatial transcriptomics data: an ``.h5ad`` file or a Space Ranger ``outs/`` folder.
+
+    Visium HD outputs are read at one bin size from ``outs/binned_outputs/square_<NNN>um/``
+    (``filtered_feature_bc_matrix.h5`` and ``spatial/tissue_positions.parquet``), through
+    :func:`scanpy.read_10x_h5` and :func:`pandas.read_parquet` (pyarrow).
 
     Counts are kept raw (no normalisation). Repeated gene names are made unique by appending
     ``-1``, ``-2``, ... (:meth:`anndata.AnnData.var_names_make_unique`), with a logged note.
@@ -44,7 +58,11 @@ def read_spatial(
         the ``outs/`` folder written by ``spaceranger count`` (its parent folder works too). The
         folder must hold ``count_file`` and ``spatial/tissue_positions.csv`` (Space Ranger ≥ 2.0;
         ``tissue_positions_list.csv`` of older versions and ``tissue_positions.parquet`` are read
-        as well).
+        as well). For Visium HD pass the ``outs/`` folder (or its parent, or
+        ``outs/binned_outputs/``) with ``bin_size``, or one bin folder such as
+        ``outs/binned_outputs/square_008um/``, which must hold ``count_file`` and
+        ``spatial/tissue_positions.parquet`` (scale factors and images are taken from its
+        ``spatial/`` folder, else from ``outs/spatial/``).
     spatial_key
         ``obsm`` key that holds (``.h5ad``) or receives (Space Ranger) the coordinates.
     count_file
@@ -55,6 +73,10 @@ def read_spatial(
         stored in the count matrix, or else the folder name.
     load_images
         Load ``spatial/tissue_{hires,lowres}_image.png`` when present (Space Ranger only).
+    bin_size
+        Visium HD bin side in µm (2, 8, 16, ... as in ``square_008um``). ``None`` takes the
+        given bin folder, else 8 µm when present (Space Ranger's recommended bin), else the only
+        bin size there is. Only for Visium HD outputs.
 
     Returns
     -------
@@ -69,13 +91,25 @@ def read_spatial(
       the images, spot diameter in full-resolution pixels), ``"metadata"`` and ``"images"``
       (``"hires"``/``"lowres"`` as float arrays), the layout scanpy and squidpy plot from.
 
+    For Visium HD each observation is one square bin (``obs_names`` such as
+    ``s_008um_00301_00404-1``), ``obsm[spatial_key]`` is the bin centre in full-resolution
+    pixels, ``obs["array_row"]``/``obs["array_col"]`` index the bin grid, and the scale factors
+    always hold ``"bin_size_um"`` (bin side, µm), ``"microns_per_pixel"`` (µm per
+    full-resolution pixel; ``bin_size_um / spot_diameter_fullres`` when the file lacks it) and
+    ``"spot_diameter_fullres"`` (bin side, full-resolution pixels). ``library_id`` defaults to
+    the one in the count matrix, else the sample folder holding ``outs/``.
+
     Raises
     ------
     InputError
         ``path`` does not exist; a folder is not a Space Ranger ``outs/`` folder (the message
         names the file expected); positions are missing for some barcodes; the file is not a
         readable ``.h5ad``; an ``.h5ad`` file has no valid ``obsm[spatial_key]``; the suffix is
-        not supported.
+        not supported; ``bin_size`` is given for data that are not Visium HD binned outputs,
+        is not a positive integer, or has no ``square_<NNN>um`` folder (the message lists the
+        bin sizes there are); an HD bin folder lacks its count matrix or
+        ``spatial/tissue_positions.parquet``; its scale factors disagree with the folder's bin
+        size.
 
     Examples
     --------
@@ -84,9 +118,25 @@ def read_spatial(
     >>> st.obsm["spatial"][:2]  # doctest: +SKIP
     array([[ 8468., 2281.],
            [ 2807., 8154.]])
+    >>> hd = spotlens.io.read_spatial("hd_sample/outs", bin_size=8)  # doctest: +SKIP
+    >>> hd.uns["spatial"]["hd_sample"]["scalefactors"]["bin_size_um"]  # doctest: +SKIP
+    8.0
     """
     path = _existing(path, what="spatial data")
-    if path.is_dir():
+    bin_size = _check_bin_size(bin_size)
+    hd_folder = _visium_hd_folder(path, bin_size) if path.is_dir() else None
+    if hd_folder is not None:
+        adata = _read_visium_hd(
+            *hd_folder, count_file=count_file, spatial_key=spatial_key, library_id=library_id,
+            load_images=load_images,
+        )
+    elif bin_size is not None:
+        raise InputError(
+            f"bin_size={bin_size} applies to Visium HD binned outputs, but {path} is not one "
+            f"(no {BINNED_FOLDER}/square_<NNN>um/ folder). Pass the outs/ folder of a Visium HD "
+            "run, or leave bin_size=None."
+        )
+    elif path.is_dir():
         adata = _read_spaceranger(
             _outs_folder(path, count_file), count_file=count_file, spatial_key=spatial_key,
             library_id=library_id, load_images=load_images,
@@ -197,10 +247,6 @@ def _outs_folder(path: Path, count_file: str) -> Path:
 def _read_spaceranger(
     outs: Path, *, count_file: str, spatial_key: str, library_id: str | None, load_images: bool
 ) -> AnnData:
-    import h5py
-    import scanpy as sc
-
-    matrix_file = outs / count_file
     positions_file = next(
         (outs / "spatial" / name for name in POSITION_FILES if (outs / "spatial" / name).is_file()),
         None,
@@ -211,6 +257,22 @@ def _read_spaceranger(
             f"(or {POSITION_FILES[1]} from Space Ranger < 2.0). Copy the whole spatial/ folder "
             "of the Space Ranger output."
         )
+    adata, attrs = _read_matrix(outs / count_file)
+    _add_positions(adata, _read_positions(positions_file), positions_file,
+                   matrix_name=count_file, spatial_key=spatial_key)
+    if library_id is None:
+        library_id = _library_id(attrs, outs.parent.name if outs.name == "outs" else outs.name)
+    adata.uns["spatial"] = {
+        library_id: _spatial_metadata([outs / "spatial"], attrs, load_images)
+    }
+    return adata
+
+
+def _read_matrix(matrix_file: Path) -> tuple[AnnData, dict]:
+    """Read a 10x HDF5 count matrix (gene expression only) and its file attributes."""
+    import h5py
+    import scanpy as sc
+
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Variable names are not unique")
@@ -221,12 +283,18 @@ def _read_spaceranger(
         raise InputError(
             f"Could not read the 10x count matrix {matrix_file} ({type(err).__name__}: {err})."
         ) from err
+    return adata, attrs
 
-    positions = _read_positions(positions_file)
+
+def _add_positions(
+    adata: AnnData, positions: pd.DataFrame, positions_file: Path, *, matrix_name: str,
+    spatial_key: str,
+) -> None:
+    """Write ``obs`` array/tissue columns and ``obsm[spatial_key]`` (x, y) px, by barcode."""
     missing = ~adata.obs_names.isin(positions.index)
     if missing.any():
         raise InputError(
-            f"{int(missing.sum())} of {adata.n_obs} barcodes in {matrix_file.name} have no row in "
+            f"{int(missing.sum())} of {adata.n_obs} barcodes in {matrix_name} have no row in "
             f"{positions_file} (e.g. {list(adata.obs_names[missing][:3])}); the two files come "
             "from different runs."
         )
@@ -237,13 +305,113 @@ def _read_spaceranger(
         dtype=np.float64
     )
 
-    if library_id is None:
-        ids = attrs.get("library_ids")
-        if ids is not None and len(ids):
-            library_id = _text(ids[0])
+
+def _library_id(attrs: dict, fallback: str) -> str:
+    ids = attrs.get("library_ids")
+    if ids is not None and len(ids):
+        return _text(ids[0])
+    return fallback
+
+
+def _check_bin_size(bin_size) -> int | None:
+    if bin_size is None:
+        return None
+    ok = isinstance(bin_size, (int, float, np.integer, np.floating)) and not isinstance(
+        bin_size, bool)
+    if not ok or not np.isfinite(bin_size) or bin_size <= 0 or int(bin_size) != bin_size:
+        raise InputError(
+            f"bin_size must be a positive whole number of µm (e.g. 8 for square_008um), got "
+            f"{bin_size!r}."
+        )
+    return int(bin_size)
+
+
+def _bin_sizes(binned: Path) -> dict[int, Path]:
+    """``{bin side in µm: folder}`` of the ``square_<NNN>um`` folders in ``binned_outputs/``."""
+    found = {}
+    for child in binned.iterdir():
+        match = _BIN_FOLDER.match(child.name)
+        if match and child.is_dir():
+            found[int(match.group(1))] = child
+    return dict(sorted(found.items()))
+
+
+def _visium_hd_folder(path: Path, bin_size: int | None) -> tuple[Path, int] | None:
+    """``(square_<NNN>um folder, bin side in µm)`` when ``path`` is Visium HD output, else None."""
+    match = _BIN_FOLDER.match(path.name)
+    if match:
+        size = int(match.group(1))
+        if bin_size is not None and bin_size != size:
+            raise InputError(
+                f"{path} holds {size} µm bins, but bin_size={bin_size} was asked for. Pass the "
+                f"outs/ folder to choose among the bin sizes, or bin_size={size}."
+            )
+        return path, size
+    binned = next(
+        (b for b in (path, path / BINNED_FOLDER, path / "outs" / BINNED_FOLDER)
+         if b.name == BINNED_FOLDER and b.is_dir()),
+        None,
+    )
+    if binned is None:
+        return None
+    sizes = _bin_sizes(binned)
+    have = ", ".join(f"{s} µm ({f.name})" for s, f in sizes.items()) or "none"
+    if bin_size is None:
+        if HD_DEFAULT_BIN_UM in sizes:
+            bin_size = HD_DEFAULT_BIN_UM
+        elif len(sizes) == 1:
+            bin_size = next(iter(sizes))
         else:
-            library_id = outs.parent.name if outs.name == "outs" else outs.name
-    adata.uns["spatial"] = {library_id: _spatial_metadata(outs / "spatial", attrs, load_images)}
+            raise InputError(
+                f"{binned} holds several bin sizes and none is {HD_DEFAULT_BIN_UM} µm; pass "
+                f"bin_size= (µm). Available: {have}."
+            )
+        logger.info("Visium HD: reading the %d µm bins of %s", bin_size, binned)
+    if bin_size not in sizes:
+        raise InputError(
+            f"{binned} has no {bin_size} µm bins (folder square_{bin_size:03d}um). Available bin "
+            f"sizes: {have}."
+        )
+    return sizes[bin_size], bin_size
+
+
+def _read_visium_hd(
+    folder: Path, bin_size: int, *, count_file: str, spatial_key: str, library_id: str | None,
+    load_images: bool,
+) -> AnnData:
+    """One bin size of Visium HD binned outputs (``square_<NNN>um/``)."""
+    matrix_file = folder / count_file
+    positions_file = folder / "spatial" / HD_POSITIONS_FILE
+    for needed in (matrix_file, positions_file):
+        if not needed.is_file():
+            raise InputError(
+                f"The Visium HD bin folder {folder} has no {needed.relative_to(folder)}; copy the "
+                "whole binned_outputs/ folder of the Space Ranger output."
+            )
+    adata, attrs = _read_matrix(matrix_file)
+    _add_positions(adata, _read_positions(positions_file), positions_file,
+                   matrix_name=f"{folder.name}/{count_file}", spatial_key=spatial_key)
+    outs = folder.parent.parent  # outs/binned_outputs/square_NNNum
+    if library_id is None:
+        library_id = _library_id(attrs, outs.parent.name if outs.name == "outs" else outs.name)
+    meta = _spatial_metadata([folder / "spatial", outs / "spatial"], attrs, load_images)
+    scalefactors = meta.setdefault("scalefactors", {})
+    stated = scalefactors.get("bin_size_um")
+    if stated is not None and not np.isclose(float(stated), bin_size):
+        raise InputError(
+            f"The scale factors of {folder} give bin_size_um={stated}, but the folder holds "
+            f"{bin_size} µm bins; the spatial/ folder belongs to another bin size."
+        )
+    scalefactors["bin_size_um"] = float(bin_size)
+    diameter = scalefactors.get("spot_diameter_fullres")
+    if scalefactors.get("microns_per_pixel") is None and diameter:
+        scalefactors["microns_per_pixel"] = bin_size / float(diameter)
+    if scalefactors.get("microns_per_pixel") is None:
+        logger.warning("%s: µm per pixel is unknown (no scale factors)", folder)
+    elif diameter is None:
+        scalefactors["spot_diameter_fullres"] = bin_size / float(scalefactors["microns_per_pixel"])
+    meta["metadata"]["bin_size_um"] = float(bin_size)
+    adata.uns["spatial"] = {library_id: meta}
     return adata
 
 
@@ -266,7 +434,8 @@ def _read_positions(file: Path) -> pd.DataFrame:
     return table
 
 
-def _spatial_metadata(folder: Path, attrs: dict, load_images: bool) -> dict:
+def _spatial_metadata(folders: list[Path], attrs: dict, load_images: bool) -> dict:
+    """Scale factors and images from the first of ``folders`` that holds them."""
     meta: dict = {
         "metadata": {
             key: _text(attrs[key])
@@ -274,22 +443,25 @@ def _spatial_metadata(folder: Path, attrs: dict, load_images: bool) -> dict:
             if key in attrs
         }
     }
-    scalefactors = folder / SCALEFACTORS_FILE
-    if scalefactors.is_file():
+    scalefactors = next((f / SCALEFACTORS_FILE for f in folders
+                         if (f / SCALEFACTORS_FILE).is_file()), None)
+    if scalefactors is not None:
         try:
             meta["scalefactors"] = json.loads(scalefactors.read_text())
         except ValueError as err:
             raise InputError(f"{scalefactors} is not valid JSON ({err}).") from err
     else:
-        logger.warning("%s is missing; spot size and image scale factors are unknown", scalefactors)
+        logger.warning("%s is missing; spot size and image scale factors are unknown",
+                       folders[0] / SCALEFACTORS_FILE)
     if load_images:
         from matplotlib.image import imread
 
-        images = {
-            res: imread(folder / f"tissue_{res}_image.png")
-            for res in ("hires", "lowres")
-            if (folder / f"tissue_{res}_image.png").is_file()
-        }
+        images = {}
+        for res in ("hires", "lowres"):
+            file = next((f / f"tissue_{res}_image.png" for f in folders
+                         if (f / f"tissue_{res}_image.png").is_file()), None)
+            if file is not None:
+                images[res] = imread(file)
         if images:
             meta["images"] = images
     return meta
