@@ -88,6 +88,34 @@ def _gene_weights(signature: np.ndarray, how: str) -> np.ndarray:
     return 1.0 / np.sqrt(np.maximum(mean, floor))
 
 
+def _section_attention(
+    values, idx: np.ndarray, sections: np.ndarray | None, *, n_comps: int, seed: int,
+    temperature: float,
+) -> np.ndarray:
+    """Attention over each spot's neighbours, on a PCA embedding fitted to each section alone.
+
+    ``values`` is ``n_spots × n_features`` (counts, or proportions when attention is
+    re-estimated). The graph never links two sections, and each section's embedding (centring,
+    components, scale) comes from its own spots only, so a section's attention does not depend
+    on which other sections share the AnnData: fitting sections together equals fitting them
+    apart. Returns ``n_spots × k`` weights (see :func:`attention`).
+    """
+    if sections is None:
+        return attention(expression_embedding(values, n_comps, seed=seed), idx, temperature)
+    out = np.zeros(idx.shape)
+    local = np.zeros(len(sections), dtype=np.int64)
+    for code in np.unique(sections):
+        members = np.flatnonzero(sections == code)
+        if len(members) < 2:  # no neighbour, no attention
+            continue
+        local[members] = np.arange(len(members))
+        neighbours = idx[members]
+        neighbours = np.where(neighbours >= 0, local[np.maximum(neighbours, 0)], -1)
+        embedding = expression_embedding(values[members], n_comps, seed=seed)
+        out[members] = attention(embedding, neighbours, temperature)
+    return out
+
+
 def deconvolve(
     spatial: AnnData,
     reference: AnnData,
@@ -156,7 +184,14 @@ def deconvolve(
     spatial_key
         ``obsm`` key of the ``n_spots × 2`` coordinates.
     library_key
-        ``obs`` column naming the section of each spot; the graph never links two sections.
+        ``obs`` column naming the section of each spot (several sections in one AnnData, one
+        fit). The graph never links two sections, even where their coordinates overlap, and the
+        attention embedding is fitted to each section alone. Shared by all sections: the
+        signatures and gene weights (from the reference), the penalties (chosen on all
+        sections with ``"auto"``) and ``alpha`` (from all sections' neighbour distances, so
+        give every section's coordinates in one unit). Fitting sections together therefore
+        equals fitting each alone with ``lambda_ridge``, ``lambda_spatial`` and ``alpha`` set
+        to the joint fit's ``uns[key_added]["params"]`` (to the solver tolerance).
     k_neighbors
         Neighbours per spot in the graph.
     alpha
@@ -312,8 +347,8 @@ def deconvolve(
     alpha_used = default_alpha(dist) if alpha is None else float(alpha)
     attn = None
     if use_attention:
-        embedding = expression_embedding(y, n_comps, seed=seed)
-        attn = attention(embedding, idx, attention_temperature)
+        attn = _section_attention(y, idx, sections, n_comps=n_comps, seed=seed,
+                                  temperature=attention_temperature)
     w = edge_weights(dist, idx, alpha_used, attn)
     colors = color_graph(w, seed=seed)
     ops = get_ops(backend)
@@ -347,8 +382,8 @@ def deconvolve(
             None if not (use_attention and attention_update_every) else
             (attention_update_every, lambda xx: edge_weights(
                 dist, idx, alpha_used,
-                attention(expression_embedding(xx, n_comps, seed=seed), idx,
-                          attention_temperature)))
+                _section_attention(xx, idx, sections, n_comps=n_comps, seed=seed,
+                                   temperature=attention_temperature)))
         ),
     )
     if not converged:
