@@ -562,3 +562,32 @@ def test_missing_library_key(real):
     st, ref = real
     with pytest.raises(InputError, match="no obs column 'section'.*library_key="):
         deconvolve(st, ref, library_key="section", **FIXED)
+
+
+def test_backed_h5ad_gives_the_in_memory_answer(real, tmp_path):
+    """A slide opened with ``backed="r"`` is read in chunks of rows, never loaded whole."""
+    st, ref = real
+    expected = deconvolve(st, ref, inplace=False, **FIXED)
+    path = tmp_path / "st.h5ad"
+    st.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        assert not sparse.issparse(backed.X)  # stays on disk
+        res = deconvolve(backed, ref, inplace=False, **FIXED)
+    finally:
+        backed.file.close()
+    pd.testing.assert_frame_equal(res.proportions, expected.proportions, atol=1e-12)
+
+
+def test_bad_counts_in_a_backed_h5ad_are_reported_like_in_memory(real, tmp_path):
+    st, ref = real
+    st.X = st.X.astype(np.float32)
+    st.X.data[[1, -1]] = np.nan  # far apart: different chunks when read in pieces
+    path = tmp_path / "st.h5ad"
+    st.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        with pytest.raises(InputError, match="spatial counts contains 2 NaN or infinite values"):
+            deconvolve(backed, ref, **FIXED)
+    finally:
+        backed.file.close()

@@ -7,6 +7,8 @@ import pytest
 from scipy import sparse
 
 import spotlens
+from spotlens._validation import InputError, check_counts
+from spotlens.deconv._counts import read_counts
 from spotlens.deconv._model import Problem, spatial_window, thin_counts
 
 
@@ -100,3 +102,55 @@ def test_attention_re_estimation_updates_the_graph_and_keeps_descending():
         stretch = obj[start : start + 11] if start == 0 else obj[start + 1 : start + 11]
         assert np.all(np.diff(stretch) <= 1e-9 * abs(stretch[0]))
     np.testing.assert_allclose(updated.proportions.sum(axis=1), 1.0)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Read counts a few values at a time, so that every matrix spans many chunks."""
+    from spotlens.deconv import _counts
+
+    monkeypatch.setattr(_counts, "CHUNK_VALUES", 37)
+
+
+@pytest.mark.parametrize("form", ["csr", "csc", "dense", "int"])
+def test_read_counts_selects_columns_in_order_whatever_the_storage(small_chunks, form):
+    counts = _counts(5, n=50, g=20)
+    columns = np.array([7, 3, 19, 0, 3])
+    matrix = {"csr": counts, "csc": counts.tocsc(), "dense": counts.toarray(),
+              "int": counts.astype(np.int64)}[form]
+    out = read_counts(matrix, columns)
+    assert sparse.isspmatrix_csr(out) and np.issubdtype(out.dtype, np.floating)
+    np.testing.assert_array_equal(out.toarray(), counts.toarray()[:, columns])
+
+
+def test_read_counts_from_a_backed_h5ad_in_chunks(small_chunks, tmp_path):
+    import anndata as ad
+
+    counts = _counts(6, n=80, g=25)
+    ad.AnnData(counts).write_h5ad(tmp_path / "x.h5ad")
+    backed = ad.read_h5ad(tmp_path / "x.h5ad", backed="r")
+    try:
+        out = read_counts(backed.X, np.arange(24, -1, -2))
+    finally:
+        backed.file.close()
+    np.testing.assert_array_equal(out.toarray(), counts.toarray()[:, 24::-2])
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({3: np.nan, 900: np.inf, 1100: np.nan}, "contains 3 NaN or infinite values"),
+        ({3: -1.0, 900: -7.0}, r"contains negative values \(min -7\)"),
+        ({3: 2.2, 900: 5.5}, r"holds non-integer values \(e.g. 5.5\)"),
+    ],
+    ids=["non-finite", "negative", "fractional"],
+)
+def test_read_counts_reports_the_whole_matrix_not_one_chunk(small_chunks, bad, message):
+    counts = _counts(7, n=60, g=40)
+    for at, value in bad.items():
+        counts.data[at] = value
+    with pytest.raises(InputError, match=f"spatial counts {message}"):
+        read_counts(counts, np.arange(5))
+    # the same message as one check of the whole matrix
+    with pytest.raises(InputError, match=message):
+        check_counts(counts, what="spatial counts")

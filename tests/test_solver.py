@@ -124,3 +124,43 @@ def test_solve_does_not_modify_its_inputs():
     for a, c in zip((b, gram, x0), copies, strict=True):
         np.testing.assert_array_equal(a, c)
     assert (w != w_before).nnz == 0
+
+
+def _state_metric(n_states, n_types, seed=0):
+    """``P = M Mᵀ`` for a random 0/1 map ``M`` of states to types (each type has a state)."""
+    rng = np.random.default_rng(seed)
+    owner = np.concatenate([np.arange(n_types), rng.integers(n_types, size=n_states - n_types)])
+    m = np.eye(n_types)[owner]
+    return m @ m.T
+
+
+def test_state_metric_objective_matches_dense_formula_and_descends():
+    y, s, w, colors = _problem(n=120, n_types=7, seed=5)
+    b, gram, yy = _stats(y, s)
+    metric = _state_metric(7, 3)
+    lap = np.diag(np.asarray(w.sum(axis=1)).ravel()) - w.toarray()
+    lam_r, lam_s = 0.2, 2.5
+    res = solve(b, gram, yy, w=w, colors=colors, lambda_ridge=lam_r, lambda_spatial=lam_s,
+                metric=metric, n_iter=400, tol=1e-12)
+    x = res.x
+    dense = (np.sum((y - x @ s) ** 2) + lam_r * np.sum(x**2)
+             + lam_s * np.trace(metric @ x.T @ lap @ x))
+    assert res.objective[-1] == pytest.approx(dense, rel=1e-10)
+    assert np.all(np.diff(res.objective) <= 1e-10 * abs(res.objective[0]))
+    # KKT of the metric problem: the gradient vanishes on the support, is ≥ 0 off it
+    grad = 2 * (x @ gram - b + lam_r * x + lam_s * lap @ x @ metric)
+    scale = np.abs(b).max()
+    assert grad.min() >= -1e-6 * scale
+    np.testing.assert_allclose(grad[x > 0], 0, atol=1e-6 * scale)
+
+
+def test_threads_do_not_change_the_answer():
+    # big enough that each colour class is split over threads
+    y, s, w, colors = _problem(n=9000, n_types=6, n_genes=30, seed=6)
+    b, gram, yy = _stats(y, s)
+    kwargs = dict(w=w, colors=colors, lambda_ridge=0.1, lambda_spatial=1.0, n_iter=15, tol=0.0,
+                  metric=_state_metric(6, 4))
+    one = solve(b, gram, yy, n_threads=1, **kwargs)
+    two = solve(b, gram, yy, n_threads=2, **kwargs)
+    np.testing.assert_array_equal(one.x, two.x)
+    np.testing.assert_allclose(one.objective, two.objective, rtol=1e-12)

@@ -18,13 +18,13 @@ from .._keys import abundance_key, proportions_key, zero_counts_key
 from .._validation import (
     InputError,
     check_coordinates,
-    check_counts,
     check_not_empty,
     check_shared_genes,
     check_unique_names,
     get_matrix,
 )
 from ..pp import reference_signatures
+from ._counts import read_counts
 from ._graph import attention, color_graph, default_alpha, edge_weights, expression_embedding, knn
 from ._model import Problem, cross_validate, fit, spatial_window
 from ._ops import get_ops
@@ -60,15 +60,6 @@ class DeconvolutionResult:
     zero_counts: pd.Series
     connectivities: sparse.csr_matrix
     uns: dict = field(default_factory=dict)
-
-
-def _spatial_counts(spatial: AnnData, layer: str | None) -> sparse.csr_matrix:
-    counts = get_matrix(spatial, layer, what="spatial data")
-    check_counts(counts, what="spatial counts")
-    counts = sparse.csr_matrix(counts)  # no copy when it already is CSR
-    if not np.issubdtype(counts.dtype, np.floating):
-        counts = counts.astype(np.float32)
-    return counts
 
 
 def _gene_weights(signature: np.ndarray, how: str) -> np.ndarray:
@@ -303,7 +294,7 @@ def deconvolve(
         if spatial.obs[library_key].isna().any():
             raise InputError(f"obs[{library_key!r}] has missing section labels.")
         sections = pd.factorize(spatial.obs[library_key])[0]
-    y_all = _spatial_counts(spatial, layer)
+    y_all = get_matrix(spatial, layer, what="spatial data")  # read in chunks below
 
     logger.info("stage 1/5 signatures: reference %d cells × %d genes", *reference.shape)
     n_types_guess = reference.obs[labels_key].nunique() if labels_key in reference.obs else 2
@@ -317,7 +308,7 @@ def deconvolve(
     )
     genes = sig.genes
     types = sig.cell_types
-    y = y_all[:, spatial.var_names.get_indexer(genes)]
+    y = read_counts(y_all, spatial.var_names.get_indexer(genes), what="spatial counts")
     library = np.asarray(y.sum(axis=1)).ravel()
     zero = library == 0
     if zero.any():

@@ -9,9 +9,68 @@ import numpy as np
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from ..pp._embedding import log_pca as expression_embedding  # noqa: F401  (re-exported)
+from ..pp._embedding import _log_normalise, log_pca
 
 _CHUNK = 65536
+_EMBED_CHUNK_ROWS = 100_000
+
+
+def expression_embedding(
+    counts: sparse.spmatrix | np.ndarray,
+    n_comps: int = 20,
+    *,
+    seed: int = 0,
+    max_fit: int = 20_000,
+) -> np.ndarray:
+    """PCA embedding of ``log1p`` library-size-normalised expression, for the attention.
+
+    The same embedding as :func:`spotlens.pp._embedding.log_pca` (rows divided by their sum,
+    scaled to the median library size, ``log1p``; randomized PCA fitted on at most ``max_fit``
+    seeded random rows; scaled to mean squared entry 1), but sparse counts are transformed
+    without densifying them: ``log1p`` keeps zeros at zero, so every chunk of rows is
+    normalised and projected as a sparse matrix in O(nnz · n_comps). Dense input goes to
+    ``log_pca``.
+
+    Parameters
+    ----------
+    counts
+        ``n_spots × n_genes`` non-negative counts, dense or sparse.
+    n_comps
+        Components, capped at ``min(n_spots, n_genes) − 1``.
+    seed
+        Seed for the subsample and the randomized SVD.
+    max_fit
+        Rows used to fit the PCA.
+
+    Returns
+    -------
+    ``n_spots × n_comps`` float64 embedding.
+    """
+    if not sparse.issparse(counts):
+        return log_pca(counts, n_comps, seed=seed, max_fit=max_fit)
+    from sklearn.decomposition import PCA
+
+    counts = sparse.csr_matrix(counts)
+    n, g = counts.shape
+    lib = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    scale = float(np.median(lib[lib > 0])) if np.any(lib > 0) else 1.0
+    n_comps = int(max(1, min(n_comps, g - 1, n - 1)))
+    rng = np.random.default_rng(seed)
+    fit_rows = np.sort(rng.choice(n, size=max_fit, replace=False)) if n > max_fit else np.arange(n)
+    pca = PCA(n_components=n_comps, svd_solver="randomized", random_state=seed)
+    pca.fit(_log_normalise(counts[fit_rows], scale))
+    factor = np.divide(scale, lib, out=np.zeros_like(lib), where=lib > 0)
+    z = np.empty((n, n_comps))
+    for start in range(0, n, _EMBED_CHUNK_ROWS):
+        block = counts[start : start + _EMBED_CHUNK_ROWS]
+        rows = np.repeat(factor[start : start + block.shape[0]], np.diff(block.indptr))
+        logged = sparse.csr_matrix(
+            (np.log1p(block.data.astype(np.float64) * rows), block.indices, block.indptr),
+            shape=block.shape,
+        )
+        z[start : start + block.shape[0]] = pca.transform(logged)
+    rms = float(np.sqrt(np.mean(z**2)))
+    return z / rms if rms > 0 else z
 
 
 def knn(
@@ -45,7 +104,7 @@ def knn(
         if kk < 1:
             continue
         tree = cKDTree(coords[members])
-        d, j = tree.query(coords[members], k=kk + 1)
+        d, j = tree.query(coords[members], k=kk + 1, workers=-1)
         # drop each spot itself (the first hit, unless duplicated coordinates reorder them)
         self_hit = j == np.arange(len(members))[:, None]
         drop = np.where(self_hit.any(axis=1), self_hit.argmax(axis=1), kk)

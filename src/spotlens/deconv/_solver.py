@@ -10,13 +10,20 @@ through the sufficient statistics ``B = Y Sᵀ`` (``n_spots × n_types``), ``G =
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import sparse
 
 from ._ops import NumpyOps, TorchOps
+
+try:  # a dependency of scanpy, so normally present; the vectorised path below is the fallback
+    import numba
+except ImportError:  # pragma: no cover
+    numba = None
 
 
 @dataclass
@@ -80,6 +87,147 @@ def _update_block(x, c, gram, ridge: float, smooth, metric, n_types: int, inner:
     return xt.T
 
 
+def _sweep_spots(x, b, gram, metric, ridge, lam_s, spots, indptr, indices, data, deg, inner):
+    """Update the spots ``spots`` (no two adjacent) in place; return ``Σ ||Δx_i||²``.
+
+    Compiled kernel of one Gauss–Seidel block: for each spot, ``c = b_i + λ_s (W X)_i P`` and
+    ``inner`` passes of exact coordinate descent on ``x H_i xᵀ − 2 c xᵀ`` with
+    ``H_i = G + ridge · I + λ_s d_i P``, from the spot's current value. A coordinate that does
+    not move costs nothing, so a spot with few cell types present is cheap. ``metric`` is
+    ``P`` (``0 × 0`` for the identity); ``indptr``/``indices``/``data`` hold the CSR graph
+    (ignored when ``lam_s`` is 0). Scalar loops in float64, no allocation per spot.
+    """
+    n_types = x.shape[1]
+    has_metric = metric.shape[0] > 0
+    g = np.empty(n_types)
+    c = np.empty(n_types)
+    wx = np.empty(n_types)
+    xi = np.empty(n_types)
+    total = 0.0
+    for t in range(spots.shape[0]):
+        i = spots[t]
+        for k in range(n_types):
+            c[k] = b[i, k]
+            xi[k] = x[i, k]
+        smooth = 0.0
+        if lam_s > 0.0:
+            smooth = lam_s * deg[i]
+            for k in range(n_types):
+                wx[k] = 0.0
+            for p in range(indptr[i], indptr[i + 1]):
+                j = indices[p]
+                v = data[p]
+                for k in range(n_types):
+                    wx[k] += v * x[j, k]
+            if has_metric:
+                for k in range(n_types):
+                    acc = 0.0
+                    for m in range(n_types):
+                        acc += wx[m] * metric[m, k]
+                    c[k] += lam_s * acc
+            else:
+                for k in range(n_types):
+                    c[k] += lam_s * wx[k]
+        # gradient / 2: g = H_i x − c, built from the non-zero coordinates only
+        for k in range(n_types):
+            g[k] = ridge * xi[k] - c[k]
+            if not has_metric:
+                g[k] += smooth * xi[k]
+        for m in range(n_types):
+            xm = xi[m]
+            if xm != 0.0:
+                for k in range(n_types):
+                    g[k] += gram[k, m] * xm
+                if has_metric:
+                    for k in range(n_types):
+                        g[k] += smooth * metric[k, m] * xm
+        for _ in range(inner):
+            for k in range(n_types):
+                h = gram[k, k] + ridge + smooth * (metric[k, k] if has_metric else 1.0)
+                if not h > 0.0:
+                    continue
+                new = xi[k] - g[k] / h
+                if new < 0.0:
+                    new = 0.0
+                delta = new - xi[k]
+                if delta == 0.0:
+                    continue
+                xi[k] = new
+                for m in range(n_types):
+                    g[m] += gram[m, k] * delta
+                g[k] += ridge * delta
+                if has_metric:
+                    for m in range(n_types):
+                        g[m] += smooth * metric[m, k] * delta
+                else:
+                    g[k] += smooth * delta
+        for k in range(n_types):
+            d = xi[k] - x[i, k]
+            total += d * d
+            x[i, k] = xi[k]
+    return total
+
+
+def _objective_terms(x, b, gram, metric, indptr, indices, data, deg, lo, hi):
+    """Objective sums over spots ``lo:hi`` (compiled kernel).
+
+    Returns ``Σ_i [x_i G x_iᵀ − 2 x_i·b_i]``, ``Σ_i ||x_i||²`` and
+    ``Σ_i [d_i x_i P x_iᵀ − x_i P (W X)_iᵀ]`` (0 when ``indptr`` is empty).
+    """
+    n_types = x.shape[1]
+    has_metric = metric.shape[0] > 0
+    has_graph = indptr.shape[0] > 0
+    px = np.empty(n_types)
+    fit = 0.0
+    sq = 0.0
+    smooth = 0.0
+    for i in range(lo, hi):
+        for k in range(n_types):
+            xk = x[i, k]
+            sq += xk * xk
+            fit -= 2.0 * xk * b[i, k]
+            if xk != 0.0:
+                acc = 0.0
+                for m in range(n_types):
+                    acc += gram[k, m] * x[i, m]
+                fit += xk * acc
+        if not has_graph:
+            continue
+        for k in range(n_types):
+            if has_metric:
+                acc = 0.0
+                for m in range(n_types):
+                    acc += metric[k, m] * x[i, m]
+                px[k] = acc
+            else:
+                px[k] = x[i, k]
+        quad = 0.0
+        for k in range(n_types):
+            quad += px[k] * x[i, k]
+        cross = 0.0
+        for p in range(indptr[i], indptr[i + 1]):
+            j = indices[p]
+            v = data[p]
+            for k in range(n_types):
+                cross += v * px[k] * x[j, k]
+        smooth += deg[i] * quad - cross
+    return fit, sq, smooth
+
+
+if numba is not None:
+    _sweep_spots = numba.njit(nogil=True, cache=True)(_sweep_spots)
+    _objective_terms = numba.njit(nogil=True, cache=True)(_objective_terms)
+
+
+def _n_threads(n_threads: int | None) -> int:
+    if n_threads is not None:
+        return max(1, int(n_threads))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def solve(
     b: np.ndarray,
     gram: np.ndarray,
@@ -97,12 +245,15 @@ def solve(
     on_sweep: Callable[[int, float, float], None] | None = None,
     metric: np.ndarray | None = None,
     track_objective: bool = True,
+    n_threads: int | None = None,
 ) -> SolverResult:
     """Projected block Gauss–Seidel sweeps.
 
     Each sweep visits the colour classes of ``W`` in turn; the spots of one class share no edge,
     so they are updated together, each solving its own ``n_types × n_types`` non-negative
-    quadratic problem with its neighbours' current values (exact Gauss–Seidel, vectorised).
+    quadratic problem with its neighbours' current values (exact Gauss–Seidel). On NumPy the
+    spots of a class are updated by a compiled kernel (numba) split over ``n_threads`` threads,
+    with no Python work per spot or per cell type; on torch by vectorised array operations.
 
     Parameters
     ----------
@@ -137,12 +288,22 @@ def solve(
         sums: neighbours are asked to agree on cell-type composition, not on states.
     track_objective
         Evaluate the objective after every sweep (else NaN, and a little faster).
+    n_threads
+        Threads of the compiled NumPy kernel (``None``: the cores this process may use). The
+        result does not depend on it: the spots of one colour class are independent.
 
     Returns
     -------
     :class:`SolverResult`. Cost per sweep O(n·K² + nnz(W)·K).
     """
     ops = ops or NumpyOps()
+    if numba is not None and isinstance(ops, NumpyOps):
+        return _solve_compiled(
+            b, gram, yy, w=w, colors=colors, lambda_ridge=lambda_ridge,
+            lambda_spatial=lambda_spatial, x0=x0, n_iter=n_iter, tol=tol, inner=inner,
+            on_sweep=on_sweep, metric=metric, track_objective=track_objective,
+            n_threads=_n_threads(n_threads),
+        )
     n, n_types = b.shape
     spatial = lambda_spatial > 0 and w is not None and w.nnz > 0
     b_ = ops.array(b)
@@ -197,3 +358,85 @@ def solve(
     return SolverResult(
         x=ops.numpy(x), objective=np.asarray(history), n_sweeps=sweep, converged=converged
     )
+
+
+def _solve_compiled(
+    b, gram, yy, *, w, colors, lambda_ridge, lambda_spatial, x0, n_iter, tol, inner, on_sweep,
+    metric, track_objective, n_threads,
+) -> SolverResult:
+    """:func:`solve` on NumPy with the compiled kernels (float64 throughout)."""
+    n, n_types = b.shape
+    b_ = np.ascontiguousarray(b, dtype=np.float64)
+    gram_ = np.ascontiguousarray(gram, dtype=np.float64)
+    x = np.zeros((n, n_types)) if x0 is None else np.array(x0, dtype=np.float64, order="C")
+    spatial = lambda_spatial > 0 and w is not None and w.nnz > 0
+    empty_i, empty_f = np.zeros(0, dtype=np.int64), np.zeros(0)
+    if spatial:
+        if colors is None:
+            raise ValueError("colors are required with a spatial graph")
+        w = sparse.csr_matrix(w)
+        indptr = w.indptr.astype(np.int64)
+        indices = w.indices.astype(np.int64)
+        data = w.data.astype(np.float64)
+        deg = np.asarray(w.sum(axis=1), dtype=np.float64).ravel()
+        blocks = [np.asarray(idx, dtype=np.int64) for idx in colors if len(idx)]
+        lam_s = float(lambda_spatial)
+    else:
+        indptr, indices, data, deg = empty_i, empty_i, empty_f, empty_f
+        blocks = [np.arange(n, dtype=np.int64)]
+        lam_s = 0.0
+    metric_ = (
+        np.ascontiguousarray(metric, dtype=np.float64) if metric is not None and spatial
+        else np.zeros((0, 0))
+    )
+    ridge = float(lambda_ridge)
+    # a few thousand spots per task at least: below that, threads cost more than they save
+    pieces = [
+        [p for p in np.array_split(idx, min(n_threads, max(1, len(idx) // 2048))) if len(p)]
+        for idx in blocks
+    ]
+    pool = ThreadPoolExecutor(n_threads) if n_threads > 1 and n > 2048 else None
+
+    def run(fn, tasks):
+        if pool is None or len(tasks) == 1:
+            return [fn(*t) for t in tasks]
+        return list(pool.map(lambda t: fn(*t), tasks))
+
+    bounds = np.linspace(0, n, min(n_threads, max(1, n // 2048)) + 1).astype(np.int64)
+    ranges = list(zip(bounds[:-1], bounds[1:], strict=True))
+
+    def f(xx):
+        if not track_objective:
+            return float("nan")
+        terms = run(
+            lambda lo, hi: _objective_terms(xx, b_, gram_, metric_, indptr, indices, data, deg,
+                                            lo, hi),
+            ranges,
+        )
+        fit, sq, smooth = (sum(t[j] for t in terms) for j in range(3))
+        return yy + fit + ridge * sq + lam_s * smooth
+
+    history = [f(x)]
+    converged = False
+    sweep = 0
+    try:
+        for sweep in range(1, n_iter + 1):
+            moved = 0.0
+            for block in pieces:
+                moved += sum(run(
+                    lambda spots: _sweep_spots(x, b_, gram_, metric_, ridge, lam_s, spots,
+                                               indptr, indices, data, deg, inner),
+                    [(p,) for p in block],
+                ))
+            history.append(f(x))
+            flat = x.ravel()
+            change = moved**0.5 / max(float(flat @ flat) ** 0.5, 1e-300)
+            if on_sweep is not None:
+                on_sweep(sweep, history[-1], change)
+            if change < tol:
+                converged = True
+                break
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return SolverResult(x=x, objective=np.asarray(history), n_sweeps=sweep, converged=converged)
