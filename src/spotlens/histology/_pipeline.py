@@ -753,11 +753,15 @@ def predict(
     cache_dir=None,
     device: str = "cpu",
     progress: bool = False,
+    client=None,
+    region_um: float | None = None,
 ) -> AnnData:
     """Predict expression on a grid of pseudo-spots over the tissue of an H&E-only image.
 
     The grid (:func:`grid_spots`) has the training spots' pitch and each pseudo-spot is
-    tiled like a training spot (same side in µm, same ``out_px``).
+    tiled like a training spot (same side in µm, same ``out_px``). With ``client`` the tiles
+    are read, encoded and predicted on a Dask cluster, one task per square image region (see
+    ``docs/dask.md``); the predictions equal this machine's to float32 rounding.
 
     Parameters
     ----------
@@ -773,7 +777,18 @@ def predict(
     mask
         Tissue mask for :func:`grid_spots` (None = detected).
     cache_dir, device, progress
-        As in :func:`train`.
+        As in :func:`train` (``cache_dir`` and ``progress`` are not used with ``client``;
+        ``device`` is then the workers' device).
+    client
+        None: predict on this machine. A ``distributed.Client`` (or ``"default"``, the
+        current one): split the slide into square regions and predict each as a task on the
+        cluster. This machine computes only the tissue mask and the grid; each worker opens
+        the image and the model folder itself (both paths must be readable on the workers)
+        and reads only its region's tiles. For the ``"graph"`` model each region also
+        computes the spots within 4 graph hops of it (its halo) on the graph of all spots,
+        so border spots see the same neighbours as on one machine.
+    region_um
+        With ``client``: side of a region, µm; None = 64 grid pitches (about 4,096 spots).
 
     Returns
     -------
@@ -791,11 +806,17 @@ def predict(
     InputError
         If µm per pixel is unknown (pass ``mpp``), no tissue is found, the image is much
         coarser than the training scans, the model's tiles have no size in µm, or the encoder
-        changed since training.
+        changed since training; ``client`` is not a Dask client (or ``"default"`` with none
+        running); ``region_um`` is not > 0 or is given without ``client``.
     """
     from .. import __version__
+    from ._distributed import check_region_um, resolve_client
     from ._tissue import grid_spots
 
+    region_um = check_region_um(region_um)
+    if client is None and region_um is not None:
+        raise InputError("region_um applies to prediction on a Dask cluster; pass client= too.")
+    client = None if client is None else resolve_client(client)
     model = model_dir if isinstance(model_dir, HistologyModel) else load_model(
         model_dir, device=device)
     path = Path(image_path).expanduser()
@@ -827,7 +848,20 @@ def predict(
     grid = grid_spots(image, spacing_um=spacing, mpp=mpp, mask=mask,
                       spot_diameter_um=tiles["tile_um"], library_id=library_id)
     logger.info("%d pseudo-spots on tissue; predicting %d genes", grid.n_obs, len(model.genes))
-    pred = model.predict_section(grid, image, mpp=mpp, cache_dir=cache_dir, progress=progress)
+    cluster = None
+    if client is None:
+        pred = model.predict_section(grid, image, mpp=mpp, cache_dir=cache_dir,
+                                     progress=progress)
+    else:
+        from ._distributed import predict_on_cluster
+        from ._tiles import _check_on_image
+
+        geometry = tile_geometry(grid, image=image, tile_um=tiles["tile_um"], mpp=mpp)
+        _check_on_image(grid, geometry, image, "spatial")
+        image.close()  # the workers read the pixels; drop any decoded here for the mask
+        pred, cluster = predict_on_cluster(
+            model, grid, path, client=client, mpp=mpp, side_px=geometry.side_px,
+            region_um=region_um, device=device)
     result = AnnData(X=pred, obs=grid.obs.copy(),
                      var=pd.DataFrame(index=pd.Index(model.genes, name=None)))
     result.obsm["spatial"] = grid.obsm["spatial"]
@@ -839,5 +873,7 @@ def predict(
         "values": "log1p(normalize_total(counts, 1e4)), predicted",
         "spotlens_version": __version__,
     }}
+    if cluster is not None:
+        result.uns[PREDICTION_KEY]["params"]["cluster"] = cluster
     return result
 

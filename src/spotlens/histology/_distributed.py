@@ -1,0 +1,325 @@
+"""Histology inference on a Dask cluster: image regions as tasks, predictions stitched.
+
+The driver lays out the spots (only their centres, never pixels), splits the slide into square
+image regions and submits one task per region. Each worker opens the image file itself, reads
+only the tiles of its region's spots (lazily: TIFF/SVS tiles or strips; a JPEG/PNG is decoded
+once per worker process), encodes them and predicts; the driver stitches the regions' cores.
+
+Which spots a region must see depends on the model:
+
+- ``"ridge"`` and ``"attention"`` predict each spot from its own tile (the attention model
+  attends to the bank of training spots stored in the model, not to other spots of the
+  slide), so a region is just its own spots;
+- ``"graph"`` predicts over the spots' k-nearest-neighbour graph with 2 graph attention and
+  2 GCN layers, so a spot's prediction depends on every spot within 4 hops (and on the degrees
+  of those within 3). The graph is built once on the driver from all centres, exactly as the
+  single-machine run builds it, and each region is sent its core spots plus the 4-hop halo,
+  with their block of the graph; the halo's predictions are computed and discarded.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy import sparse
+
+from .._validation import InputError
+
+logger = logging.getLogger("spotlens")
+
+#: Graph hops a spot's prediction depends on, per model type (2 GAT + 2 GCN layers for "graph").
+HALO_HOPS = {"ridge": 0, "attention": 0, "graph": 4}
+#: Default region side, in spot pitches (about 4,096 spots per full region).
+REGION_PITCHES = 64
+
+
+def resolve_client(client):
+    """Return a ``distributed.Client`` for ``client`` (a Client or ``"default"``).
+
+    Raises
+    ------
+    InputError
+        If dask.distributed is not installed, ``client="default"`` and no client is running, or
+        ``client`` is something else.
+    """
+    try:
+        import distributed
+    except ImportError as err:  # pragma: no cover - dask is in the test extra
+        raise InputError("client= needs dask.distributed: pip install 'spotlens[dask]'.") from err
+    if isinstance(client, str) and client == "default":
+        try:
+            return distributed.default_client()
+        except ValueError as err:
+            raise InputError(
+                "client='default' but no Dask client is running in this process; create one "
+                "(distributed.Client(...)) or pass it as client=."
+            ) from err
+    if not isinstance(client, distributed.Client):
+        raise InputError(
+            f"client must be a distributed.Client (or 'default'), got {type(client).__name__}."
+        )
+    return client
+
+
+def graph_adjacency(coords: np.ndarray, k: int) -> sparse.csr_matrix:
+    """Symmetric 0/1 spot graph of all spots, built by the graph model's own code.
+
+    ``coords`` are the ``n_spots × 2`` centres; returns the ``n_spots × n_spots`` CSR adjacency
+    (k nearest neighbours, symmetrised) without self loops.
+    """
+    from .._backend import import_torch
+    from ._train import _graph_tensors
+
+    n = coords.shape[0]
+    edges, _ = _graph_tensors(np.asarray(coords, dtype=np.float64), k, import_torch(), "cpu")
+    rows, cols = edges.numpy()
+    off = rows != cols
+    return sparse.csr_matrix((np.ones(off.sum()), (rows[off], cols[off])), shape=(n, n))
+
+
+def plan_regions(
+    coords: np.ndarray,
+    region_px: float,
+    *,
+    adjacency: sparse.csr_matrix | None = None,
+    hops: int = 0,
+) -> list[dict]:
+    """Split spots into square image regions, each with the halo its predictions need.
+
+    Parameters
+    ----------
+    coords
+        ``n_spots × 2`` centres ``(x, y)``, full-resolution px.
+    region_px
+        Side of a region, px.
+    adjacency
+        ``n_spots × n_spots`` spot graph (from :func:`graph_adjacency`); needed when ``hops > 0``.
+    hops
+        Graph hops of halo around each region's core.
+
+    Returns
+    -------
+    One dict per non-empty region: ``"core"`` (global indices of its spots; every spot is in
+    exactly one core), ``"local"`` (global indices of the spots it computes: the core first,
+    then the halo, every spot within ``hops`` graph hops of the core) and ``"box"`` (the
+    region's ``(x0, y0, x1, y1)`` in px).
+    """
+    coords = np.asarray(coords, dtype=np.float64)
+    origin = coords.min(axis=0)
+    cell = np.floor((coords - origin) / region_px).astype(np.int64)
+    order = np.lexsort((cell[:, 0], cell[:, 1]))
+    keys = cell[order]
+    bounds = np.flatnonzero(np.any(np.diff(keys, axis=0) != 0, axis=1)) + 1
+    max_edge = 0.0
+    if hops > 0:
+        a = adjacency.tocoo()
+        if a.nnz:
+            max_edge = float(np.max(np.linalg.norm(coords[a.row] - coords[a.col], axis=1)))
+    regions = []
+    for core in np.split(order, bounds):
+        core = np.sort(core)
+        cx, cy = cell[core[0]]
+        x0, y0 = origin + np.array([cx, cy]) * region_px
+        local = core
+        if hops > 0:
+            # any path of `hops` edges from the core stays within hops × the longest edge
+            lo = coords[core].min(axis=0) - hops * max_edge - 1e-9
+            hi = coords[core].max(axis=0) + hops * max_edge + 1e-9
+            near = np.flatnonzero(np.all((coords >= lo) & (coords <= hi), axis=1))
+            sub = adjacency[near][:, near]
+            reach = np.isin(near, core)
+            for _ in range(hops):
+                reach = reach | (sub @ reach.astype(np.float64) > 0)
+            halo = np.setdiff1d(near[reach], core)
+            local = np.concatenate([core, halo])
+        regions.append({"core": core, "local": local,
+                        "box": (float(x0), float(y0), float(x0 + region_px),
+                                float(y0 + region_px))})
+    return regions
+
+
+def region_tasks(
+    regions: list[dict],
+    coords: np.ndarray,
+    *,
+    model_path: Path,
+    image_path: Path,
+    mpp: float,
+    side_px: float,
+    out_px: int,
+    device: str,
+    adjacency: sparse.csr_matrix | None,
+) -> list[dict]:
+    """Build each region's task: spot centres and graph block, never pixels."""
+    stamps = {"model_stamp": (Path(model_path) / "config.json").stat().st_mtime_ns,
+              "image_stamp": Path(image_path).stat().st_mtime_ns}
+    tasks = []
+    for region in regions:
+        local = region["local"]
+        tasks.append({
+            "model": str(model_path), "image": str(image_path), "mpp": float(mpp),
+            "device": device, "side_px": float(side_px), "out_px": int(out_px),
+            "centres": np.ascontiguousarray(coords[local], dtype=np.float64),
+            "n_core": len(region["core"]), "core": region["core"],
+            "adjacency": None if adjacency is None else adjacency[local][:, local].tocsr(),
+            **stamps,
+        })
+    return tasks
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_model(path: str, stamp: int, device: str):
+    from ._pipeline import load_model
+
+    return load_model(path, device=device)
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_image(path: str, stamp: int, mpp: float):
+    from ._image import read_image
+
+    return read_image(path, mpp=mpp)
+
+
+def predict_region(task: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Run on a worker: read the region's tiles from the image file, encode, predict.
+
+    Returns
+    -------
+    The core's global spot indices and their ``n_core × n_genes`` float32 predictions.
+    """
+    from ._features import colour_features, tile_features
+    from ._tiles import extract_tiles
+
+    model = _worker_model(task["model"], task["model_stamp"], task["device"])
+    image = _worker_image(task["image"], task["image_stamp"], task["mpp"])
+    tiles = extract_tiles(image, task["centres"], task["side_px"], out_px=task["out_px"])
+    encoder = model.encoder
+    features = (colour_features(tiles) if encoder is None
+                else tile_features(tiles, encoder, progress=False))
+    if task["adjacency"] is None:
+        pred = model.predict_features(features, task["centres"])
+    else:
+        pred = _graph_predict(model, features, task["adjacency"])
+    n_core = task["n_core"]
+    return task["core"], np.asarray(pred[:n_core], dtype=np.float32)
+
+
+def _graph_predict(model, features: np.ndarray, adjacency: sparse.csr_matrix) -> np.ndarray:
+    """Run the graph model over a given spot graph (the driver's, not one rebuilt here).
+
+    The same normalisation as the model's own: ``Â = D^-1/2 (A + I) D^-1/2``, attention over
+    the nonzeros of ``Â``.
+    """
+    from .._backend import import_torch
+
+    torch = import_torch()
+    net = model._net  # the ExpressionModel: scalers and the nn.Module
+    dev = next(net._net.parameters()).device
+    n = adjacency.shape[0]
+    a = (adjacency + sparse.identity(n)).tocsr()
+    scale = 1.0 / np.sqrt(np.asarray(a.sum(axis=1)).ravel())
+    a_hat = sparse.diags(scale) @ a @ sparse.diags(scale)
+    a_hat = a_hat.tocoo()
+    edges = torch.as_tensor(np.vstack([a_hat.row, a_hat.col]), device=dev)
+    a_hat_t = torch.sparse_coo_tensor(
+        edges.cpu(), torch.as_tensor(a_hat.data, dtype=torch.float32), size=(n, n),
+        check_invariants=False,
+    ).coalesce().to(dev)
+    x = torch.as_tensor(net._x_scaler(features), device=dev)
+    net._net.eval()
+    with torch.inference_mode():
+        z, _, _ = net._net(x, edges, a_hat_t)
+    return net._y_scaler.inverse(z.cpu().numpy())
+
+
+def predict_on_cluster(
+    model,
+    spots,
+    image_path: Path,
+    *,
+    client,
+    mpp: float,
+    side_px: float,
+    region_um: float | None = None,
+    device: str = "cpu",
+    halo_hops: int | None = None,
+) -> tuple[np.ndarray, dict]:
+    """Predict every spot of ``spots`` on a Dask cluster, one task per image region.
+
+    Parameters
+    ----------
+    model
+        A :class:`HistologyModel` (its folder must be readable by the workers).
+    spots
+        AnnData with centres ``(x, y)`` in full-resolution px in ``obsm["spatial"]``.
+    image_path
+        The full-resolution image file (readable by the workers at the same path).
+    client
+        A ``distributed.Client`` (or ``"default"``).
+    mpp
+        µm per full-resolution px.
+    side_px
+        Tile side, full-resolution px.
+    region_um
+        Side of a region, µm; None = 64 spot pitches.
+    device
+        Device on the workers.
+    halo_hops
+        Graph hops of halo; None = what the model needs (:data:`HALO_HOPS`). Fewer is wrong for
+        the graph model (kept for tests that show it).
+
+    Returns
+    -------
+    ``n_spots × n_genes`` float32 predictions (rows in ``spots`` order), and a summary
+    (``n_regions``, ``region_um``, ``halo_hops``, ``n_computed``: spots computed including
+    halos).
+    """
+    from ._pipeline import _spot_pitch_px
+
+    client = resolve_client(client)
+    coords = np.asarray(spots.obsm["spatial"], dtype=np.float64)
+    model_type = model.config["model_type"]
+    hops = HALO_HOPS[model_type] if halo_hops is None else int(halo_hops)
+    if region_um is None:
+        pitch = _spot_pitch_px(coords) or side_px
+        region_px = REGION_PITCHES * pitch
+        region_um = region_px * mpp
+    else:
+        region_px = region_um / mpp
+    adjacency = None
+    if model_type == "graph":
+        k = (model.config.get("train_config") or {}).get("k_neighbors", 6)
+        adjacency = graph_adjacency(coords, int(k))
+    regions = plan_regions(coords, region_px, adjacency=adjacency, hops=hops)
+    tasks = region_tasks(regions, coords, model_path=model.path, image_path=image_path,
+                         mpp=mpp, side_px=side_px, out_px=int(model.config["tiles"]["out_px"]),
+                         device=device, adjacency=adjacency)
+    n_computed = sum(len(r["local"]) for r in regions)
+    logger.info("%d spots in %d regions of %.0f µm (%d spots computed with halos) on %s",
+                len(coords), len(tasks), region_um, n_computed, client)
+    from distributed import as_completed
+
+    futures = client.map(predict_region, tasks, pure=False)
+    out = np.empty((len(coords), len(model.genes)), dtype=np.float32)
+    for done, future in enumerate(as_completed(futures), start=1):
+        core, pred = future.result()
+        out[core] = pred
+        logger.debug("region %d of %d done", done, len(futures))
+    return out, {"n_regions": len(tasks), "region_um": float(region_um), "halo_hops": hops,
+                 "n_computed": int(n_computed)}
+
+
+def check_region_um(region_um) -> float | None:
+    """Raise unless ``region_um`` is None or a finite number > 0 (µm)."""
+    if region_um is None:
+        return None
+    ok = isinstance(region_um, (int, float, np.integer, np.floating)) and not isinstance(
+        region_um, bool)
+    if not ok or not math.isfinite(region_um) or region_um <= 0:
+        raise InputError(f"region_um must be a number of µm > 0, or None, got {region_um!r}.")
+    return float(region_um)
