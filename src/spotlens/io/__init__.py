@@ -1,5 +1,8 @@
 """Reading and writing: Space Ranger ``outs/`` folders, ``.h5ad`` files, tables and figures.
 
+Space Ranger folders may be Visium or Visium HD (``read_spatial(outs, bin_size=8)`` reads the
+8 µm bins of ``binned_outputs/square_008um/``).
+
 Readers keep raw counts and put coordinates in ``obsm["spatial"]``; writers are atomic (a
 temporary file in the same folder, then ``os.replace``), so an interrupted run never leaves a
 half-written file. No analysis happens here.
