@@ -173,3 +173,20 @@ def test_sparse_expression_embedding_equals_the_dense_log_pca():
     fast = expression_embedding(sparse.csr_matrix(counts), 8, seed=1, max_fit=200)
     assert fast.shape == (300, 8)
     np.testing.assert_allclose(fast, dense, rtol=0, atol=1e-10 * np.abs(dense).max())
+
+
+def test_color_graph_is_greedy_in_decreasing_random_priority():
+    """Oracle: the vectorised Jones–Plassmann rounds this replaced give this same colouring."""
+    xy = _coords(200, seed=7)
+    *_, w = _graph(xy, k=7)
+    colors = color_graph(w, seed=11)
+    got = np.empty(200, dtype=int)
+    for c, members in enumerate(colors):
+        got[members] = c
+    priority = np.random.default_rng(11).permutation(200)
+    a = w.tocsr()
+    expected = np.full(200, -1)
+    for v in np.argsort(-priority):
+        taken = {expected[u] for u in a.indices[a.indptr[v] : a.indptr[v + 1]] if u != v}
+        expected[v] = min(set(range(len(taken) + 1)) - taken)
+    np.testing.assert_array_equal(got, expected)

@@ -156,7 +156,7 @@ def test_state_metric_objective_matches_dense_formula_and_descends():
 
 def test_threads_do_not_change_the_answer():
     # big enough that each colour class is split over threads
-    y, s, w, colors = _problem(n=9000, n_types=6, n_genes=30, seed=6)
+    y, s, w, colors = _problem(n=3000, n_types=6, n_genes=30, seed=6)
     b, gram, yy = _stats(y, s)
     kwargs = dict(w=w, colors=colors, lambda_ridge=0.1, lambda_spatial=1.0, n_iter=15, tol=0.0,
                   metric=_state_metric(6, 4))

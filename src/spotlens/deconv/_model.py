@@ -10,8 +10,30 @@ import pandas as pd
 from scipy import sparse
 from tqdm.auto import tqdm
 
-from ._ops import NumpyOps, TorchOps
+from ._ops import NumpyOps, TorchOps, jit, map_threads, row_ranges
 from ._solver import solve
+
+
+def _count_statistics(indptr, indices, data, sw, w2, lo, hi, b, row_sq, library):
+    """Rows ``lo:hi``: ``b = counts · sw``, ``Σ counts² w2`` and the row sums (compiled)."""
+    n_types = sw.shape[1]
+    for i in range(lo, hi):
+        for k in range(n_types):
+            b[i, k] = 0.0
+        total = 0.0
+        sq = 0.0
+        for p in range(indptr[i], indptr[i + 1]):
+            g = indices[p]
+            v = float(data[p])
+            total += v
+            sq += v * v * w2[g]
+            for k in range(n_types):
+                b[i, k] += v * sw[g, k]
+        library[i] = total
+        row_sq[i] = sq
+
+
+_count_statistics = jit(_count_statistics)
 
 
 @dataclass(frozen=True)
@@ -69,25 +91,24 @@ class Problem:
 
         Notes
         -----
-        O(nnz · n_types) time and O(n_spots · n_types) extra memory (row chunks for ``||Y||²``).
+        O(nnz · n_types) time in one compiled pass over the non-zeros (float64, rows split over
+        the usable cores) and O(n_spots · n_types) extra memory.
         """
         counts = sparse.csr_matrix(counts)
-        library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-        inv = np.divide(1.0, library, out=np.zeros_like(library), where=library > 0)
-        sw = (s * weights[None, :]).T.astype(np.float64)
+        sw = np.ascontiguousarray((s * weights[None, :]).T, dtype=np.float64)
         w2 = np.asarray(weights, dtype=np.float64) ** 2
         n = counts.shape[0]
         b = np.empty((n, s.shape[0]))
-        row_sq = np.zeros(n)
-        # row chunks in float64: bounded memory, whatever the dtype of the counts
-        step = max(1, 10_000_000 // max(1, counts.shape[1]))
-        for start in range(0, n, step):
-            block = counts[start : start + step].astype(np.float64)
-            b[start : start + step] = block @ sw
-            rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-            row_sq[start : start + step] = np.bincount(
-                rows, block.data**2 * w2[block.indices], minlength=block.shape[0]
-            )
+        row_sq = np.empty(n)
+        library = np.empty(n)
+        # one pass over the non-zeros in float64, rows split over threads
+        map_threads(
+            lambda lo, hi: _count_statistics(
+                counts.indptr, counts.indices, counts.data, sw, w2, lo, hi, b, row_sq, library
+            ),
+            row_ranges(n),
+        )
+        inv = np.divide(1.0, library, out=np.zeros_like(library), where=library > 0)
         b *= inv[:, None]
         yy = float((row_sq * inv**2).sum())
         gram = s @ s.T

@@ -6,12 +6,59 @@ The solver itself only uses operators and methods that NumPy arrays and torch te
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 from scipy import sparse
 
 from .._backend import Backend, import_torch
+
+try:  # a dependency of scanpy, so normally present; callers fall back to NumPy/SciPy without
+    import numba
+except ImportError:  # pragma: no cover
+    numba = None
+
+#: Fewest rows (spots) per thread task: below that, threads cost more than they save.
+MIN_TASK = 256
+
+
+def jit(fn: Callable) -> Callable:
+    """Compile ``fn`` with numba (no GIL, cached on disk); ``fn`` itself without numba."""
+    return fn if numba is None else numba.njit(nogil=True, cache=True)(fn)
+
+
+def usable_threads(n_threads: int | None = None) -> int:
+    """``n_threads``, or the number of cores this process may use when ``None``."""
+    if n_threads is not None:
+        return max(1, int(n_threads))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def row_ranges(n: int, n_threads: int | None = None) -> list[tuple[int, int]]:
+    """Split ``range(n)`` into one contiguous ``(start, stop)`` per thread (at least 1)."""
+    parts = min(usable_threads(n_threads), max(1, n // MIN_TASK))
+    bounds = np.linspace(0, n, parts + 1).astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def map_threads(fn: Callable, tasks: list[tuple], pool: ThreadPoolExecutor | None = None) -> list:
+    """``[fn(*task) for task in tasks]``, in threads when there are several tasks.
+
+    ``fn`` should release the GIL (a compiled ``nogil`` kernel); results keep the task order.
+    A new pool is made (and closed) when none is given.
+    """
+    if len(tasks) <= 1:
+        return [fn(*t) for t in tasks]
+    if pool is not None:
+        return list(pool.map(lambda t: fn(*t), tasks))
+    with ThreadPoolExecutor(len(tasks)) as own:
+        return list(own.map(lambda t: fn(*t), tasks))
 
 
 class NumpyOps:
