@@ -154,3 +154,44 @@ def test_read_counts_reports_the_whole_matrix_not_one_chunk(small_chunks, bad, m
     # the same message as one check of the whole matrix
     with pytest.raises(InputError, match=message):
         check_counts(counts, what="spatial counts")
+
+
+def _cv_inputs(layout, seed):
+    from spotlens.deconv._graph import color_graph, default_alpha, edge_weights, knn
+
+    # few counts and three large domains: smoothing pays on "domains", never on "random"
+    spatial, reference = spotlens.datasets.synthetic(
+        600, 120, 5, n_cells_per_type=30, layout=layout, seed=seed, counts_per_cell=30.0,
+        n_domains=3,
+    )
+    sig = spotlens.pp.reference_signatures(reference, labels_key="cell_type", cells_per_state=None)
+    counts = sparse.csr_matrix(spatial[:, sig.genes].X)
+    s = sig.signature.to_numpy() / float(sig.library_size.mean())
+    dist, idx = knn(spatial.obsm["spatial"], 6)
+    w = edge_weights(dist, idx, default_alpha(dist), None)
+    return counts, np.ones(s.shape[1]), s, w, color_graph(w)
+
+
+@pytest.mark.parametrize(("layout", "seed"), [("random", 1), ("domains", 2)])
+def test_spatial_path_stops_early_without_changing_the_choice(layout, seed):
+    from spotlens.deconv._model import cross_validate
+    from spotlens.deconv._ops import NumpyOps
+
+    counts, weights, s, w, colors = _cv_inputs(layout, seed)
+    common = dict(ridge_grid=(0.0, 0.01), spatial_grid=(0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+                  n_folds=2, seed=0, n_iter=60, tol=1e-3, ops=NumpyOps())
+    full = cross_validate(counts, weights, s, w, colors, patience=None, **common)
+    early = cross_validate(counts, weights, s, w, colors, **common)
+    assert early[:2] == full[:2]  # the same penalties
+    err, ref = early[2].error.to_numpy(), full[2].error.to_numpy()
+    ran = ~np.isnan(err)
+    np.testing.assert_allclose(err[ran], ref[ran], rtol=1e-2)
+    assert not np.isnan(ref).any()
+    # what was skipped comes after two rises past the best, and is worse than the choice
+    smooth = full[2][full[2].lambda_spatial > 0].error.to_numpy()
+    if (~ran).any():
+        assert np.nanmin(err) <= smooth[~ran[-len(smooth):]].min()
+    if layout == "random":  # smoothing only hurts: most of the grid is skipped
+        assert early[1] == 0.0 and (~ran).sum() >= 3
+    else:  # an intermediate weight wins, and the two largest are skipped
+        assert 0.0 < early[1] < 1.0 and (~ran).sum() >= 2

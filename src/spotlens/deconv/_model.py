@@ -240,6 +240,7 @@ def cross_validate(
     ops: NumpyOps | TorchOps,
     progress: bool = False,
     metric: np.ndarray | None = None,
+    patience: int | None = 2,
 ) -> tuple[float, float, pd.DataFrame]:
     """Choose ``lambda_ridge`` then ``lambda_spatial`` by count-splitting cross-validation.
 
@@ -250,7 +251,11 @@ def cross_validate(
     sampling noise, and penalises it when neighbours differ in composition. The noise of the
     training data is ``F/(F−1)`` times that of the full data, so the penalties chosen there are
     scaled by ``(F−1)/F`` for the full fit. The ridge is chosen first with no smoothing, then the
-    spatial weight with that ridge, along each grid with warm starts.
+    spatial weight with that ridge, along each grid with warm starts (the spatial path from the
+    best unsmoothed fit). The spatial path, in increasing order, stops once the held-out error
+    has risen at two grid points in a row past the best so far (including no smoothing), as
+    larger weights only smooth more: their rows of the table are NaN (not run). ``patience``
+    sets how many rises (``None``: run the whole grid).
 
     Parameters
     ----------
@@ -269,7 +274,8 @@ def cross_validate(
 
     Returns
     -------
-    lambda_ridge, lambda_spatial, and a table of the held-out error per grid point.
+    lambda_ridge, lambda_spatial, and a table of the held-out error per grid point (NaN:
+    not run).
 
     References
     ----------
@@ -288,28 +294,40 @@ def cross_validate(
         for part in parts
     ]
     del parts, total
-    smooth_grid = [float(v) for v in spatial_grid if v > 0]
+    smooth_grid = sorted(float(v) for v in spatial_grid if v > 0)
     n_fits = n_folds * (len(ridge_grid) + len(smooth_grid))
     bar = tqdm(total=n_fits, desc="spotlens cross-validation", disable=not progress, leave=False)
 
-    def path(pairs):
-        errors = np.zeros(len(pairs))
-        for train, held in splits:
-            x = None
-            for g, (lr, ls) in enumerate(pairs):
-                x, *_ = fit(train, w, colors, lambda_ridge=lr / shrink, lambda_spatial=ls / shrink,
-                            n_iter=n_iter, tol=tol, ops=ops, x0=x, metric=metric,
-                            track_objective=False)
-                errors[g] += held.held_out_error(x) / n_folds
+    def path(pairs, starts, best=np.inf, stop=False):
+        """Held-out error along ``pairs`` (NaN where not run), and each fold's fits."""
+        errors = np.full(len(pairs), np.nan)
+        fits: list[list[np.ndarray]] = []
+        x = list(starts)
+        rises = 0
+        for g, (lr, ls) in enumerate(pairs):
+            errors[g] = 0.0
+            for f, (train, held) in enumerate(splits):
+                x[f], *_ = fit(train, w, colors, lambda_ridge=lr / shrink,
+                               lambda_spatial=ls / shrink, n_iter=n_iter, tol=tol, ops=ops,
+                               x0=x[f], metric=metric, track_objective=False)
+                errors[g] += held.held_out_error(x[f]) / n_folds
                 bar.update(1)
-        return errors
+            fits.append(list(x))
+            rises = 0 if errors[g] < best else rises + 1
+            best = min(best, errors[g])
+            if stop and patience is not None and rises >= patience:
+                break
+        return errors, fits
 
     try:
         ridge_pairs = [(float(v), 0.0) for v in ridge_grid]
-        ridge_err = path(ridge_pairs)
-        best_r = ridge_pairs[int(np.argmin(ridge_err))][0]
+        ridge_err, ridge_fits = path(ridge_pairs, [None] * n_folds)
+        at = int(np.argmin(ridge_err))
+        best_r = ridge_pairs[at][0]
         smooth_pairs = [(best_r, v) for v in smooth_grid]
-        smooth_err = path(smooth_pairs)
+        # from the best unsmoothed fit; stop once the error rose twice past the best so far
+        smooth_err, _ = path(smooth_pairs, ridge_fits[at],
+                             best=ridge_err[at] if 0.0 in spatial_grid else np.inf, stop=True)
     finally:
         bar.close()
     table = pd.DataFrame(ridge_pairs + smooth_pairs, columns=["lambda_ridge", "lambda_spatial"])
