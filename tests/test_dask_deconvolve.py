@@ -87,12 +87,14 @@ def test_cluster_fit_equals_single_machine_across_tile_borders(pair, client, sin
     assert tiles.n_core.sum() == spatial.n_obs and (tiles.n_halo > 0).all()
     assert tiles.worker.nunique() == 2
     assert tiles.halo_check.max() < MATCH
-    # each task was shipped its own rows only (never the AnnData)
+    # each task was shipped its own rows of B = Y Sᵀ and of the graph, nothing else
     payloads = [d for d in shipped if isinstance(d, _Tile)]
-    assert len(payloads) == len(tiles)
+    assert len(payloads) == len(tiles) and len(shipped) == len(tiles) + 1  # + shared settings
+    n_states = single.uns["params"]["n_states"]
     for p in payloads:
         rows = tiles.n_core[p.index] + tiles.n_halo[p.index]
-        assert p.counts.shape[0] == p.w.shape[0] == rows < spatial.n_obs
+        assert p.b.shape == (rows, n_states) and p.w.shape == (rows, rows)
+        assert rows < spatial.n_obs and p.x0 is None
     # inputs unchanged
     assert spatial.obsm.keys() == before.obsm.keys() and spatial.uns.keys() == before.uns.keys()
     assert (spatial.X != before.X).nnz == 0

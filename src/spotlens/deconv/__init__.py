@@ -1,6 +1,7 @@
 """Cell-type deconvolution: public API and pure kernels.
 
-- :func:`deconvolve`: type-level proportions (step 1).
+- :func:`deconvolve`: type-level proportions (step 1); with ``client=`` the fit runs on a
+  Dask cluster over spatial tiles with a halo of graph neighbours (``docs/dask.md``).
 - :func:`cell_level`: weights over individual reference cells (step 2).
 - :func:`assign_cells`: a single-cell AnnData of reference cells placed in the spots.
 - :func:`cell_type_expression`: expression of chosen genes split by cell type per spot.

@@ -241,10 +241,12 @@ def deconvolve(
         ``None`` (default): fit on this machine. A ``distributed.Client``, or ``"default"`` for
         the current Dask client: fit over spatial tiles on that cluster (see ``docs/dask.md``).
         Everything global (signatures, gene weights, embedding, graph, ``alpha``, penalties) is
-        computed here once; each task gets only its tile's rows (counts, its block of the graph)
-        and returns its core's proportions. Workers need spotlens installed; ``device`` is
-        resolved on each worker. Proportions agree with the single-machine run to about the
-        solver tolerance (max abs difference under 1e-4 at the default ``tol``).
+        computed here once; each task gets only its tile's rows (of ``Y Sᵀ``, ``n_spots ×
+        n_states``, and of the graph) and returns its core's solution. Workers need spotlens
+        installed; ``device`` is resolved on each worker. Proportions differ from the
+        single-machine run by the halo's truncation error (about 1e-5 with the default
+        ``halo_hops``) plus both solvers' stopping error, which ``tol`` sets (below 1e-4 in the
+        tests at ``tol=1e-8``; see ``docs/dask.md`` for measurements at the default).
     tile_size
         With ``client``: side of the square tiles, in the units of ``obsm[spatial_key]``;
         ``None`` gives about 50,000 spots per tile. Each section is tiled on its own.
@@ -354,8 +356,7 @@ def deconvolve(
     )
     # smooth cell-type composition, not states: Tr(P Xᵀ L X) with P = M Mᵀ
     metric = None if len(state_type) == len(types) else (to_types @ to_types.T).toarray()
-    # with a client, each tile computes its own rows of these statistics
-    problem = None if client is not None else Problem.from_counts(y, weights, s_w)
+    problem = Problem.from_counts(y, weights, s_w)
 
     logger.info("stage 2/5 graph: %d spots, k=%d, attention=%s", len(coords), k_neighbors,
                 use_attention)
@@ -407,7 +408,7 @@ def deconvolve(
         )
     else:
         x_states, history, n_sweeps, converged, w, tiles = fit_tiled(
-            client, y, weights, s_w, w, coords, sections, lambda_ridge=float(lambda_ridge),
+            client, problem, w, coords, sections, lambda_ridge=float(lambda_ridge),
             lambda_spatial=float(lambda_spatial), n_iter=n_iter, tol=tol, device=device,
             seed=seed, metric=metric, attention_update=update, tile_size=tile_size,
             halo_hops=halo_hops, to_types=to_types, progress=progress,

@@ -10,10 +10,11 @@ workers, one task per tile:
 - a tile's **core** is the spots of one section inside a square of side ``tile_size``;
 - its **halo** is every spot within ``halo_hops`` graph hops of the core (never across
   sections, since the graph never links two sections);
-- each task receives only its own rows: counts (CSR, genes used), the graph restricted to core +
-  halo (the global edge weights, so ties on regular grids break as on one machine) and, between
-  attention re-estimates, the current solution; it solves the same problem on that subgraph and
-  returns the core rows.
+- each task receives only its own rows: of the sufficient statistics ``B = Y Sᵀ``
+  (``n_rows × n_states``, ~100 times smaller than the rows' counts), of the graph restricted to
+  core + halo (the global edge weights, so ties on regular grids break as on one machine) and,
+  between attention re-estimates, its own last iterate; it solves the same problem on that
+  subgraph and the driver keeps the core rows.
 
 The influence of the spots beyond the halo on a core spot decays geometrically with the number
 of hops (see ``docs/dask.md`` for the measured decay), so with the default halo the core rows
@@ -195,8 +196,8 @@ def default_halo_hops(lambda_spatial: float) -> int:
 class _Shared:
     """What every tile needs (scattered once to every worker)."""
 
-    weights: np.ndarray
-    s_w: np.ndarray
+    gram: np.ndarray
+    scale: float
     metric: np.ndarray | None
     lambda_ridge: float
     lambda_spatial: float
@@ -207,27 +208,21 @@ class _Shared:
 
 @dataclass(frozen=True)
 class _Tile:
-    """One task's own rows: core first, then halo."""
+    """One task's own rows (core first, then halo): ``B = Y Sᵀ``, graph block, start."""
 
     index: int
     n_core: int
-    counts: sparse.csr_matrix
+    b: np.ndarray
     w: sparse.csr_matrix | None
     x0: np.ndarray | None
     n_iter: int
 
 
-def _core_yy(counts: sparse.csr_matrix, weights: np.ndarray) -> float:
-    """``||Y||_F²`` of these rows, ``Y = diag(1/library) · counts · diag(weights)``."""
-    lib = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    sq = np.asarray(counts.multiply(counts) @ (np.asarray(weights, np.float64) ** 2)).ravel()
-    return float(np.divide(sq, lib**2, out=np.zeros_like(sq), where=lib > 0).sum())
-
-
 def _solve_tile(tile: _Tile, shared: _Shared) -> dict:
     """Fit one tile (core + halo) and return its core rows; runs on a worker."""
     t0 = time.perf_counter()
-    problem = Problem.from_counts(tile.counts, shared.weights, shared.s_w)
+    # ||Y||² only shifts the objective, which the driver evaluates on the stitched solution
+    problem = Problem(b=tile.b, gram=shared.gram, yy=0.0, scale=shared.scale)
     colors = None if tile.w is None else color_graph(tile.w, seed=shared.seed)
     x, _, n_sweeps, converged, _ = fit(
         problem, tile.w, colors, lambda_ridge=shared.lambda_ridge,
@@ -241,11 +236,9 @@ def _solve_tile(tile: _Tile, shared: _Shared) -> dict:
         worker = str(get_worker().name)
     except (ImportError, ValueError):
         worker = "driver"
-    k = tile.n_core
     return {
-        "index": tile.index, "x": x, "b": problem.b[:k],
-        "yy": _core_yy(tile.counts[:k], shared.weights), "n_sweeps": int(n_sweeps),
-        "converged": bool(converged), "seconds": time.perf_counter() - t0, "worker": worker,
+        "index": tile.index, "x": x, "n_sweeps": int(n_sweeps), "converged": bool(converged),
+        "seconds": time.perf_counter() - t0, "worker": worker,
     }
 
 
@@ -282,9 +275,7 @@ def _run_tiles(client, tiles: list[Callable[[], _Tile]], shared: _Shared, progre
 
 def fit_tiled(
     client,
-    counts: sparse.csr_matrix,
-    weights: np.ndarray,
-    s_w: np.ndarray,
+    problem: Problem,
     w: sparse.csr_matrix,
     coords: np.ndarray,
     sections: np.ndarray | None,
@@ -308,10 +299,9 @@ def fit_tiled(
     ----------
     client
         ``distributed.Client``, or ``None`` to run the tiles one after another in this process.
-    counts
-        ``n_spots × n_genes`` raw counts (CSR) over the genes used.
-    weights, s_w
-        ``n_genes`` gene weights and the ``n_states × n_genes`` weighted signatures.
+    problem
+        The global sufficient statistics (``B`` is ``n_spots × n_states``); each tile gets its
+        rows of ``B``.
     w
         ``n_spots × n_spots`` global spot graph; each tile gets its core + halo block.
     coords, sections
@@ -346,7 +336,7 @@ def fit_tiled(
         inwards, so this overestimates the error in the core (plus the solvers' stopping error).
     """
     t0 = time.perf_counter()
-    n, n_states = counts.shape[0], s_w.shape[0]
+    n, n_states = problem.b.shape
     smooth = lambda_spatial > 0 and w is not None and w.nnz > 0
     hops = 0
     if smooth:
@@ -367,17 +357,16 @@ def fit_tiled(
         100.0 * table.n_halo.sum() / n,
     )
     shared = _Shared(
-        weights=np.asarray(weights, dtype=np.float64), s_w=np.asarray(s_w, dtype=np.float64),
+        gram=np.asarray(problem.gram, dtype=np.float64), scale=float(problem.scale),
         metric=metric, lambda_ridge=float(lambda_ridge), lambda_spatial=float(lambda_spatial),
         tol=float(tol), device=device, seed=seed,
     )
     every = attention_update[0] if attention_update and smooth else n_iter
     x = np.zeros((n, n_states))
-    b = np.zeros((n, n_states))
-    yy = np.zeros(len(table))
     # each tile restarts from its own last iterate (core and halo): its halo must not jump to
     # the neighbours' core values, which solve a different (wider) problem
     x_tiles: list[np.ndarray | None] = [None] * len(cores)
+    rings: list[np.ndarray] = [np.empty((0, n_states))] * len(cores)
     history, done, converged = [], 0, False
     stats = {}
     while done < n_iter and not converged:
@@ -387,7 +376,7 @@ def fit_tiled(
         def make(i, budget=budget, w_now=w_now):
             rows = members[i][0]
             return _Tile(
-                index=i, n_core=len(cores[i]), counts=counts[rows],
+                index=i, n_core=len(cores[i]), b=problem.b[rows],
                 w=None if not smooth else w_now[rows][:, rows].tocsr(),
                 x0=x_tiles[i], n_iter=budget,
             )
@@ -396,24 +385,23 @@ def fit_tiled(
         for res in _run_tiles(client, [lambda i=i: make(i) for i in range(len(cores))],
                               shared, progress):
             i = res["index"]
-            x_tiles[i] = res["x"]
+            rings[i] = res["x"][members[i][1] == 1]
+            if every < n_iter:  # more rounds may follow
+                x_tiles[i] = res["x"]
             x_new[cores[i]] = res["x"][: len(cores[i])]
-            b[cores[i]] = res["b"]
-            yy[i] = res["yy"]
             stats[i] = res
         x = x_new
         round_sweeps = max(r["n_sweeps"] for r in stats.values())
         done += round_sweeps
         converged = all(r["converged"] for r in stats.values())
-        history.append(_objective(x, b, float(yy.sum()), s_w, w_now, lambda_ridge,
+        history.append(_objective(x, problem, w_now, lambda_ridge,
                                   lambda_spatial if smooth else 0.0, metric))
         if not converged and smooth and attention_update and done < n_iter:
             logger.info("round done after %d sweeps; re-estimating attention", done)
             w = attention_update[1](_normalise_rows(x))
             adjacency = sparse.csr_matrix(w)
     table["halo_check"] = [
-        _max_fraction_difference(x_tiles[i][members[i][1] == 1],
-                                 x[members[i][0][members[i][1] == 1]], to_types)
+        _max_fraction_difference(rings[i], x[members[i][0][members[i][1] == 1]], to_types)
         if hops or not smooth else np.nan
         for i in range(len(table))
     ]
@@ -441,12 +429,11 @@ def _max_fraction_difference(a: np.ndarray, b: np.ndarray, to_types) -> float:
     return float(np.abs(_normalise_rows(a) - _normalise_rows(b)).max())
 
 
-def _objective(x, b, yy, s_w, w, lambda_ridge, lambda_spatial, metric) -> float:
+def _objective(x, problem: Problem, w, lambda_ridge, lambda_spatial, metric) -> float:
     """Return the global objective of the stitched solution (relative penalties)."""
-    gram = s_w @ s_w.T
-    scale = float(np.mean(np.diag(gram)))
     deg = None if w is None else np.asarray(w.sum(axis=1)).ravel()
-    return float(objective(x, b, gram, yy, w, deg, lambda_ridge * scale, lambda_spatial * scale,
+    return float(objective(x, problem.b, problem.gram, problem.yy, w, deg,
+                           lambda_ridge * problem.scale, lambda_spatial * problem.scale,
                            NumpyOps(), metric))
 
 
