@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 from scipy.spatial import cKDTree
+from threadpoolctl import threadpool_limits
 
 from ..pp._embedding import _log_normalise, log_pca
 from ._ops import jit, map_threads, row_ranges
@@ -94,7 +95,10 @@ def expression_embedding(
     rng = np.random.default_rng(seed)
     fit_rows = np.sort(rng.choice(n, size=max_fit, replace=False)) if n > max_fit else np.arange(n)
     pca = PCA(n_components=n_comps, svd_solver="randomized", random_state=seed)
-    pca.fit(_log_normalise(counts[fit_rows], scale))
+    # one BLAS thread: on these thin matrices (``n_comps`` + 10 columns) more threads gain
+    # little, and on a busy machine OpenBLAS's waiting threads made the fit 4× slower
+    with threadpool_limits(1, user_api="blas"):
+        pca.fit(_log_normalise(counts[fit_rows], scale))
     factor = np.divide(scale, lib, out=np.zeros_like(lib), where=lib > 0)
     # PCA.transform is (X − mean) @ componentsᵀ; X is sparse, so subtract mean @ componentsᵀ
     comps = np.ascontiguousarray(pca.components_.T, dtype=np.float64)
