@@ -233,14 +233,16 @@ def spotlens_worker(args: argparse.Namespace) -> dict:
     from spotlens.deconv import deconvolve
 
     spatial_path, ref_path, _ = _data_paths(args, args.n_spots)
-    lam_s = _parse_lambda(args.setting)
+    setting, _, mode = args.setting.partition(":")
+    backed = args.backed or mode == "backed"
+    lam_s = _parse_lambda(setting)
     kwargs = {"lambda_spatial": lam_s, "lambda_ridge": "auto" if lam_s == "auto" else 0.0}
     if args.device != "cpu":
         kwargs["device"] = args.device
     tiny, tiny_ref = datasets.synthetic(300, 200, args.types, seed=args.seed + 1)
     deconvolve(tiny, tiny_ref, inplace=False, progress=False, **kwargs)
     del tiny, tiny_ref
-    spatial = ad.read_h5ad(spatial_path, backed="r" if args.backed else None)
+    spatial = ad.read_h5ad(spatial_path, backed="r" if backed else None)
     reference = ad.read_h5ad(ref_path)
     truth = spatial.obsm["true_proportions"]
     res = _timed(
@@ -513,7 +515,9 @@ def parent(args: argparse.Namespace) -> None:
         "truth.",
         "- spotlens: `auto` is the library default (both penalties chosen by count-splitting "
         "cross-validation on a patch of at most `cv_max_spots` = 20,000 spots); a number fixes "
-        "λ_spatial with λ_ridge = 0 (no cross-validation).",
+        "λ_spatial with λ_ridge = 0 (no cross-validation). `:backed`: the slide is opened with "
+        "`anndata.read_h5ad(..., backed='r')`, so its counts stay on disk and `deconvolve` reads "
+        "them in chunks of rows, keeping only the genes it uses.",
         "- 'load avg' is the 1-minute load average when the call started: above the core count "
         "(2), other work shared the machine and times are inflated.",
         "",
@@ -557,8 +561,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cells-per-spot", type=float, default=2.0)
     p.add_argument("--counts-per-cell", type=float, default=150.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lambda-spatial", nargs="+", default=["auto", "0.1"],
-                   help="spotlens settings: numbers and/or 'auto' (default: auto 0.1)")
+    p.add_argument("--lambda-spatial", nargs="+", default=["auto", "0.1", "auto:backed"],
+                   help="spotlens settings: numbers and/or 'auto'; ':backed' reads the slide "
+                   "with backed='r' (default: auto 0.1 auto:backed)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backed", action="store_true",
                    help="spotlens reads the slide with backed='r' (counts read in chunks)")
@@ -585,8 +590,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(work(args)), flush=True)
         return
     for v in args.lambda_spatial:
-        if v != "auto":
-            float(v)
+        value, _, mode = v.partition(":")
+        if value != "auto":
+            float(value)
+        if mode not in ("", "backed"):
+            p.error(f"unknown mode {mode!r} in --lambda-spatial {v!r} (only ':backed')")
     parent(args)
 
 
