@@ -440,11 +440,13 @@ def _commit() -> str:
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
             text=True, check=True,
         ).stdout.strip()
+        used = ["src/spotlens/deconv", "src/spotlens/datasets", "src/spotlens/pp",
+                "src/spotlens/_validation.py"]  # what the benchmark runs
         dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", *used],
             capture_output=True, text=True, check=True,
         ).stdout.strip()
-        return commit + (" + uncommitted changes in src/" if dirty else "")
+        return commit + (" + uncommitted changes in " + ", ".join(used) if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
