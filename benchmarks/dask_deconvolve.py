@@ -1,6 +1,7 @@
 """``deconvolve(..., client=)`` on a Dask ``LocalCluster`` against the single-machine run.
 
-Two parts, both written to ``benchmarks/results/dask_deconvolve.md`` (``--out`` to change):
+Two parts, written to ``benchmarks/results/dask_deconvolve.md`` and ``dask_halo_study.md``
+(``--out`` names another folder):
 
 1. **Timing** (default): simulates ``--spots`` spots × 2,000 genes × 15 types with
    :func:`spotlens.datasets.synthetic`, runs ``deconvolve`` on this machine and on a
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -138,23 +140,30 @@ def main() -> None:
     p.add_argument("--study-spots", type=int, default=10_000)
     p.add_argument("--study-tile", type=float, default=2500.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(HERE / "results" / "dask_deconvolve.md"))
+    p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     logging.getLogger("distributed").setLevel(logging.WARNING)
     from _machine import machine
 
-    lines = ["# spotlens.deconv.deconvolve on a Dask LocalCluster", "",
-             f"{machine()}, {dt.date.today().isoformat()}, spotlens {spotlens.__version__}. "
-             "Same parameters on both sides (default `tol=1e-5`, `n_iter=200` for the timing).",
-             ""]
-    if args.spots:
-        timing(args, lines)
+    parts = [(timing, "dask_deconvolve.md")] if args.spots else []
     if args.halo_study:
-        halo_study(args, lines)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print(f"wrote {out}")
+        parts.append((halo_study, "dask_halo_study.md"))
+    for part, name in parts:
+        lines = ["# spotlens.deconv.deconvolve on a Dask LocalCluster", "",
+                 f"{machine()}, {dt.date.today().isoformat()}, spotlens {spotlens.__version__}, "
+                 "`python benchmarks/dask_deconvolve.py"
+                 + (" --halo-study --spots 0" if part is halo_study else "") + "`. Same "
+                 "parameters on both sides (default `tol=1e-5`, `n_iter=200` for the timing). "
+                 "Load average at the start: "
+                 + ", ".join(f"{v:.1f}" for v in os.getloadavg()) + ".", ""]
+        part(args, lines)
+        lines.append("Load average (1, 5, 15 min) at the end: "
+                     + ", ".join(f"{v:.1f}" for v in os.getloadavg())
+                     + " (other jobs share this machine; timings move with the load).")
+        out = Path(args.out) / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n")
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":
