@@ -31,15 +31,11 @@ import torch
 
 from spotlens.histology._baseline import RidgeBaseline
 from spotlens.histology._encoders import get_encoder
-from spotlens.histology._features import (
-    colour_features,
-    image_identity,
-    tile_cache_key,
-    tile_features,
-)
+from spotlens.histology._features import colour_features, image_identity, multiscale_features
 from spotlens.histology._image import read_image
 from spotlens.histology._metrics import evaluate, section_log_expression, select_target_genes
-from spotlens.histology._tiles import spot_tiles, tile_geometry
+from spotlens.histology._normalize import standardize_section
+from spotlens.histology._tiles import DEFAULT_TILE_SCALES, spot_tiles, tile_geometry
 from spotlens.histology._train import ExpressionModel, Section, TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,7 +51,6 @@ DATASETS = {
         "test": ["C6", "B4"],
         "image": "{s}_HE_fullres.jpg",
         "tile_um": 100.0,  # = the spot diameter
-        "context_um": 200.0,  # a second run of the attention model with twice the field of view
     },
     "stutility_mob": {
         "dir": "stutility_mob",
@@ -82,96 +77,86 @@ TARGETS = {
 GENE_SET_LABEL = {"hvg": "HVG-50", "top_expressed": "top-250 expressed"}
 
 
-def cut_tiles(adata, image_path: Path, tile_um, out_px: int = 224):
-    """Return (tiles, feature-cache key, description) cut with spotlens' spot_tiles."""
-    image = read_image(image_path)
-    geometry = tile_geometry(adata, image=image, tile_um=tile_um)
-    tiles = spot_tiles(adata, image, tile_um=tile_um, out_px=out_px)
-    key = tile_cache_key(
-        "spot_tiles|" + image_identity(image_path),
-        geometry.centres_px,
-        tile_um=geometry.tile_um,
-        tile_px=geometry.side_px,
-        mpp=geometry.mpp,
-        out_px=out_px,
-    )
-    return tiles, key, f"spot_tiles, side {geometry.side_px:.1f} px"
-
-
 def machine_line() -> str:
     return (f"{machine()}; Python {platform.python_version()}, torch {torch.__version__} (CPU), "
             f"numpy {np.__version__}")
+
+
+SCALES = DEFAULT_TILE_SCALES
+SPOTLENS = f"efficientnet-lite0 at {len(SCALES)} tile scales, z-scored per section"
+
+
+def section_features(adata, image_path: Path, tile_um, encoder, cache_dir, stats: dict):
+    """Scale-1 tiles (HEST protocol and colour) and spotlens' multi-scale features."""
+    image = read_image(image_path)
+    geometry = tile_geometry(adata, image=image, tile_um=tile_um)
+    image_id = "spot_tiles|" + image_identity(image_path)
+    t0 = time.perf_counter()
+    tiles = spot_tiles(adata, image, tile_um=tile_um, out_px=224)
+    stats["tiles_s"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    colour = colour_features(tiles)
+    stats["colour_s"] += time.perf_counter() - t0
+    del tiles
+    t0 = time.perf_counter()
+    multi = multiscale_features(
+        image, geometry.centres_px, geometry.side_px, encoder, scales=SCALES, out_px=224,
+        cache_dir=cache_dir, image_id=image_id, tile_um=geometry.tile_um, mpp=geometry.mpp,
+        progress=False,
+    )
+    stats["features_s"] += time.perf_counter() - t0
+    stats["side_px"] = geometry.side_px
+    dim = encoder.dim
+    return {"efficientnet-lite0": multi[:, :dim], "colour": colour,
+            SPOTLENS: standardize_section(multi)}
 
 
 def run_dataset(name: str, spec: dict, encoder, cache_dir, log) -> tuple[list, dict]:
     folder = DATA / spec["dir"]
     sections = spec["train"] + spec["test"]
     adatas = {s: ad.read_h5ad(folder / f"{s}.h5ad") for s in sections}
-    feats = {"efficientnet-lite0": {}, "colour": {}}
-    timing = {"tiles_s": 0.0, "encode_s": 0.0, "encoded": 0, "hits": 0, "colour_s": 0.0,
-              "n_tiles": 0, "tiler": "", "rates": []}
+    timing = {"tiles_s": 0.0, "colour_s": 0.0, "features_s": 0.0, "n_tiles": 0}
+    feats: dict[str, dict] = {}
     for s in sections:
-        t0 = time.perf_counter()
-        tiles, key, tiler = cut_tiles(adatas[s], folder / spec["image"].format(s=s),
-                                      spec["tile_um"])
-        timing["tiles_s"] += time.perf_counter() - t0
-        timing["tiler"] = tiler
-        stats: dict = {}
-        feats["efficientnet-lite0"][s] = tile_features(
-            tiles, encoder, batch_size=32, cache_dir=cache_dir, cache_key=key,
-            progress=False, stats=stats,
-        )
-        if stats["cache"] == "hit":
-            timing["hits"] += 1
-        else:
-            timing["encode_s"] += stats["seconds"]
-            timing["encoded"] += stats["n_tiles"]
-            timing["rates"].append(stats["tiles_per_s"])
-        t0 = time.perf_counter()
-        feats["colour"][s] = colour_features(tiles)
-        timing["colour_s"] += time.perf_counter() - t0
-        timing["n_tiles"] += len(tiles)
-        log(f"  {s}: {len(tiles)} tiles ({tiler}); encoder cache {stats['cache']}"
-            + (f", {stats['tiles_per_s']:.1f} tiles/s" if stats["cache"] != "hit" else ""))
+        by_kind = section_features(adatas[s], folder / spec["image"].format(s=s),
+                                   spec["tile_um"], encoder, cache_dir, timing)
+        for kind, x in by_kind.items():
+            feats.setdefault(kind, {})[s] = x
+        timing["n_tiles"] += adatas[s].n_obs
+        log(f"  {s}: {adatas[s].n_obs} spots, tiles of {timing['side_px']:.1f} px × "
+            f"{', '.join(f'{v:g}' for v in SCALES)}")
 
-    if spec.get("context_um"):
-        feats["context"] = {}
-        for s in sections:
-            tiles, key, _ = cut_tiles(adatas[s], folder / spec["image"].format(s=s),
-                                      spec["context_um"])
-            feats["context"][s] = tile_features(tiles, encoder, batch_size=32,
-                                                cache_dir=cache_dir, cache_key=key,
-                                                progress=False)
     t0 = time.perf_counter()
     genes = select_target_genes({s: adatas[s] for s in spec["train"]})
+    coords = {s: np.asarray(adatas[s].obsm["spatial"], dtype=float) for s in sections}
     rows = []
+
+    def add(s, gene_set, label, pred, expr, gene_list, alpha=float("nan"), epochs=None,
+            target=None):
+        res = evaluate(pred, expr, gene_list)
+        rows.append({
+            "dataset": name, "section": s, "gene_set": gene_set, "features": label,
+            "r": res["mean_pearson"], "mse": res["mse"], "alpha": alpha, "epochs": epochs,
+            "n_genes": res["n_genes"], "n_constant": len(res["constant_genes"]),
+            "n_spots": res["n_spots"], "target": target,
+        })
+        log(f"  {s} {GENE_SET_LABEL[gene_set]} {label}: r {res['mean_pearson']:.3f}")
+
     for gene_set, gene_list in genes.items():
         expr = {s: section_log_expression(adatas[s], gene_list) for s in sections}
-        for feat_name, by_section in feats.items():
-            if feat_name == "context":
-                continue
-            model = RidgeBaseline().fit(
-                {s: by_section[s] for s in spec["train"]}, {s: expr[s] for s in spec["train"]}
-            )
+        ridge_rows = [("efficientnet-lite0", "efficientnet-lite0 (HEST protocol)"),
+                      ("colour", "colour"), (SPOTLENS, SPOTLENS + " → ridge")]
+        for kind, label in ridge_rows:
+            x = feats[kind]
+            model = RidgeBaseline().fit({s: x[s] for s in spec["train"]},
+                                        {s: expr[s] for s in spec["train"]})
             for s in spec["test"]:
-                res = evaluate(model.predict(by_section[s]), expr[s], gene_list)
-                rows.append({
-                    "dataset": name, "section": s, "gene_set": gene_set, "features": feat_name,
-                    "r": res["mean_pearson"], "mse": res["mse"], "alpha": model.alpha_,
-                    "n_components": model.n_components_, "n_genes": res["n_genes"],
-                    "n_constant": len(res["constant_genes"]), "n_spots": res["n_spots"],
-                    "target": TARGETS.get((s, gene_set, feat_name)),
-                })
-        # the spot-interaction attention and graph models, on the same EfficientNet features:
-        # early stopping on the last training section, then a refit on all of them for the
-        # chosen number of epochs
-        coords = {s: np.asarray(adatas[s].obsm["spatial"], dtype=float) for s in sections}
-        val = spec["train"][-1]
-        runs = [("attention", "efficientnet-lite0"), ("graph", "efficientnet-lite0")]
-        if "context" in feats:
-            runs.append(("attention", "context"))
-        for kind, feat_name in runs:
-            x = feats[feat_name]
+                add(s, gene_set, label, model.predict(x[s]), expr[s], gene_list,
+                    alpha=model.alpha_, target=TARGETS.get((s, gene_set, kind)))
+        # the spot-interaction attention and graph models: early stopping on the last training
+        # section, then a refit on all of them for the chosen number of epochs (as train())
+        x, val = feats[SPOTLENS], spec["train"][-1]
+        for kind in ("attention", "graph"):
             cfg = TrainConfig(model=kind, dropout=0.3, seed=0)
             inner = [Section(s, x[s], coords[s], expr[s]) for s in spec["train"] if s != val]
             probe = ExpressionModel(list(gene_list), cfg).fit(
@@ -181,17 +166,9 @@ def run_dataset(name: str, spec: dict, encoder, cache_dir, log) -> tuple[list, d
                 list(gene_list), replace(cfg, epochs=max(probe.best_epoch, 10))
             ).fit([Section(s, x[s], coords[s], expr[s]) for s in spec["train"]], progress=False)
             for s in spec["test"]:
-                res = evaluate(final.predict(Section(s, x[s], coords[s])), expr[s], gene_list)
-                rows.append({
-                    "dataset": name, "section": s, "gene_set": gene_set,
-                    "features": (f"efficientnet-lite0 → {kind} model" if feat_name !=
-                                 "context" else f"efficientnet-lite0, {spec['context_um']:g} µm "
-                                 f"tiles → {kind} model"), "r": res["mean_pearson"],
-                    "mse": res["mse"], "alpha": float("nan"), "n_components": 0,
-                    "n_genes": res["n_genes"], "n_constant": len(res["constant_genes"]),
-                    "n_spots": res["n_spots"], "target": None,
-                    "epochs": final.config.epochs,
-                })
+                add(s, gene_set, f"{SPOTLENS} → {kind} model",
+                    final.predict(Section(s, x[s], coords[s])), expr[s], gene_list,
+                    epochs=final.config.epochs)
     timing["model_s"] = time.perf_counter() - t0
     return rows, timing
 
@@ -261,10 +238,14 @@ def main(argv=None) -> int:
         "- features: EfficientNet-Lite0 ImageNet weights (1280-d global average pool, tiles "
         "resized to 224 px, ImageNet normalisation); colour = 25 statistics (mean, sd, p10, "
         "p50, p90 of R, G, B and of haematoxylin / eosin optical density, Ruifrok–Johnston "
-        "stain matrix). Tiles: her2st 100 µm (= spot diameter), MOB one spot diameter "
-        "(24 px in the 1905-px image, upsampled to 224). The '200 µm tiles' rows run the "
-        "attention model on tiles of twice the spot diameter around each spot (more tissue "
-        "context); seed-to-seed spread of the attention model is about ±0.02 on these sections.",
+        "stain matrix). Scale-1 tiles: her2st 100 µm (= spot diameter), MOB one spot diameter "
+        "(24 px in the 1905-px image, upsampled to 224). 'HEST protocol' and 'colour' rows use "
+        "scale-1 tiles and standardise features over all training spots, as the issue's "
+        f"baseline. spotlens' default (`spotlens.histology.train`): tiles of {SCALES} × the "
+        "spot diameter around each spot (the spot and two wider fields of view), their "
+        "features side by side (3 × 1280), each section's features z-scored over its own spots "
+        "(`standardize_section`), then ridge, attention or graph model. One seed per model; "
+        "seed-to-seed spread of the networks is about ±0.02 on these sections.",
         "- \"issue's r\" = what the issue reports for the same protocol.",
         "",
         "## Mean Pearson r on the held-out sections",
@@ -277,19 +258,12 @@ def main(argv=None) -> int:
         + (" (feature cache hits make re-runs faster)" if cache_dir else ""),
     ]
     for name, t in timings.items():
-        if t["encoded"]:
-            enc = (f"EfficientNet-Lite0 {t['encoded']} tiles in {t['encode_s']:.0f} s = "
-                   f"{t['encoded'] / t['encode_s']:.1f} tiles/s (batch 32, channels-last, "
-                   f"{torch.get_num_threads()} torch threads; per section "
-                   f"{min(t['rates']):.0f}–{max(t['rates']):.0f} tiles/s)")
-        else:
-            enc = "EfficientNet-Lite0 features read from the cache"
-        if t["hits"] and t["encoded"]:
-            enc += f"; {t['hits']} section(s) from the cache"
         lines.append(
-            f"- {name}: {t['n_tiles']} tiles cut in {t['tiles_s']:.1f} s ({t['tiler']}); {enc}; "
+            f"- {name}: {t['n_tiles']} spots; scale-1 tiles cut in {t['tiles_s']:.1f} s; "
             f"colour features {t['n_tiles'] / max(t['colour_s'], 1e-9):.0f} tiles/s; "
-            f"gene selection + ridge CV/fit/eval {t['model_s']:.1f} s"
+            f"EfficientNet-Lite0 features at {len(SCALES)} scales ({len(SCALES) * t['n_tiles']} "
+            f"tiles, cut + encoded or read from the cache) {t['features_s']:.0f} s; gene "
+            f"selection + ridge CV + attention and graph training {t['model_s']:.0f} s"
         )
     lines += [
         "",

@@ -150,9 +150,11 @@ def test_workers_read_the_image_region_by_region(models, crop, client, monkeypat
 
     monkeypatch.setattr(SlideImage, "read_region", spy)
     pred = predict(models["attention"], crop, mpp=MPP, client=client, region_um=REGION_UM)
-    assert len(calls) == pred.n_obs  # one window per spot tile, read where it is predicted
+    scales = load_model(models["attention"]).tile_scales
+    # one window per spot and tile scale, read where it is predicted
+    assert len(calls) == pred.n_obs * len(scales)
     assert not any(main for main, _, _ in calls)  # none on this machine
-    side = pred.uns["spatial"]["MOB3_crop"]["scalefactors"]["spot_diameter_fullres"]
+    side = pred.uns["spatial"]["MOB3_crop"]["scalefactors"]["spot_diameter_fullres"] * max(scales)
     margin = math.ceil(3 * max(1.0, side / 32)) + 1  # Lanczos support of extract_tiles
     assert max(max(w, h) for _, w, h in calls) <= math.ceil(side) + 2 * margin + 1
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import anndata as ad
@@ -385,12 +384,9 @@ def test_bad_inputs_tissue_and_stain(blob_slide):
 @pytest.mark.skipif(not HER2ST.is_dir(), reason=f"her2st data not found at {HER2ST}")
 def test_her2st_c6_tiles():
     adata = ad.read_h5ad(HER2ST / "C6.h5ad")
-    start = time.perf_counter()
     img = read_image(HER2ST / "C6_HE_fullres.jpg")
     tiles = spot_tiles(adata, img, tile_um=100)  # µm/px from the section's metadata
-    elapsed = time.perf_counter() - start
     assert tiles.shape == (178, 224, 224, 3) and tiles.dtype == np.uint8
-    assert elapsed < 5, f"178 tiles took {elapsed:.1f} s"
     geometry = tile_geometry(adata, tile_um=100)
     assert geometry.side_px == pytest.approx(146.3, abs=0.5)  # 100 µm = one spot diameter
     # spots sit on tissue: tiles are stained, not glass

@@ -99,6 +99,12 @@ def test_config_records_genes_geometry_encoder(model_dir):
     assert tiles["tile_um"] == pytest.approx(20.0) and tiles["tile_px"] == pytest.approx(20.0)
     assert tiles["out_px"] == 32 and tiles["mpp"] == pytest.approx(1.0)
     assert tiles["spot_pitch_um"] == pytest.approx(PITCH)
+    # the default features: three fields of view, z-scored within each section
+    assert tiles["scales"] == [1.0, 2.0, 4.0] and tiles["standardize"] == "section"
+    model = load_model(model_dir)
+    assert model.n_features == 3 * 25
+    with pytest.raises(InputError, match="3 tile scale"):
+        model.predict_features(np.zeros((5, 25), np.float32), np.zeros((5, 2)))
     assert [s["name"] for s in cfg["sections"]] == ["S1", "S2", "S3"]
     assert cfg["validation"]["section"] == "S3" and cfg["seed"] == 0
     assert cfg["train_config"]["epochs"] >= 10 and cfg["spotlens_version"]

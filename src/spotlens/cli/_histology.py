@@ -102,6 +102,14 @@ def train_command(
     tile_um: Annotated[float | None, typer.Option(
         metavar="µm", show_default=False,
         help="Tile side in µm [default: each section's spot diameter].")] = None,
+    tile_scales: Annotated[str, typer.Option(
+        metavar="S1,S2,...",
+        help="Tile sides as multiples of --tile-um whose features are put side by side "
+             "(the spot and wider fields of view around it).")] = "1,2,4",
+    standardize: Annotated[bool, typer.Option(
+        "--standardize/--no-standardize",
+        help="Z-score image features within each section (removes section-wide stain "
+             "shifts).")] = True,
     out_px: Annotated[int, typer.Option(min=8, help="Tile side after resizing, px.")] = 224,
     epochs: Annotated[int, typer.Option(min=1, help="Maximum training epochs.")] = 300,
     patience: Annotated[int, typer.Option(
@@ -139,8 +147,14 @@ def train_command(
         if model_type != "ridge":
             config = TrainConfig(model=model_type, epochs=epochs, patience=patience,
                                  dropout=dropout, seed=seed)
+        try:
+            scales = [float(v) for v in tile_scales.split(",") if v.strip()]
+        except ValueError as err:
+            raise InputError(f"--tile-scales must be numbers separated by commas, got "
+                             f"{tile_scales!r}.") from err
         train(pairs, genes=gene_arg, model=model_type, encoder=encoder, tile_um=tile_um,
-              out_px=out_px, config=config, cache_dir=cache_dir, device=device, seed=seed,
+              tile_scales=scales, standardize=standardize, out_px=out_px, config=config,
+              cache_dir=cache_dir, device=device, seed=seed,
               out=out, resume=resume, progress=progress)
         typer.echo(f"wrote {out / 'config.json'}")
 

@@ -3,7 +3,11 @@
 The driver lays out the spots (only their centres, never pixels), splits the slide into square
 image regions and submits one task per region. Each worker opens the image file itself, reads
 only the tiles of its region's spots (lazily: TIFF/SVS tiles or strips; a JPEG/PNG is decoded
-once per worker process), encodes them and predicts; the driver stitches the regions' cores.
+once per worker process) at the model's tile scales and encodes them; the features stay on
+the workers. When the model z-scores features within a section, each region sends back only
+the feature sums of its core spots, the driver adds them up into the slide's mean and standard
+deviation, and the prediction tasks standardise with those, exactly as one machine standardises
+the whole slide. The driver stitches the regions' cores.
 
 Which spots a region must see depends on the model:
 
@@ -185,25 +189,47 @@ def _worker_image(path: str, stamp: int, mpp: float):
     return read_image(path, mpp=mpp)
 
 
-def predict_region(task: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Run on a worker: read the region's tiles from the image file, encode, predict.
+def region_features(task: dict) -> np.ndarray:
+    """Run on a worker: read the region's tiles (core and halo) from the image file, encode.
+
+    Returns
+    -------
+    ``n_local × n_features`` raw features at the model's tile scales (not standardised).
+    """
+    from ._features import multiscale_features
+
+    model = _worker_model(task["model"], task["model_stamp"], task["device"])
+    image = _worker_image(task["image"], task["image_stamp"], task["mpp"])
+    return multiscale_features(image, task["centres"], task["side_px"], model.encoder,
+                               scales=model.tile_scales, out_px=task["out_px"], progress=False)
+
+
+def region_moments(features: np.ndarray, n_core: int) -> dict[str, np.ndarray]:
+    """Run on a worker: the feature sums of the region's core spots (each spot counted once)."""
+    from ._normalize import feature_moments
+
+    return feature_moments(features[:n_core])
+
+
+def predict_region(task: dict, features: np.ndarray,
+                   moments: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Run on a worker: predict the region's spots from their features.
+
+    ``moments`` are the whole slide's feature sums when the model standardises features within
+    a section, so every region is scaled exactly as on one machine.
 
     Returns
     -------
     The core's global spot indices and their ``n_core × n_genes`` float32 predictions.
     """
-    from ._features import colour_features, tile_features
-    from ._tiles import extract_tiles
-
     model = _worker_model(task["model"], task["model_stamp"], task["device"])
-    image = _worker_image(task["image"], task["image_stamp"], task["mpp"])
-    tiles = extract_tiles(image, task["centres"], task["side_px"], out_px=task["out_px"])
-    encoder = model.encoder
-    features = (colour_features(tiles) if encoder is None
-                else tile_features(tiles, encoder, progress=False))
     if task["adjacency"] is None:
-        pred = model.predict_features(features, task["centres"])
+        pred = model.predict_features(features, task["centres"], moments=moments)
     else:
+        if model.standardize:
+            from ._normalize import standardize_section
+
+            features = standardize_section(features, moments)
         pred = _graph_predict(model, features, task["adjacency"])
     n_core = task["n_core"]
     return task["core"], np.asarray(pred[:n_core], dtype=np.float32)
@@ -304,7 +330,14 @@ def predict_on_cluster(
                 len(coords), len(tasks), region_um, n_computed, client)
     from distributed import as_completed
 
-    futures = client.map(predict_region, tasks, pure=False)
+    features = client.map(region_features, tasks, pure=False)
+    moments = None
+    if model.standardize:
+        # the slide's feature mean and sd, from every region's core sums (features stay put)
+        parts = client.gather(client.map(region_moments, features,
+                                         [t["n_core"] for t in tasks], pure=False))
+        moments = {k: sum(p[k] for p in parts) for k in parts[0]}
+    futures = client.map(predict_region, tasks, features, moments=moments, pure=False)
     out = np.empty((len(coords), len(model.genes)), dtype=np.float32)
     for done, future in enumerate(as_completed(futures), start=1):
         core, pred = future.result()

@@ -21,6 +21,7 @@ import numpy as np
 
 from .._validation import InputError
 from ._encoders import Encoder, check_tiles, torch
+from ._tiles import DEFAULT_TILE_SCALES, check_tile_scales
 
 logger = logging.getLogger("spotlens")
 
@@ -342,3 +343,90 @@ def colour_features(tiles: np.ndarray, *, chunk_size: int = 64) -> np.ndarray:
             [_channel_stats(rgb), _channel_stats(conc)], axis=1
         )
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Several fields of view
+# --------------------------------------------------------------------------------------------
+
+
+def multiscale_features(
+    image,
+    centres_px: np.ndarray,
+    side_px: float,
+    encoder: Encoder | None,
+    *,
+    scales=DEFAULT_TILE_SCALES,
+    out_px: int = 224,
+    cache_dir: str | os.PathLike | None = None,
+    image_id: str | None = None,
+    tile_um: float | None = None,
+    mpp: float | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Features of square tiles of several sizes around each spot, side by side.
+
+    For each scale ``s`` a tile of side ``s · side_px`` is cut around every centre
+    (:func:`~spotlens.histology._tiles.extract_tiles`; parts outside the image are white),
+    resized to ``out_px`` and encoded (:func:`tile_features`, cached per scale) or summarised
+    by :func:`colour_features` when ``encoder`` is None. Larger tiles give the model the
+    tissue around the spot (a tumour nest, a layer of the olfactory bulb) at a coarser
+    resolution, as multi-scale patch models of histology do (e.g. Hist2ST, HIPT).
+
+    Parameters
+    ----------
+    image
+        The full-resolution image (:class:`~spotlens.histology.SlideImage` or
+        ``height × width × 3`` uint8).
+    centres_px
+        ``n_spots × 2`` tile centres ``(x, y)``, full-resolution px.
+    side_px
+        Side of the scale-1 tile, full-resolution px.
+    encoder
+        An :class:`Encoder`, or None for colour statistics.
+    scales
+        Tile sides as multiples of ``side_px`` (default :data:`DEFAULT_TILE_SCALES`).
+    out_px
+        Side of every tile after resizing, px.
+    cache_dir
+        Feature cache folder; used only with ``image_id``.
+    image_id
+        Identity of the image for the cache key (:func:`image_identity`).
+    tile_um, mpp
+        Scale-1 tile side in µm and µm per px, hashed into the cache key where known.
+    progress
+        Progress bars while encoding.
+
+    Returns
+    -------
+    ``n_spots × (n_scales · dim)`` float32, the scales' blocks in the order of ``scales``.
+
+    Raises
+    ------
+    InputError
+        Bad ``scales`` or ``side_px``.
+    """
+    from ._tiles import extract_tiles
+
+    scales = check_tile_scales(scales)
+    if not (np.isfinite(side_px) and side_px > 0):
+        raise InputError(f"side_px must be a positive number of pixels, got {side_px!r}.")
+    centres_px = np.asarray(centres_px, dtype=np.float64).reshape(-1, 2)
+    blocks = []
+    for scale in scales:
+        tiles = extract_tiles(image, centres_px, side_px * scale, out_px=out_px)
+        if encoder is None:
+            blocks.append(colour_features(tiles))
+            continue
+        key = None
+        if image_id is not None:
+            key = tile_cache_key(
+                image_id, centres_px, tile_um=None if tile_um is None else tile_um * scale,
+                tile_px=side_px * scale, mpp=mpp, out_px=out_px,
+            )
+        blocks.append(tile_features(
+            tiles, encoder, cache_dir=cache_dir if key is not None else None, cache_key=key,
+            progress=progress,
+        ))
+        del tiles
+    return np.hstack(blocks).astype(np.float32, copy=False)

@@ -30,7 +30,8 @@ from anndata import AnnData
 
 from .._validation import InputError
 from ._image import SlideImage, check_mpp, read_image
-from ._tiles import spot_tiles, tile_geometry
+from ._normalize import standardize_section
+from ._tiles import DEFAULT_TILE_SCALES, _check_on_image, check_tile_scales, tile_geometry
 
 logger = logging.getLogger("spotlens")
 
@@ -140,19 +141,16 @@ def _encoder_info(encoder: str, device: str) -> tuple[Any, dict]:
                  "identity": enc.identity}
 
 
-def _features(tiles, encoder, image_path, geometry, out_px, *, cache_dir, progress):
-    """``n_spots × dim`` features of tiles, cached under the benchmark's key layout."""
-    from ._features import colour_features
+def _features(image: SlideImage, encoder, geometry, out_px, scales, *, cache_dir, progress):
+    """``n_spots × (n_scales · dim)`` features of a section's tiles at every scale."""
+    from ._features import image_identity, multiscale_features
 
-    if encoder is None:
-        return colour_features(tiles)
-    from ._features import image_identity, tile_cache_key, tile_features
-
-    key = tile_cache_key(
-        "spot_tiles|" + image_identity(image_path), geometry.centres_px,
-        tile_um=geometry.tile_um, tile_px=geometry.side_px, mpp=geometry.mpp, out_px=out_px,
+    image_id = None if image.path is None else "spot_tiles|" + image_identity(image.path)
+    return multiscale_features(
+        image, geometry.centres_px, geometry.side_px, encoder, scales=scales, out_px=out_px,
+        cache_dir=cache_dir, image_id=image_id, tile_um=geometry.tile_um, mpp=geometry.mpp,
+        progress=progress,
     )
-    return tile_features(tiles, encoder, cache_dir=cache_dir, cache_key=key, progress=progress)
 
 
 def _spot_pitch_px(coords: np.ndarray) -> float | None:
@@ -231,6 +229,8 @@ def train(
     model: str = "attention",
     encoder: str = "efficientnet-lite0",
     tile_um: float | None = None,
+    tile_scales=DEFAULT_TILE_SCALES,
+    standardize: bool = True,
     out_px: int = 224,
     config=None,
     cache_dir=None,
@@ -242,13 +242,14 @@ def train(
 ) -> Path:
     """Train a model of spot expression from H&E tiles and write it to a folder.
 
-    Steps: cut a tile around every spot (:func:`spot_tiles`), encode the tiles (features are
-    cached in ``cache_dir``), choose the target genes on the training sections, compute their
-    log-normalised expression ``log1p(normalize_total(counts, 1e4))`` (genes a section lacks are
-    0), then fit. For ``"attention"``/``"graph"``: early stopping on the last training section
-    (training on the others), then a refit on all sections for the best number of epochs (at
-    least 10). For ``"ridge"``: standardise → PCA(256) → ridge, alpha by leave-one-section-out
-    cross-validation.
+    Steps: cut tiles of several sizes around every spot, encode them and put the features side
+    by side (:func:`multiscale_features`; cached in ``cache_dir``), z-score them within each
+    section (:func:`standardize_section`), choose the target genes on the training sections,
+    compute their log-normalised expression ``log1p(normalize_total(counts, 1e4))`` (genes a
+    section lacks are 0), then fit. For ``"attention"``/``"graph"``: early stopping on the last
+    training section (training on the others), then a refit on all sections for the best number
+    of epochs (at least 10). For ``"ridge"``: standardise → PCA(256) → ridge, alpha by
+    leave-one-section-out cross-validation.
 
     Parameters
     ----------
@@ -266,7 +267,14 @@ def train(
         Encoder name or TorchScript file for :func:`get_encoder`, or ``"colour"`` for the 25
         colour statistics of :func:`colour_features` (no torch needed with ``"ridge"``).
     tile_um
-        Tile side in µm; None = each section's spot diameter.
+        Side of the scale-1 tile in µm; None = each section's spot diameter.
+    tile_scales
+        Tile sides as multiples of the scale-1 tile; features of all are concatenated.
+        Default ``(1, 2, 4)``: the spot and two wider fields of view around it.
+    standardize
+        Z-score every feature within each section (:func:`standardize_section`; sections are
+        standardised the same way at prediction). True by default: it removes section-wide
+        stain and scanner shifts.
     out_px
         Tile side in px after resizing.
     config
@@ -314,6 +322,7 @@ def train(
                          "cross-validation and needs at least 2 training sections.")
     if tile_um is not None:
         tile_um = check_mpp(tile_um, what="tile_um", unit="µm")
+    tile_scales = check_tile_scales(tile_scales)
     out = _model_dir(out, create=True)
     enc, enc_info = _encoder_info(encoder, device)
 
@@ -332,14 +341,15 @@ def train(
         names.append(name)
         logger.info("%s: cutting %d tiles from %s", name, adata.n_obs, image.path.name)
         geometry = tile_geometry(adata, image=image, tile_um=tile_um)
-        tiles = spot_tiles(adata, image, tile_um=tile_um, out_px=out_px)
-        feats = _features(tiles, enc, image.path, geometry, out_px, cache_dir=cache_dir,
+        _check_on_image(adata, geometry, image, "spatial")
+        feats = _features(image, enc, geometry, out_px, tile_scales, cache_dir=cache_dir,
                           progress=progress)
+        if standardize:
+            feats = standardize_section(feats)
         coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
         data[name] = {"adata": adata, "image": str(image.path), "features": feats,
                       "coords": coords, "side_px": geometry.side_px, "mpp": geometry.mpp,
                       "tile_um": geometry.tile_um, "pitch_px": _spot_pitch_px(coords)}
-        del tiles
 
     logger.info("choosing target genes (%s)", genes if isinstance(genes, str) else "list")
     gene_list, rule = _choose_genes(genes, {n: data[n]["adata"] for n in names})
@@ -356,6 +366,8 @@ def train(
         "tile_um": float(np.mean([data[n]["tile_um"] for n in names])) if known else None,
         "tile_um_argument": tile_um,
         "tile_px": float(np.mean([data[n]["side_px"] for n in names])),
+        "scales": list(tile_scales),
+        "standardize": "section" if standardize else "none",
         "out_px": int(out_px),
         "mpp": float(np.mean(mpps)) if known else None,
         "spot_pitch_um": float(np.median(pitch_um)) if pitch_um else None,
@@ -567,8 +579,43 @@ class HistologyModel:
         self._encoder = enc
         return enc
 
-    def predict_features(self, features: np.ndarray, coords: np.ndarray) -> np.ndarray:
-        """Predict from ``n_spots × dim`` features and ``n_spots × 2`` centres (px).
+    @property
+    def tile_scales(self) -> tuple[float, ...]:
+        """Tile sides, as multiples of the scale-1 tile, whose features the model reads."""
+        return tuple(self.config["tiles"].get("scales", (1.0,)))
+
+    @property
+    def standardize(self) -> bool:
+        """Whether features are z-scored within each section before the model."""
+        return self.config["tiles"].get("standardize", "none") == "section"
+
+    @property
+    def n_features(self) -> int:
+        """Features per spot the model reads: encoder width × number of tile scales."""
+        return int(self.config["encoder"]["dim"]) * len(self.tile_scales)
+
+    def section_features(self, spots: AnnData, image: SlideImage, geometry, *,
+                         cache_dir=None, progress: bool = False) -> np.ndarray:
+        """Raw ``n_spots × n_features`` features of a section's tiles at the model's scales."""
+        return _features(image, self.encoder, geometry, self.config["tiles"]["out_px"],
+                         self.tile_scales, cache_dir=cache_dir if image.path else None,
+                         progress=progress)
+
+    def predict_features(self, features: np.ndarray, coords: np.ndarray, *,
+                         moments: dict | None = None) -> np.ndarray:
+        """Predict from raw ``n_spots × n_features`` features and ``n_spots × 2`` centres (px).
+
+        Parameters
+        ----------
+        features
+            Features of :meth:`section_features` (not yet standardised), of a whole section or
+            of part of one.
+        coords
+            Spot centres, full-resolution px (the graph model's neighbourhoods).
+        moments
+            When the model standardises features within a section and ``features`` is only
+            part of it: the whole section's :func:`feature_moments`. None = ``features`` are
+            the whole section.
 
         Returns
         -------
@@ -577,14 +624,17 @@ class HistologyModel:
         Raises
         ------
         InputError
-            If the feature width differs from the encoder's in training.
+            If the feature width differs from training (encoder width × tile scales).
         """
-        dim = self.config["encoder"]["dim"]
+        dim = self.n_features
         if features.ndim != 2 or features.shape[1] != dim:
             raise InputError(
                 f"Features have shape {features.shape}; the model expects n_spots × {dim} "
-                f"features of {self.config['encoder']['name']}."
+                f"features ({self.config['encoder']['name']} at {len(self.tile_scales)} tile "
+                "scale(s))."
             )
+        if self.standardize:
+            features = standardize_section(features, moments)
         if self._ridge is not None:
             r = self._ridge
             z = ((features - r["mean"]) / r["scale"]) @ r["components"].T
@@ -643,11 +693,9 @@ class HistologyModel:
         geometry = tile_geometry(adata, image=image, tile_um=tile_um, mpp=args["mpp"])
         if tile_um is not None and geometry.mpp is not None:
             self._tile_args(image, geometry.mpp)  # the resolution check with the resolved mpp
-        out_px = self.config["tiles"]["out_px"]
-        tiles = spot_tiles(adata, image, tile_um=tile_um, mpp=args["mpp"], out_px=out_px)
-        feats = _features(tiles, self.encoder, image.path, geometry, out_px,
-                          cache_dir=cache_dir if image.path is not None else None,
-                          progress=progress)
+        _check_on_image(adata, geometry, image, "spatial")
+        feats = self.section_features(adata, image, geometry, cache_dir=cache_dir,
+                                      progress=progress)
         return self.predict_features(feats, np.asarray(adata.obsm["spatial"], dtype=float))
 
 

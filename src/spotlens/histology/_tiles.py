@@ -351,3 +351,27 @@ def spot_tiles(
     )
     _check_on_image(adata, geometry, image, spatial_key)
     return extract_tiles(image, geometry.centres_px, geometry.side_px, out_px=int(out_px))
+
+
+#: Tile sides, as multiples of the base tile (the spot diameter by default), whose features are
+#: put side by side: the spot itself, and twice and four times its width for tissue context.
+DEFAULT_TILE_SCALES = (1.0, 2.0, 4.0)
+
+
+def check_tile_scales(scales) -> tuple[float, ...]:
+    """Validate tile scales: a non-empty sequence of distinct positive numbers.
+
+    Raises
+    ------
+    InputError
+        If ``scales`` is empty, holds a non-positive or non-finite value, or a repeat.
+    """
+    try:
+        values = tuple(float(s) for s in np.atleast_1d(np.asarray(scales, dtype=float)))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"tile_scales must be positive numbers, got {scales!r}.") from err
+    if not values or not all(np.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"tile_scales must be positive numbers, got {scales!r}.")
+    if len(set(values)) != len(values):
+        raise InputError(f"tile_scales has repeats: {scales!r}.")
+    return values
