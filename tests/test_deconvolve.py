@@ -257,12 +257,24 @@ def test_no_penalties_equals_per_spot_nnls_of_the_weighted_problem(synthetic, ge
                      gene_weights=gene_weights, n_iter=5000, tol=1e-12)
     genes = list(res.uns["genes"])
     types = res.proportions.columns.tolist()
-    # signature: mean of library-normalised cells × mean library, over all reference genes
+    # signature: mean of library-normalised cells (library over all reference genes) ...
     rc = ref.X.toarray().astype(float)
     lib_cell = rc.sum(axis=1, keepdims=True)
     labels = ref.obs["cell_type"].astype(str).to_numpy()
-    sig = np.stack([(rc[labels == t] / lib_cell[labels == t]).mean(0) * lib_cell[labels == t].mean()
-                    for t in types])[:, ref.var_names.get_indexer(genes)]
+    shared = ref.var_names.get_indexer(ref.var_names.intersection(st.var_names))
+    prof = np.stack([(rc[labels == t] / lib_cell[labels == t]).mean(0) for t in types])[:, shared]
+    lib_type = np.array([lib_cell[labels == t].mean() for t in types])
+    # ... shrunk by the gamma-Poisson posterior mean towards the count-weighted pooled profile,
+    # alpha by the method of moments over the shared genes ...
+    total = np.array([(labels == t).sum() for t in types]) * lib_type
+    m = total @ prof / total.sum()
+    alpha = (len(types) * m**2).sum() / ((prof - m) ** 2 - m / total[:, None]).sum()
+    shrunk = np.stack([(total[k] * prof[k] + alpha) / (total[k] + alpha / m)
+                       for k in range(len(types))])
+    shrunk[:, m == 0] = 0.0
+    # ... times the type's mean library, over the genes used
+    names = ref.var_names[shared]
+    sig = (shrunk * lib_type[:, None])[:, names.get_indexer(genes)]
     # spots: library-normalised over the genes used
     y = st[:, genes].X.toarray().astype(float)
     lib = y.sum(axis=1)

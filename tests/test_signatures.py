@@ -11,7 +11,7 @@ import pytest
 from scipy import sparse
 
 from spotlens._validation import InputError
-from spotlens.pp import reference_signatures, signature_kernel
+from spotlens.pp import reference_signatures, shrink_profiles, signature_kernel
 
 # 7 cells × 5 genes; gene "g_off" is never expressed, cell c6 has no counts at all.
 HAND_COUNTS = np.array(
@@ -56,7 +56,7 @@ def _oracle_signature(counts: np.ndarray, labels: list[str]) -> pd.DataFrame:
 @pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
 def test_signature_is_mean_normalised_expression_times_mean_library(dense):
     sig = reference_signatures(
-        _hand_reference(dense), n_genes_per_type=None, min_cells_per_type=2
+        _hand_reference(dense), n_genes_per_type=None, min_cells_per_type=2, shrink=False
     )
     expected = _oracle_signature(HAND_COUNTS, HAND_LABELS)
     expected.columns = HAND_GENES
@@ -71,9 +71,9 @@ def test_signature_is_mean_normalised_expression_times_mean_library(dense):
 
 def test_signature_restricted_to_genes_keeps_library_over_all_genes():
     ref = _hand_reference()
-    full = reference_signatures(ref, n_genes_per_type=None, min_cells_per_type=2)
+    full = reference_signatures(ref, n_genes_per_type=None, min_cells_per_type=2, shrink=False)
     sub = reference_signatures(
-        ref, genes=["g5", "g2", "g1"], n_genes_per_type=None, min_cells_per_type=2
+        ref, genes=["g5", "g2", "g1"], n_genes_per_type=None, min_cells_per_type=2, shrink=False
     )
     assert sub.genes.tolist() == ["g5", "g2", "g1"]
     # library sizes are over every reference gene, so restricting genes does not rescale
@@ -104,6 +104,57 @@ def test_signature_kernel_statistics_match_numpy():
         np.testing.assert_allclose(var_norm[k], normed[sel].var(0), atol=1e-14)
         assert lib[k] == pytest.approx(libs[sel].mean())
         assert n_cells[k] == sel.sum()
+
+
+def _gamma_profiles(rng, n_groups=20, n_genes=2000, shape=2.0):
+    """True unit-sum profiles: gamma(shape) around a shared log-normal baseline."""
+    base = rng.lognormal(0.0, 1.0, n_genes)
+    p = base * rng.gamma(shape, 1.0 / shape, size=(n_groups, n_genes))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def test_shrinkage_recovers_true_profiles_better_than_shallow_means():
+    # a shallow reference: 5,000 counts per group over 2,000 genes (about 2.5 per gene)
+    rng = np.random.default_rng(0)
+    truth = _gamma_profiles(rng)
+    total = np.full(len(truth), 5000.0)
+    observed = rng.poisson(truth * total[:, None]) / total[:, None]
+    prior = np.repeat(observed.mean(axis=0, keepdims=True), len(truth), axis=0)
+    shrunk, alpha = shrink_profiles(observed, total, prior)
+    # the moment estimate finds the profiles' spread (1/shape = 0.5 around the baseline)
+    assert 1.0 < alpha < 4.0
+    err_raw = np.abs(observed - truth).sum()
+    err_shrunk = np.abs(shrunk - truth).sum()
+    assert err_shrunk < 0.8 * err_raw
+    # a gene seen in some group is not left at an exact zero in another by sampling alone
+    seen = prior[0] > 0
+    assert (shrunk[:, seen] > 0).all() and (observed[:, seen] == 0).mean() > 0.05
+
+
+def test_shrinkage_leaves_deep_profiles_alone_and_pools_pure_noise():
+    rng = np.random.default_rng(1)
+    truth = _gamma_profiles(rng, n_groups=5, n_genes=300)
+    prior = np.repeat(truth.mean(axis=0, keepdims=True), 5, axis=0)
+    deep = np.full(5, 1e9)
+    observed = rng.poisson(truth * deep[:, None]) / deep[:, None]
+    shrunk, _ = shrink_profiles(observed, deep, prior)
+    np.testing.assert_allclose(shrunk, observed, rtol=1e-3)
+    # groups that differ by Poisson noise only: alpha = inf, every group is the prior
+    same = np.repeat(truth[:1], 5, axis=0)
+    total = np.full(5, 2000.0)
+    noisy = rng.poisson(same * total[:, None]) / total[:, None]
+    pooled = np.repeat(noisy.mean(axis=0, keepdims=True), 5, axis=0)
+    shrunk, alpha = shrink_profiles(noisy, total, pooled)
+    assert alpha == np.inf
+    np.testing.assert_array_equal(shrunk, pooled)
+
+
+def test_shrunk_signatures_keep_deep_references_and_sum_of_states():
+    ref = _marker_reference()  # about 2,000 counts per cell: shrinkage is negligible
+    plain = reference_signatures(ref, n_genes_per_type=None, shrink=False)
+    shrunk = reference_signatures(ref, n_genes_per_type=None)
+    np.testing.assert_allclose(shrunk.signature, plain.signature, rtol=0.02)
+    assert shrunk.states.shape == plain.states.shape
 
 
 def _marker_reference(seed=0, n_types=4, n_markers=3, n_background=60, extra=None):

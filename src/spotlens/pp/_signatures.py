@@ -109,6 +109,66 @@ def signature_kernel(
     return mean_norm, var_norm, library_size, n_cells
 
 
+def shrink_profiles(
+    profiles: np.ndarray, total_counts: np.ndarray, prior: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """Empirical-Bayes (gamma–Poisson) shrinkage of noisy expression profiles.
+
+    Model: group ``k`` (a cell type or state) has true profile ``p_kg`` (expression of gene g
+    per count) drawn from ``Gamma(shape α, mean prior_kg)``, and its reference cells supply
+    ``T_k`` counts, so its observed profile ``p̂_kg`` has Poisson sampling variance
+    ``prior_kg / T_k``. The posterior mean is a weighted average::
+
+        p̃_kg = (T_k p̂_kg + α) / (T_k + α / prior_kg)
+             = w_kg p̂_kg + (1 − w_kg) prior_kg,      w_kg = T_k prior_kg / (T_k prior_kg + α)
+
+    so a gene is pulled towards the prior only where the reference holds few counts of it
+    (``T_k prior_kg`` small compared with ``α``); deep references are left almost unchanged.
+    ``α`` (``1/α`` is the squared coefficient of variation of true profiles around the prior)
+    is estimated from the data by the method of moments, pooled over all groups and genes:
+    ``E(p̂ − prior)² = prior / T + prior² / α``.
+
+    Parameters
+    ----------
+    profiles
+        ``n_groups × n_genes`` observed profiles ``p̂`` (mean library-size-normalised
+        expression of the group's cells).
+    total_counts
+        ``n_groups`` reference counts behind each profile (cells × mean library size).
+    prior
+        ``n_groups × n_genes`` prior means (e.g. the pooled profile of all groups, repeated).
+
+    Returns
+    -------
+    shrunk
+        ``n_groups × n_genes`` posterior means; equal to ``prior`` where the groups differ no
+        more than sampling noise explains (``α = ∞``), to ``profiles`` where ``T_k = ∞``.
+    alpha
+        The estimated ``α`` (``inf`` when the profiles are indistinguishable from noise).
+
+    References
+    ----------
+    Robbins, "An empirical Bayes approach to statistics" (1956); the gamma–Poisson posterior
+    mean as in Efron, *Large-Scale Inference* (2010), ch. 1.
+    """
+    t = np.asarray(total_counts, dtype=float)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        noise = np.where(t > 0, prior / t, 0.0)
+    between = float(((profiles - prior) ** 2 - noise).sum())
+    scale = float((prior**2).sum())
+    if not between > 0 or scale == 0:
+        return prior.copy(), np.inf
+    alpha = scale / between
+    info = t * prior
+    weight = np.divide(info, info + alpha, out=np.zeros_like(info), where=info > 0)
+    return weight * profiles + (1.0 - weight) * prior, alpha
+
+
+def _pooled_profile(mean_norm: np.ndarray, total_counts: np.ndarray) -> np.ndarray:
+    """Count-weighted mean of the groups' profiles (``1 × n_genes``)."""
+    return (mean_norm * total_counts[:, None]).sum(axis=0, keepdims=True) / total_counts.sum()
+
+
 def _informative_genes(
     mean_norm: np.ndarray,
     var_norm: np.ndarray,
@@ -155,13 +215,20 @@ def reference_signatures(
     min_cells_per_type: int = 5,
     cells_per_state: int | None = 50,
     max_states_per_type: int = 5,
+    shrink: bool = True,
     seed: int = 0,
 ) -> Signatures:
     """Build the signature matrix of a labelled single-cell reference.
 
     For each cell type, the signature is the mean of the cells' library-size-normalised
     expression scaled by the type's mean library size, so it reads as expected counts per
-    cell (as in CARD). Informative genes are the top ``n_genes_per_type`` genes per type by log
+    cell (as in CARD). With ``shrink`` (the default) each type's mean is first shrunk towards
+    the pooled profile of all types by empirical Bayes (:func:`shrink_profiles`, strength
+    estimated from the reference), which matters where the reference holds few counts per
+    gene: a type's expression of a gene seen only a handful of times in its cells is mostly
+    sampling noise, and taken at face value (zeros included) it biases every spot's fit in the
+    same direction. Cell states are shrunk towards their (shrunk) type the same way, with
+    their own strength. Informative genes are the top ``n_genes_per_type`` genes per type by log
     fold change against the mean of the other types, minus the ``drop_overdispersed`` fraction
     with the highest within-type dispersion (variance / mean).
 
@@ -192,6 +259,9 @@ def reference_signatures(
         summing them back to types captures that.
     max_states_per_type
         Most states per type.
+    shrink
+        Shrink the profiles by empirical Bayes (see above); ``False`` gives the plain CARD
+        means.
     seed
         Seed of the PCA and k-means.
 
@@ -209,6 +279,7 @@ def reference_signatures(
     ----------
     Ma & Zhou, "Spatially informed cell-type deconvolution for spatial transcriptomics",
     Nat Biotechnol 40, 1349–1359 (2022), doi:10.1038/s41587-022-01273-7 (CARD).
+    Efron, *Large-Scale Inference*, Cambridge University Press (2010) (empirical Bayes).
 
     Examples
     --------
@@ -234,6 +305,12 @@ def reference_signatures(
             missing = genes[idx < 0][:5].tolist()
             raise InputError(f"Genes not in the reference: {missing}.")
         mean_norm, var_norm, all_genes = mean_norm[:, idx], var_norm[:, idx], genes
+    if shrink:
+        mean_norm, alpha = shrink_profiles(
+            mean_norm, n_cells * lib, np.repeat(_pooled_profile(mean_norm, n_cells * lib),
+                                                len(types), axis=0)
+        )
+        logger.info("signatures: empirical-Bayes shrinkage of type profiles, alpha=%.3g", alpha)
     kept = _informative_genes(
         mean_norm,
         var_norm,
@@ -257,8 +334,18 @@ def reference_signatures(
             embedding, codes, len(types), cells_per_state=cells_per_state,
             max_states_per_type=max_states_per_type, seed=seed,
         )
-        s_mean, _, s_lib, _ = signature_kernel(counts, state_codes, len(owner))
+        s_mean, _, s_lib, s_cells = signature_kernel(counts, state_codes, len(owner))
         s_mean = s_mean[:, reference.var_names.get_indexer(kept)]
+        if shrink:
+            # a state towards its own (shrunk) type; a type's only state is that type
+            type_mean = mean_norm[owner][:, cols]
+            split = np.bincount(owner, minlength=len(types))[owner] > 1
+            s_mean = np.where(split[:, None], s_mean, type_mean)
+            if split.any():
+                s_mean[split], alpha = shrink_profiles(
+                    s_mean[split], (s_cells * s_lib)[split], type_mean[split]
+                )
+                logger.info("signatures: states shrunk towards their type, alpha=%.3g", alpha)
         rank = np.concatenate([np.arange((owner == k).sum()) for k in range(len(types))])
         names = [f"{types[k]}#{r}" for k, r in zip(owner, rank, strict=True)]
         states = pd.DataFrame(s_mean * s_lib[:, None], index=names, columns=kept)
