@@ -39,7 +39,6 @@ from _machine import machine  # noqa: E402
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = Path(os.environ.get("SPOTLENS_DATA", HERE.parents[1] / "shared" / "data")) / "her2st"
-MPP = None  # C6's µm/px comes from its AnnData metadata
 
 
 def main(argv=None) -> int:
@@ -62,7 +61,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"{missing} are not among the model's genes.")
 
     c6, c6_image = load_section(DATA / "C6.h5ad")
-    mpp = float(c6.uns["spatial"]["C6"]["metadata"]["microns_per_pixel"])
+    mpp = float(c6.uns["spatial"]["C6"]["metadata"]["microns_per_pixel_est"])
     grid = predict(model, c6_image, mpp=mpp, cache_dir=args.cache_dir)
     measured = section_log_expression(c6, model.genes)
     xy = np.asarray(c6.obsm["spatial"], dtype=float)
