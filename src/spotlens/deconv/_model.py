@@ -252,9 +252,10 @@ def cross_validate(
     training data is ``F/(F−1)`` times that of the full data, so the penalties chosen there are
     scaled by ``(F−1)/F`` for the full fit. The ridge is chosen first with no smoothing, then the
     spatial weight with that ridge, along each grid with warm starts (the spatial path from the
-    best unsmoothed fit). The spatial path, in increasing order, stops once the held-out error
-    has risen at two grid points in a row past the best so far (including no smoothing), as
-    larger weights only smooth more: their rows of the table are NaN (not run). ``patience``
+    best unsmoothed fit). Each path, in increasing order, stops once the held-out error has
+    risen at two grid points in a row past the best so far (for the spatial path including no
+    smoothing), as larger weights only shrink or smooth more: their rows of the table are NaN
+    (not run). ``patience``
     sets how many rises (``None``: run the whole grid).
 
     Parameters
@@ -321,8 +322,9 @@ def cross_validate(
 
     try:
         ridge_pairs = [(float(v), 0.0) for v in ridge_grid]
-        ridge_err, ridge_fits = path(ridge_pairs, [None] * n_folds)
-        at = int(np.argmin(ridge_err))
+        # increasing ridge shrinks more; stop once the error rose twice past the best so far
+        ridge_err, ridge_fits = path(ridge_pairs, [None] * n_folds, stop=True)
+        at = int(np.nanargmin(ridge_err))
         best_r = ridge_pairs[at][0]
         smooth_pairs = [(best_r, v) for v in smooth_grid]
         # from the best unsmoothed fit; stop once the error rose twice past the best so far

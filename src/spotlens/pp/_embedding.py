@@ -9,7 +9,15 @@ _CHUNK_ELEMENTS = 20_000_000  # dense values per chunk (160 MB in float64)
 
 
 def _log_normalise(block, scale: float) -> np.ndarray:
-    dense = block.toarray() if sparse.issparse(block) else np.asarray(block, dtype=np.float64)
+    if sparse.issparse(block):
+        # log1p keeps zeros at zero: transform the non-zeros only, densify at the end
+        block = sparse.csr_matrix(block, dtype=np.float64, copy=True)
+        lib = np.asarray(block.sum(axis=1)).ravel()
+        factor = np.divide(scale, lib, out=np.zeros_like(lib), where=lib > 0)
+        block.data *= np.repeat(factor, np.diff(block.indptr))
+        np.log1p(block.data, out=block.data)
+        return block.toarray()
+    dense = np.asarray(block, dtype=np.float64)
     lib = dense.sum(axis=1, keepdims=True)
     dense = np.divide(dense, lib, out=np.zeros_like(dense), where=lib > 0)
     return np.log1p(dense * scale)
@@ -21,6 +29,7 @@ def log_pca(
     *,
     seed: int = 0,
     max_fit: int = 20_000,
+    iterated_power: int | str = "auto",
 ) -> np.ndarray:
     """PCA embedding of ``log1p`` library-size-normalised expression.
 
@@ -39,6 +48,8 @@ def log_pca(
         Seed for the subsample and the randomized SVD.
     max_fit
         Rows used to fit the PCA.
+    iterated_power
+        Power iterations of the randomized SVD (sklearn's ``PCA``; ``"auto"`` = its default).
 
     Returns
     -------
@@ -53,7 +64,8 @@ def log_pca(
     n_comps = int(max(1, min(n_comps, g - 1, n - 1)))
     rng = np.random.default_rng(seed)
     fit_rows = np.sort(rng.choice(n, size=max_fit, replace=False)) if n > max_fit else np.arange(n)
-    pca = PCA(n_components=n_comps, svd_solver="randomized", random_state=seed)
+    pca = PCA(n_components=n_comps, svd_solver="randomized", random_state=seed,
+              iterated_power=iterated_power)
     pca.fit(_log_normalise(counts[fit_rows], scale))
     del fit_rows
     z = np.empty((n, n_comps))
