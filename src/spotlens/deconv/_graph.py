@@ -8,9 +8,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 from scipy.spatial import cKDTree
-from threadpoolctl import threadpool_limits
 
-from ..pp._embedding import _log_normalise, log_pca
+from ..pp._embedding import fit_log_pca, log_pca
 from ._ops import jit, map_threads, row_ranges
 
 _CHUNK = 65536
@@ -92,21 +91,13 @@ def expression_embedding(
     if not sparse.issparse(counts):
         return log_pca(counts, n_comps, seed=seed, max_fit=max_fit,
                        iterated_power=iterated_power)
-    from sklearn.decomposition import PCA
-
     counts = sparse.csr_matrix(counts)
-    n, g = counts.shape
-    lib = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    scale = float(np.median(lib[lib > 0])) if np.any(lib > 0) else 1.0
-    n_comps = int(max(1, min(n_comps, g - 1, n - 1)))
-    rng = np.random.default_rng(seed)
-    fit_rows = np.sort(rng.choice(n, size=max_fit, replace=False)) if n > max_fit else np.arange(n)
-    pca = PCA(n_components=n_comps, svd_solver="randomized", random_state=seed,
-              iterated_power=iterated_power)
+    n = counts.shape[0]
     # one BLAS thread: on these thin matrices (``n_comps`` + 10 columns) more threads gain
     # little, and on a busy machine OpenBLAS's waiting threads made the fit 4× slower
-    with threadpool_limits(1, user_api="blas"):
-        pca.fit(_log_normalise(counts[fit_rows], scale))
+    pca, scale, lib = fit_log_pca(counts, n_comps, seed=seed, max_fit=max_fit,
+                                  iterated_power=iterated_power, blas_threads=1)
+    n_comps = pca.n_components_
     factor = np.divide(scale, lib, out=np.zeros_like(lib), where=lib > 0)
     # PCA.transform is (X − mean) @ componentsᵀ; X is sparse, so subtract mean @ componentsᵀ
     comps = np.ascontiguousarray(pca.components_.T, dtype=np.float64)

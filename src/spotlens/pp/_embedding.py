@@ -23,6 +23,32 @@ def _log_normalise(block, scale: float) -> np.ndarray:
     return np.log1p(dense * scale)
 
 
+def fit_log_pca(counts, n_comps: int, *, seed: int, max_fit: int, iterated_power="auto",
+                blas_threads: int | None = None):
+    """Fit the randomized PCA of :func:`log_pca` on at most ``max_fit`` seeded random rows.
+
+    Returns
+    -------
+    The fitted ``sklearn.decomposition.PCA``, the median library size that rows are scaled to,
+    and the ``n_obs`` library sizes (float64). ``blas_threads`` caps BLAS threads during the
+    fit (None: no cap).
+    """
+    from sklearn.decomposition import PCA
+    from threadpoolctl import threadpool_limits
+
+    n, g = counts.shape
+    lib = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    scale = float(np.median(lib[lib > 0])) if np.any(lib > 0) else 1.0
+    n_comps = int(max(1, min(n_comps, g - 1, n - 1)))
+    rng = np.random.default_rng(seed)
+    fit_rows = np.sort(rng.choice(n, size=max_fit, replace=False)) if n > max_fit else np.arange(n)
+    pca = PCA(n_components=n_comps, svd_solver="randomized", random_state=seed,
+              iterated_power=iterated_power)
+    with threadpool_limits(blas_threads, user_api="blas"):
+        pca.fit(_log_normalise(counts[fit_rows], scale))
+    return pca, scale, lib
+
+
 def log_pca(
     counts: sparse.spmatrix | np.ndarray,
     n_comps: int = 20,
@@ -55,19 +81,11 @@ def log_pca(
     -------
     ``n_obs × n_comps`` embedding (float64).
     """
-    from sklearn.decomposition import PCA
-
     counts = sparse.csr_matrix(counts) if sparse.issparse(counts) else np.asarray(counts)
     n, g = counts.shape
-    lib = np.asarray(counts.sum(axis=1)).ravel()
-    scale = float(np.median(lib[lib > 0])) if np.any(lib > 0) else 1.0
-    n_comps = int(max(1, min(n_comps, g - 1, n - 1)))
-    rng = np.random.default_rng(seed)
-    fit_rows = np.sort(rng.choice(n, size=max_fit, replace=False)) if n > max_fit else np.arange(n)
-    pca = PCA(n_components=n_comps, svd_solver="randomized", random_state=seed,
-              iterated_power=iterated_power)
-    pca.fit(_log_normalise(counts[fit_rows], scale))
-    del fit_rows
+    pca, scale, _ = fit_log_pca(counts, n_comps, seed=seed, max_fit=max_fit,
+                                iterated_power=iterated_power)
+    n_comps = pca.n_components_
     z = np.empty((n, n_comps))
     chunk = max(1, _CHUNK_ELEMENTS // max(g, 1))
     for start in range(0, n, chunk):
