@@ -245,7 +245,8 @@ def main(argv=None) -> int:
         "spot diameter around each spot (the spot and two wider fields of view), their "
         "features side by side (3 × 1280), each section's features z-scored over its own spots "
         "(`standardize_section`), then ridge, attention or graph model. One seed per model; "
-        "seed-to-seed spread of the networks is about ±0.02 on these sections.",
+        "seed-to-seed spread of the networks is up to ±0.03 on these sections (graph B4 "
+        "0.12–0.17 over 3 seeds).",
         "- \"issue's r\" = what the issue reports for the same protocol.",
         "",
         "## Mean Pearson r on the held-out sections",
