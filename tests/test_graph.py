@@ -190,3 +190,20 @@ def test_color_graph_is_greedy_in_decreasing_random_priority():
         taken = {expected[u] for u in a.indices[a.indptr[v] : a.indptr[v + 1]] if u != v}
         expected[v] = min(set(range(len(taken) + 1)) - taken)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_knn_on_a_grid_does_not_depend_on_units_or_rounding():
+    """Equally distant neighbours (a square grid cut at k = 6) are chosen the same way
+    whatever the unit, offset or last bits of the coordinates."""
+    grid = np.stack(np.meshgrid(np.arange(30), np.arange(30)), -1).reshape(-1, 2).astype(float)
+    _, base = knn(grid * 32.0, 6)
+    noise = 1e-12 * np.random.default_rng(0).standard_normal(grid.shape)
+    for coords in (grid * 29.21 + 3.3, grid * 0.2738, grid * 32.0 * (1 + noise)):
+        _, idx = knn(coords, 6)
+        np.testing.assert_array_equal(idx, base)
+    # an interior spot gets its 4 orthogonal neighbours and then the lowest-index diagonals
+    centre = 15 * 30 + 15
+    d, idx = knn(grid, 6)
+    np.testing.assert_allclose(d[centre], [1, 1, 1, 1, np.sqrt(2), np.sqrt(2)])
+    assert set(idx[centre, :4]) == {centre - 30, centre - 1, centre + 1, centre + 30}
+    assert list(idx[centre, 4:]) == [centre - 31, centre - 29]
