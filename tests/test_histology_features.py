@@ -64,3 +64,16 @@ def test_tile_scales_are_checked():
             check_tile_scales(bad)
     with pytest.raises(InputError, match="side_px"):
         multiscale_features(np.zeros((10, 10, 3), np.uint8), [[5, 5]], 0.0, None)
+
+
+def test_multiscale_features_in_chunks_equal_one_pass(monkeypatch):
+    import spotlens.histology._features as features
+
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, size=(120, 160, 3), dtype=np.uint8)
+    centres = rng.uniform(20, 100, size=(11, 2))
+    whole = multiscale_features(image, centres, 12.0, None, scales=(1, 2), out_px=16)
+    monkeypatch.setattr(features, "_SPOTS_PER_CHUNK", 4)
+    chunked = multiscale_features(image, centres, 12.0, None, scales=(1, 2), out_px=16)
+    assert chunked.shape == (11, 2 * 25)
+    np.testing.assert_array_equal(chunked, whole)

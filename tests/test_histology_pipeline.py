@@ -304,6 +304,14 @@ def test_cli_train_evaluate_predict(data, tmp_path):
     res = runner.invoke(app, ["histology", "train", "--sections", str(tmp_path / "x.h5ad"),
                               "-q", "-o", str(tmp_path / "m2")])
     assert res.exit_code == 2 and "error: Section file not found" in res.output
+    res = runner.invoke(app, ["histology", "train", "--sections", str(folder / "S1.h5ad"),
+                              str(folder / "S2.h5ad"), "--tile-scales", "1,x", "-q",
+                              "-o", str(tmp_path / "m3")])
+    assert res.exit_code == 2 and "error: --tile-scales must be numbers" in res.output
+    res = runner.invoke(app, ["histology", "train", "--sections", str(folder / "S1.h5ad"),
+                              str(folder / "S2.h5ad"), "--tile-scales", "1,1", "-q",
+                              "-o", str(tmp_path / "m4")])
+    assert res.exit_code == 2 and "tile_scales has repeats" in res.output
 
 
 # -- real data (optional) ------------------------------------------------------------------------

@@ -400,6 +400,7 @@ def multiscale_features(
     Returns
     -------
     ``n_spots × (n_scales · dim)`` float32, the scales' blocks in the order of ``scales``.
+    Tiles are cut and encoded 4,096 spots at a time, so memory does not grow with the slide.
 
     Raises
     ------
@@ -414,19 +415,27 @@ def multiscale_features(
     centres_px = np.asarray(centres_px, dtype=np.float64).reshape(-1, 2)
     blocks = []
     for scale in scales:
-        tiles = extract_tiles(image, centres_px, side_px * scale, out_px=out_px)
-        if encoder is None:
-            blocks.append(colour_features(tiles))
-            continue
-        key = None
-        if image_id is not None:
-            key = tile_cache_key(
-                image_id, centres_px, tile_um=None if tile_um is None else tile_um * scale,
-                tile_px=side_px * scale, mpp=mpp, out_px=out_px,
-            )
-        blocks.append(tile_features(
-            tiles, encoder, cache_dir=cache_dir if key is not None else None, cache_key=key,
-            progress=progress,
-        ))
-        del tiles
+        parts = []
+        # spots in chunks, so a slide of 100,000 pseudo-spots never holds all its tiles at once
+        # (each chunk is cached under the key of its own centres)
+        for lo in range(0, len(centres_px), _SPOTS_PER_CHUNK):
+            chunk = centres_px[lo:lo + _SPOTS_PER_CHUNK]
+            tiles = extract_tiles(image, chunk, side_px * scale, out_px=out_px)
+            if encoder is None:
+                parts.append(colour_features(tiles))
+                continue
+            key = None
+            if image_id is not None:
+                key = tile_cache_key(
+                    image_id, chunk, tile_um=None if tile_um is None else tile_um * scale,
+                    tile_px=side_px * scale, mpp=mpp, out_px=out_px,
+                )
+            parts.append(tile_features(
+                tiles, encoder, cache_dir=cache_dir if key is not None else None, cache_key=key,
+                progress=progress,
+            ))
+        blocks.append(np.vstack(parts) if parts else np.empty((0, 0), np.float32))
     return np.hstack(blocks).astype(np.float32, copy=False)
+
+
+_SPOTS_PER_CHUNK = 4096  # tiles cut and encoded at once (~620 MB of 224-px RGB tiles)

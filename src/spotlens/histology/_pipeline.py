@@ -596,7 +596,23 @@ class HistologyModel:
 
     def section_features(self, spots: AnnData, image: SlideImage, geometry, *,
                          cache_dir=None, progress: bool = False) -> np.ndarray:
-        """Raw ``n_spots × n_features`` features of a section's tiles at the model's scales."""
+        """Features of a section's tiles at the model's tile scales, before standardisation.
+
+        Parameters
+        ----------
+        spots
+            The section's spots (only for the caller's bookkeeping; tiles follow ``geometry``).
+        image
+            Its full-resolution image.
+        geometry
+            :func:`tile_geometry` of the spots on ``image`` (centres and scale-1 side, px).
+        cache_dir, progress
+            Feature cache folder (used when the image is a file) and progress bars.
+
+        Returns
+        -------
+        ``n_spots × n_features`` float32 (:attr:`n_features` = encoder width × scales).
+        """
         return _features(image, self.encoder, geometry, self.config["tiles"]["out_px"],
                          self.tile_scales, cache_dir=cache_dir if image.path else None,
                          progress=progress)
@@ -902,7 +918,6 @@ def predict(
                                      progress=progress)
     else:
         from ._distributed import predict_on_cluster
-        from ._tiles import _check_on_image
 
         geometry = tile_geometry(grid, image=image, tile_um=tiles["tile_um"], mpp=mpp)
         _check_on_image(grid, geometry, image, "spatial")
