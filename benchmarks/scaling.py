@@ -516,7 +516,7 @@ def parent(args: argparse.Namespace) -> None:
         "('RSS before'). Accuracy: Pearson r over all spot × type entries and RMSE against the "
         "truth.",
         "- spotlens: `auto` is the library default (both penalties chosen by count-splitting "
-        "cross-validation on a patch of at most `cv_max_spots` = 20,000 spots); a number fixes "
+        "cross-validation on a patch of at most `cv_max_spots` = 5,000 spots); a number fixes "
         "λ_spatial with λ_ridge = 0 (no cross-validation). `:backed`: the slide is opened with "
         "`anndata.read_h5ad(..., backed='r')`, so its counts stay on disk and `deconvolve` reads "
         "them in chunks of rows, keeping only the genes it uses.",
