@@ -142,7 +142,8 @@ def test_validation_keeps_the_best_epoch():
     train = [_synthetic(seed=1, name="a")]
     val = _synthetic(seed=5, name="v")
     model = ExpressionModel([f"g{i}" for i in range(8)],
-                            TrainConfig(epochs=60, hidden=16, patience=1000))
+                            TrainConfig(epochs=60, hidden=16, patience=1000,
+                                        expression_rank=None))  # the network's own output
     model.fit(train, validation=val, progress=False)
     scores = [h["val_pearson"] for h in model.history]
     assert model.best_epoch == int(np.argmax(scores)) + 1

@@ -108,6 +108,10 @@ def test_config_records_genes_geometry_encoder(model_dir):
     assert [s["name"] for s in cfg["sections"]] == ["S1", "S2", "S3"]
     assert cfg["validation"]["section"] == "S3" and cfg["seed"] == 0
     assert cfg["train_config"]["epochs"] >= 10 and cfg["spotlens_version"]
+    # 3 genes: no rank below 3 to project onto, so the final model keeps every axis
+    assert cfg["validation"]["expression_rank"] == "full"
+    assert cfg["validation"]["rank_scores"].keys() == {"full"}
+    assert cfg["train_config"]["expression_rank"] is None
 
 
 def test_evaluate_held_out_section_learns_the_image(model_dir, data):
@@ -144,6 +148,8 @@ def test_ridge_model_saves_arrays_without_pickle(data, tmp_path):
                 out_px=32, out=tmp_path / "ridge", progress=False)
     with np.load(out / "model.npz", allow_pickle=False) as z:
         assert z["coef"].shape[1] == 3
+    validation = json.loads((out / "config.json").read_text())["validation"]
+    assert validation["expression_rank"] == "full" and validation["rank_scores"].keys() == {"full"}
     model = load_model(out)
     s4, image, _ = data["S4"]
     pred = model.predict_section(s4, image)
@@ -312,6 +318,12 @@ def test_cli_train_evaluate_predict(data, tmp_path):
                               str(folder / "S2.h5ad"), "--tile-scales", "1,1", "-q",
                               "-o", str(tmp_path / "m4")])
     assert res.exit_code == 2 and "tile_scales has repeats" in res.output
+    for bad, message in [("x", "--expression-rank must be 'auto', 'full' or a positive"),
+                         ("0", "expression_rank must be a positive integer")]:
+        res = runner.invoke(app, ["histology", "train", "--sections", str(folder / "S1.h5ad"),
+                                  str(folder / "S2.h5ad"), "--expression-rank", bad, "-q",
+                                  "-o", str(tmp_path / "m5")])
+        assert res.exit_code == 2 and message in res.output
 
 
 # -- real data (optional) ------------------------------------------------------------------------

@@ -115,6 +115,11 @@ def train_command(
     patience: Annotated[int, typer.Option(
         min=1, help="Stop after this many epochs without a better validation score.")] = 40,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout.")] = 0.2,
+    expression_rank: Annotated[str, typer.Option(
+        metavar="auto|full|N",
+        help="Project predictions onto N principal axes of the training expression; 'auto' "
+             "chooses N (or full) on the validation section; 'full': no projection. The ridge "
+             "model always chooses it by cross-validation.")] = "auto",
     cache_dir: CacheOption = None,
     device: DeviceOption = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of initialisation and dropout.")] = 0,
@@ -145,8 +150,16 @@ def train_command(
         pairs = _sections(ctx, sections, images)
         config = None
         if model_type != "ridge":
+            rank = expression_rank.strip().lower()
+            if rank not in ("auto", "full"):
+                try:
+                    rank = int(rank)
+                except ValueError as err:
+                    raise InputError(f"--expression-rank must be 'auto', 'full' or a positive "
+                                     f"integer, got {expression_rank!r}.") from err
             config = TrainConfig(model=model_type, epochs=epochs, patience=patience,
-                                 dropout=dropout, seed=seed)
+                                 dropout=dropout, seed=seed,
+                                 expression_rank=None if rank == "full" else rank)
         try:
             scales = [float(v) for v in tile_scales.split(",") if v.strip()]
         except ValueError as err:

@@ -18,6 +18,7 @@ import pandas as pd
 
 from .._validation import InputError
 from ._metrics import pearson_per_gene
+from ._rank import ExpressionAxes, candidate_ranks, check_rank, rank_label
 
 logger = logging.getLogger("spotlens")
 
@@ -145,14 +146,26 @@ class RidgeBaseline:
         Ridge penalties tried by leave-one-section-out CV (default ``logspace(-2, 6, 33)``).
     alpha
         A fixed penalty instead of CV (then a single training section suffices).
+    ranks
+        ``None`` (the HEST protocol): predict every gene freely. A list of ranks (``None`` in
+        it = no projection), e.g. :data:`~spotlens.histology._rank.DEFAULT_RANKS`: after
+        alpha, choose by the same leave-one-section-out CV a rank ``r`` and project the
+        predictions onto the top ``r`` principal axes of the z-scored training expression
+        (reduced-rank regression; see :mod:`spotlens.histology._rank`). The projection is
+        folded into ``coef_`` and ``intercept_``. Needs CV (not with a fixed ``alpha``).
 
     Attributes
     ----------
     alpha_
         The penalty used for the final fit.
+    rank_
+        The rank chosen (``None``: no projection).
     cv_scores_
         ``n_alphas × n_sections`` DataFrame: mean per-gene Pearson r on each held-out training
-        section for each alpha (``None`` with a fixed ``alpha``).
+        section for each alpha, without projection (``None`` with a fixed ``alpha``).
+    rank_scores_
+        ``n_ranks × n_sections`` DataFrame at ``alpha_``, index = rank labels (``"10"``,
+        ``"full"``); ``None`` without ``ranks``.
     n_components_
         PCA components actually kept.
     sections_
@@ -170,6 +183,7 @@ class RidgeBaseline:
         n_components: int = 256,
         alphas: np.ndarray | None = None,
         alpha: float | None = None,
+        ranks=None,
     ):
         if not isinstance(n_components, (int, np.integer)) or n_components < 1:
             raise InputError(f"n_components must be a positive integer, got {n_components!r}.")
@@ -178,13 +192,22 @@ class RidgeBaseline:
             raise InputError("alphas must be a non-empty list of positive, finite penalties.")
         if alpha is not None and not (np.isfinite(alpha) and alpha > 0):
             raise InputError(f"alpha must be positive and finite, got {alpha!r}.")
+        if ranks is not None:
+            ranks = [check_rank(r, allow_auto=False) for r in ranks]
+            if not ranks:
+                raise InputError("ranks must hold at least one rank (None = no projection).")
+            if alpha is not None:
+                raise InputError("ranks are chosen by cross-validation; drop alpha= or ranks=.")
         self.n_components = int(n_components)
         self.alphas = np.sort(grid)
         self.alpha = alpha
+        self.ranks = ranks
 
-    def _cv(self, xs: dict, ys: dict) -> pd.DataFrame:
+    def _cv(self, xs: dict, ys: dict) -> tuple[pd.DataFrame, dict]:
+        """Held-out mean Pearson r per alpha and section, and each section's predictions."""
         names = list(xs)
         scores = np.zeros((len(self.alphas), len(names)))
+        held_out = {}
         for j, held in enumerate(names):
             train = [n for n in names if n != held]
             x_tr = np.vstack([xs[n] for n in train])
@@ -192,10 +215,29 @@ class RidgeBaseline:
             proj = _fit_projection(x_tr, self.n_components)
             predict, _ = _ridge_path(proj(x_tr), y_tr, self.alphas)
             z_held = proj(xs[held])
-            for i in range(len(self.alphas)):
-                r, _ = pearson_per_gene(predict(z_held, i), ys[held])
+            held_out[held] = [predict(z_held, i) for i in range(len(self.alphas))]
+            for i, pred in enumerate(held_out[held]):
+                r, _ = pearson_per_gene(pred, ys[held])
                 scores[i, j] = r.mean()
-        return pd.DataFrame(scores, index=pd.Index(self.alphas, name="alpha"), columns=names)
+        table = pd.DataFrame(scores, index=pd.Index(self.alphas, name="alpha"), columns=names)
+        return table, held_out
+
+    def _choose_rank(self, ys: dict, held_out: dict, best: int) -> None:
+        """Leave-one-section-out choice of the projection rank at the chosen alpha."""
+        names = list(ys)
+        n_genes = next(iter(ys.values())).shape[1]
+        n_train = min(sum(len(ys[n]) for n in names if n != held) for held in names)
+        ranks = candidate_ranks(n_genes, n_train, self.ranks)
+        scores = np.zeros((len(ranks), len(names)))
+        for j, held in enumerate(names):
+            axes = ExpressionAxes.fit(np.vstack([ys[n] for n in names if n != held]))
+            for i, rank in enumerate(ranks):
+                r, _ = pearson_per_gene(axes.project(held_out[held][best], rank), ys[held])
+                scores[i, j] = r.mean()
+        self.rank_scores_ = pd.DataFrame(
+            scores, index=pd.Index([rank_label(r) for r in ranks], name="rank"), columns=names)
+        mean = scores.mean(axis=1)
+        self.rank_ = ranks[int(len(mean) - 1 - np.argmax(mean[::-1]))]  # ties -> higher rank
 
     def fit(
         self,
@@ -230,7 +272,7 @@ class RidgeBaseline:
                     "Choosing alpha by leave-one-section-out CV needs at least 2 training "
                     f"sections, got {len(xs)}. Pass alpha= to fit on one section."
                 )
-            self.cv_scores_ = self._cv(xs, ys)
+            self.cv_scores_, held_out = self._cv(xs, ys)
             mean = self.cv_scores_.mean(axis=1).to_numpy()
             best = int(len(mean) - 1 - np.argmax(mean[::-1]))  # ties -> the larger penalty
             self.alpha_ = float(self.alphas[best])
@@ -239,11 +281,18 @@ class RidgeBaseline:
         else:
             self.cv_scores_ = None
             self.alpha_ = float(self.alpha)
+        self.rank_, self.rank_scores_ = None, None
+        if self.ranks is not None:
+            self._choose_rank(ys, held_out, best)
+            logger.info("RidgeBaseline: expression rank %s", rank_label(self.rank_))
         x = np.vstack(list(xs.values()))
         y = np.vstack(list(ys.values()))
         self._projection = _fit_projection(x, self.n_components)
         _, coef = _ridge_path(self._projection(x), y, np.array([self.alpha_]))
         self.coef_, self.intercept_ = coef(0)
+        if self.rank_ is not None:
+            m, c = ExpressionAxes.fit(y).linear_map(self.rank_)
+            self.coef_, self.intercept_ = self.coef_ @ m, self.intercept_ @ m + c
         self.n_components_ = self._projection.components.shape[0]
         self.n_features_in_ = x.shape[1]
         self.sections_ = list(xs)

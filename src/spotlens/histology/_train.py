@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .._backend import import_torch, resolve_device
 from .._validation import InputError
+from ._rank import ExpressionAxes, candidate_ranks, check_rank, rank_label
 
 logger = logging.getLogger("spotlens")
 
@@ -62,6 +63,12 @@ class TrainConfig:
         Weight of the feature-reconstruction term of the graph model.
     seed
         Seed of the initialisation and dropout.
+    expression_rank
+        Project predictions onto this many principal axes of the z-scored training expression
+        (reduced-rank output, :mod:`spotlens.histology._rank`); ``None``: no projection;
+        ``"auto"``: the rank of :data:`~spotlens.histology._rank.DEFAULT_RANKS` (or none) with
+        the best mean Pearson r on the validation section given to :meth:`ExpressionModel.fit`
+        (no projection without one).
     """
 
     model: Literal["attention", "graph"] = "attention"
@@ -75,10 +82,12 @@ class TrainConfig:
     k_neighbors: int = 6
     recon_weight: float = 0.1
     seed: int = 0
+    expression_rank: int | Literal["auto"] | None = "auto"
 
     def __post_init__(self):
         if self.model not in ("attention", "graph"):
             raise InputError(f"model must be 'attention' or 'graph', got {self.model!r}.")
+        self.expression_rank = check_rank(self.expression_rank)
         for name in ("hidden", "latent", "epochs", "patience", "k_neighbors"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
@@ -147,6 +156,11 @@ class ExpressionModel:
     history
         Per epoch: training loss and validation mean Pearson r (when a validation section is
         given).
+    rank_
+        After :meth:`fit`: the expression rank predictions are projected to (``None``: none).
+    rank_scores
+        With ``expression_rank="auto"`` and a validation section: rank label (``"10"``,
+        ``"full"``) -> mean Pearson r on it.
     """
 
     genes: list[str]
@@ -158,6 +172,9 @@ class ExpressionModel:
         self._x_scaler: _Scaler | None = None
         self._y_scaler: _Scaler | None = None
         self._bank: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._axes: ExpressionAxes | None = None
+        self.rank_: int | None = None
+        self.rank_scores: dict[str, float] = {}
         self.best_epoch = 0
 
     # -- construction --------------------------------------------------------------------------
@@ -188,7 +205,8 @@ class ExpressionModel:
 
         Features are standardised and each gene's expression is z-scored on the training
         spots, so every gene weighs the same in the loss. With ``validation``, the weights of
-        the epoch with the best mean per-gene Pearson r on it are kept (early stopping).
+        the epoch with the best mean per-gene Pearson r on it are kept (early stopping), and
+        with ``expression_rank="auto"`` the projection rank is chosen on it afterwards.
 
         Parameters
         ----------
@@ -301,7 +319,30 @@ class ExpressionModel:
             self._net.load_state_dict(best_state)
         if ckpt is not None:
             self._save_training_state(ckpt, opt, len(self.history), best, stale, best_state)
+        self._fit_rank(y_all, validation, dev)
         return self
+
+    def _fit_rank(self, y_all: np.ndarray, validation: Section | None, dev) -> None:
+        """Training expression axes, and the projection rank (chosen on ``validation``)."""
+        rank = self.config.expression_rank
+        self.rank_scores = {}
+        if rank == "auto":
+            if validation is None:
+                rank = None
+            else:
+                pred = self._predict_one(validation, dev)
+                axes = ExpressionAxes.fit(y_all)
+                ranks = candidate_ranks(len(self.genes), len(y_all))
+                scores = [_pearson_mean(axes.project(pred, r), validation.expression)
+                          for r in ranks]
+                self.rank_scores = {rank_label(r): float(v)
+                                    for r, v in zip(ranks, scores, strict=True)}
+                rank = ranks[int(len(scores) - 1 - np.argmax(scores[::-1]))]  # ties -> higher
+                logger.info("expression rank %s (validation mean Pearson r %s)",
+                            rank_label(rank), ", ".join(f"{k}: {v:.3f}" for k, v in
+                                                        self.rank_scores.items()))
+        self.rank_ = rank
+        self._axes = None if rank is None else ExpressionAxes.fit(y_all, max_rank=rank)
 
     def _tensors(self, s: Section, dev):
         torch = import_torch()
@@ -339,7 +380,9 @@ class ExpressionModel:
         """Predicted log-normalised expression, ``n_spots × n_genes`` (genes as in ``genes``).
 
         The attention model predicts the mean of its direct and attention heads, reading from
-        the training spots; the graph model decodes over the section's own spot graph.
+        the training spots; the graph model decodes over the section's own spot graph. With
+        ``rank_`` set, the predictions are projected onto that many principal axes of the
+        training expression.
 
         Raises
         ------
@@ -354,7 +397,8 @@ class ExpressionModel:
                 f"the model was trained on {len(self._x_scaler.mean)}. Use the same encoder."
             )
         dev = next(self._net.parameters()).device
-        return self._predict_one(section, dev)
+        pred = self._predict_one(section, dev)
+        return pred if self._axes is None else self._axes.project(pred, self.rank_)
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -373,6 +417,10 @@ class ExpressionModel:
             "net": {k: v.cpu() for k, v in self._net.state_dict().items()},
             "history": self.history,
             "best_epoch": self.best_epoch,
+            "rank": self.rank_,
+            "rank_scores": self.rank_scores,
+            "axes": None if self._axes is None else (self._axes.mean, self._axes.std,
+                                                     self._axes.axes),
         }
         _atomic_torch_save(torch, state, Path(path))
 
@@ -398,6 +446,10 @@ class ExpressionModel:
         model._y_scaler = _Scaler(*state["y_scaler"])
         model._bank = state["bank"]
         model.best_epoch = state["best_epoch"]
+        model.rank_ = state.get("rank")  # absent in models saved before reduced-rank output
+        model.rank_scores = state.get("rank_scores", {})
+        axes = state.get("axes")
+        model._axes = None if axes is None else ExpressionAxes(*axes)
         backend = resolve_device(device)
         model._net = model._build(state["n_features"])
         model._net.load_state_dict(state["net"])
