@@ -236,6 +236,45 @@ def test_tissue_mask_finds_blob(blob_slide):
     assert not tissue_mask(blank, level_px=50)[0].any()
 
 
+def test_tissue_mask_keeps_pale_textured_tissue_and_leaves_a_smooth_smear():
+    """Tinted glass, a dense cellular core, pale fibrous stroma beside it, a smooth pink smear.
+
+    Saturation alone (Otsu) separates the dense core from everything else; the pale stroma
+    that touches it is textured and joins, the equally pale but smooth smear does not.
+    """
+    rng = np.random.default_rng(8)
+    height, width = 400, 800
+    yy, xx = np.mgrid[:height, :width]
+    core = (xx > 100) & (xx < 300) & (yy > 100) & (yy < 300)
+    stroma = (xx >= 300) & (xx < 500) & (yy > 100) & (yy < 300)
+    smear = (xx > 600) & (xx < 750) & (yy > 100) & (yy < 300)
+    c_h, c_e = _concentrations((height, width), rng)
+    fibres = (np.sin(xx / 3.0 + 2 * np.sin(yy / 9.0)) > 0.3).astype(float)  # thin pink fibres
+    image = _render(c_h * core + 0.02 * stroma, c_e * core + stroma * (0.05 + 0.35 * fibres)
+                    + 0.12 * smear, background=235.0)
+    image = np.clip(image * np.array([1.0, 0.97, 1.0]) + rng.normal(0, 1.5, image.shape), 0,
+                    255).astype(np.uint8)  # lavender-tinted glass, sensor noise
+    mask, scale = tissue_mask(image, level_px=800)
+    assert mask[core].mean() > 0.97 and mask[stroma].mean() > 0.9
+    assert mask[smear].mean() < 0.05 and mask[~(core | stroma | smear)].mean() < 0.02
+    from spotlens.histology._tissue import tissue_mask_kernel
+
+    saturation_only = tissue_mask_kernel(image, texture_factor=np.inf)
+    assert saturation_only[stroma].mean() < 0.5  # what the texture pass adds
+
+
+@pytest.mark.skipif(not (HER2ST / "B4_HE_fullres.jpg").is_file(),
+                    reason="shared her2st data folder is absent")
+def test_tissue_mask_covers_every_measured_spot_of_her2st_b4():
+    """B4 is half pale stroma and fat: the mask must hold its measured spots, not the glass."""
+    spots = ad.read_h5ad(HER2ST / "B4.h5ad")
+    mask, scale = tissue_mask(HER2ST / "B4_HE_fullres.jpg")
+    xy = np.asarray(spots.obsm["spatial"], dtype=float) * scale
+    on = mask[np.round(xy[:, 1]).astype(int), np.round(xy[:, 0]).astype(int)]
+    assert on.mean() > 0.97
+    assert mask.mean() < 0.35  # the tissue is ~28 % of the image; the glass stays out
+
+
 def test_grid_spots_cover_blob(blob_slide):
     image, blob = blob_slide
     img = SlideImage.from_array(image, mpp=2.0)
