@@ -166,6 +166,13 @@ class RidgeBaseline:
     rank_scores_
         ``n_ranks × n_sections`` DataFrame at ``alpha_``, index = rank labels (``"10"``,
         ``"full"``); ``None`` without ``ranks``.
+
+    Raises
+    ------
+    InputError
+        ``n_components`` not a positive integer; ``alphas`` empty, non-finite or not
+        positive; ``alpha`` not positive and finite; a rank in ``ranks`` that is not a
+        positive integer or ``None``; ``ranks`` together with a fixed ``alpha``.
     n_components_
         PCA components actually kept.
     sections_
