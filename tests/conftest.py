@@ -158,3 +158,24 @@ def real(_real_session) -> tuple[ad.AnnData, ad.AnnData]:
     """
     spatial, reference = _real_session
     return spatial.copy(), reference.copy()
+
+
+def _local_client(*, processes: bool):
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=processes,
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def process_client():
+    """A 2-worker ``distributed`` LocalCluster with worker processes (nothing shared with the
+    test, as on a real cluster)."""
+    yield from _local_client(processes=True)
+
+
+@pytest.fixture(scope="module")
+def thread_client():
+    """A 2-worker LocalCluster on threads of this process (cheaper to start)."""
+    yield from _local_client(processes=False)

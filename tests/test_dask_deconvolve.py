@@ -31,12 +31,8 @@ def pair():
 
 
 @pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as c:
-        yield c
+def client(process_client):
+    return process_client
 
 
 @pytest.fixture(scope="module")

@@ -65,12 +65,8 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as cluster, Client(cluster) as c:
-        yield c
+def client(thread_client):
+    return thread_client
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from spotlens.histology import (
     tile_geometry,
     tissue_mask,
 )
+from spotlens.histology._tissue import tissue_mask_kernel
 
 tifffile = pytest.importorskip("tifffile")
 
@@ -257,8 +258,6 @@ def test_tissue_mask_keeps_pale_textured_tissue_and_leaves_a_smooth_smear():
     mask, scale = tissue_mask(image, level_px=800)
     assert mask[core].mean() > 0.97 and mask[stroma].mean() > 0.9
     assert mask[smear].mean() < 0.05 and mask[~(core | stroma | smear)].mean() < 0.02
-    from spotlens.histology._tissue import tissue_mask_kernel
-
     saturation_only = tissue_mask_kernel(image, texture_factor=np.inf)
     assert saturation_only[stroma].mean() < 0.5  # what the texture pass adds
 

@@ -302,6 +302,11 @@ def train(
     Returns
     -------
     The model folder ``out`` with ``config.json`` and ``model.pt`` (or ``model.npz``).
+    ``config.json["validation"]`` holds the held-out score the settings were chosen on:
+    ``section`` (the early-stopping section, or ``"leave-one-section-out"`` for ridge),
+    ``mean_pearson``, ``expression_rank`` (``"10"``, ``"full"``) and ``rank_scores`` (rank
+    label -> mean Pearson r), plus ``best_epoch``, ``epochs_run``, ``mse``, ``n_spots`` and
+    ``val_pearson_history`` (networks) or ``alpha`` and ``per_section`` (ridge).
 
     Raises
     ------

@@ -326,12 +326,12 @@ class ExpressionModel:
         """Training expression axes, and the projection rank (chosen on ``validation``)."""
         rank = self.config.expression_rank
         self.rank_scores = {}
+        axes = ExpressionAxes.fit(y_all)
         if rank == "auto":
             if validation is None:
                 rank = None
             else:
                 pred = self._predict_one(validation, dev)
-                axes = ExpressionAxes.fit(y_all)
                 ranks = candidate_ranks(len(self.genes), len(y_all))
                 scores = [_pearson_mean(axes.project(pred, r), validation.expression)
                           for r in ranks]
@@ -342,7 +342,8 @@ class ExpressionModel:
                             rank_label(rank), ", ".join(f"{k}: {v:.3f}" for k, v in
                                                         self.rank_scores.items()))
         self.rank_ = rank
-        self._axes = None if rank is None else ExpressionAxes.fit(y_all, max_rank=rank)
+        self._axes = None if rank is None else ExpressionAxes(axes.mean, axes.std,
+                                                              axes.axes[:rank])
 
     def _tensors(self, s: Section, dev):
         torch = import_torch()
