@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from spotlens.histology._baseline import RidgeBaseline
-from spotlens.histology._encoders import get_encoder
+from spotlens.histology._encoders import get_encoder, pre_head_encoder
 from spotlens.histology._features import colour_features, image_identity, multiscale_features
 from spotlens.histology._image import read_image
 from spotlens.histology._metrics import evaluate, section_log_expression, select_target_genes
@@ -85,9 +85,11 @@ def machine_line() -> str:
 
 SCALES = DEFAULT_TILE_SCALES
 SPOTLENS = f"efficientnet-lite0 at {len(SCALES)} tile scales, z-scored per section"
+HEAD = f"efficientnet-lite0 with its head fine-tuned, at {len(SCALES)} tile scales"
+HEAD_MODELS = ("attention",)  # TrainConfig(finetune_head=True); top-250 genes only (time)
 
 
-def section_features(adata, image_path: Path, tile_um, encoder, cache_dir, stats: dict):
+def section_features(adata, image_path: Path, tile_um, encoder, trunk, cache_dir, stats: dict):
     """Scale-1 tiles (HEST protocol and colour) and spotlens' multi-scale features."""
     image = read_image(image_path)
     geometry = tile_geometry(adata, image=image, tile_um=tile_um)
@@ -99,28 +101,48 @@ def section_features(adata, image_path: Path, tile_um, encoder, cache_dir, stats
     colour = colour_features(tiles)
     stats["colour_s"] += time.perf_counter() - t0
     del tiles
-    t0 = time.perf_counter()
-    multi = multiscale_features(
-        image, geometry.centres_px, geometry.side_px, encoder, scales=SCALES, out_px=224,
-        cache_dir=cache_dir, image_id=image_id, tile_um=geometry.tile_um, mpp=geometry.mpp,
-        progress=False,
-    )
-    stats["features_s"] += time.perf_counter() - t0
+    encoded = {}
+    for key, enc in (("features_s", encoder), ("maps_s", trunk)):  # frozen; for the head
+        t0 = time.perf_counter()
+        encoded[key] = multiscale_features(
+            image, geometry.centres_px, geometry.side_px, enc, scales=SCALES, out_px=224,
+            cache_dir=cache_dir, image_id=image_id, tile_um=geometry.tile_um, mpp=geometry.mpp,
+            progress=False,
+        )
+        stats[key] += time.perf_counter() - t0
+    multi, maps = encoded["features_s"], encoded["maps_s"]
     stats["side_px"] = geometry.side_px
     dim = encoder.dim
     return {"efficientnet-lite0": multi[:, :dim], "colour": colour,
-            SPOTLENS: standardize_section(multi)}
+            SPOTLENS: standardize_section(multi), HEAD: maps}
 
 
-def run_dataset(name: str, spec: dict, encoder, cache_dir, log) -> tuple[list, dict]:
+def fit_network(kind, gene_list, x, coords, expr, spec, head=None):
+    """As train(): early stopping on the last training section, then a refit on all."""
+    cfg = TrainConfig(model=kind, dropout=0.3, seed=0)
+    if head is not None:  # the head at lr 1e-3, the model slower so the head can catch up
+        cfg = replace(cfg, finetune_head=True, lr=1e-4)
+    val = spec["train"][-1]
+    inner = [Section(s, x[s], coords[s], expr[s]) for s in spec["train"] if s != val]
+    probe = ExpressionModel(list(gene_list), cfg).fit(
+        inner, validation=Section(val, x[val], coords[val], expr[val]), head=head,
+        progress=False)
+    return ExpressionModel(
+        list(gene_list), replace(cfg, epochs=max(probe.best_epoch, 10),
+                                 expression_rank=probe.rank_)
+    ).fit([Section(s, x[s], coords[s], expr[s]) for s in spec["train"]], head=head,
+          progress=False)
+
+
+def run_dataset(name: str, spec: dict, encoder, trunk, head, cache_dir, log):
     folder = DATA / spec["dir"]
     sections = spec["train"] + spec["test"]
     adatas = {s: ad.read_h5ad(folder / f"{s}.h5ad") for s in sections}
-    timing = {"tiles_s": 0.0, "colour_s": 0.0, "features_s": 0.0, "n_tiles": 0}
+    timing = {"tiles_s": 0.0, "colour_s": 0.0, "features_s": 0.0, "maps_s": 0.0, "n_tiles": 0}
     feats: dict[str, dict] = {}
     for s in sections:
         by_kind = section_features(adatas[s], folder / spec["image"].format(s=s),
-                                   spec["tile_um"], encoder, cache_dir, timing)
+                                   spec["tile_um"], encoder, trunk, cache_dir, timing)
         for kind, x in by_kind.items():
             feats.setdefault(kind, {})[s] = x
         timing["n_tiles"] += adatas[s].n_obs
@@ -159,20 +181,22 @@ def run_dataset(name: str, spec: dict, encoder, cache_dir, log) -> tuple[list, d
                     rank=rank_label(model.rank_) if kind == SPOTLENS else "–")
         # the spot-interaction attention and graph models: early stopping on the last training
         # section, then a refit on all of them for the chosen number of epochs (as train())
-        x, val = feats[SPOTLENS], spec["train"][-1]
+        x = feats[SPOTLENS]
         for kind in ("attention", "graph"):
-            cfg = TrainConfig(model=kind, dropout=0.3, seed=0)
-            inner = [Section(s, x[s], coords[s], expr[s]) for s in spec["train"] if s != val]
-            probe = ExpressionModel(list(gene_list), cfg).fit(
-                inner, validation=Section(val, x[val], coords[val], expr[val]), progress=False
-            )
-            final = ExpressionModel(
-                list(gene_list), replace(cfg, epochs=max(probe.best_epoch, 10),
-                                         expression_rank=probe.rank_)
-            ).fit([Section(s, x[s], coords[s], expr[s]) for s in spec["train"]], progress=False)
+            final = fit_network(kind, gene_list, x, coords, expr, spec)
             for s in spec["test"]:
                 add(s, gene_set, f"{SPOTLENS} → {kind} model",
                     final.predict(Section(s, x[s], coords[s])), expr[s], gene_list,
+                    epochs=final.config.epochs, rank=rank_label(final.rank_))
+        # the same with the encoder's head trained with the model (train()'s default for
+        # these): last-block maps in, the head's features z-scored per section inside
+        maps = feats[HEAD]
+        for kind in HEAD_MODELS if gene_set == "top_expressed" else ():
+            final = fit_network(kind, gene_list, maps, coords, expr, spec, head=head)
+            for s in spec["test"]:
+                f = standardize_section(final.head_features(maps[s]))
+                add(s, gene_set, f"{HEAD} → {kind} model",
+                    final.predict(Section(s, f, coords[s])), expr[s], gene_list,
                     epochs=final.config.epochs, rank=rank_label(final.rank_))
     timing["model_s"] = time.perf_counter() - t0
     return rows, timing
@@ -211,11 +235,12 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     t0 = time.perf_counter()
     encoder = get_encoder("efficientnet-lite0")
+    trunk, head = pre_head_encoder(encoder)
     load_s = time.perf_counter() - t0
     rows, timings = [], {}
     for name in args.datasets:
         log(f"{name}:")
-        r, t = run_dataset(name, DATASETS[name], encoder, cache_dir, log)
+        r, t = run_dataset(name, DATASETS[name], encoder, trunk, head, cache_dir, log)
         rows += r
         timings[name] = t
     total = time.perf_counter() - start
@@ -238,7 +263,8 @@ def main(argv=None) -> int:
         "Score: per-gene Pearson r on the held-out section, averaged over the gene set (genes "
         "constant there count as 0), and MSE. Rows without a model name are the ridge baseline; "
         "'attention model' = spot-interaction attention with the dual MSE loss, 'graph model' = "
-        "graph attention autoencoder + GCN decoder over the spot kNN graph (k = 6), both with "
+        "graph attention autoencoder + GCN decoder over the spot kNN graph (k = 6) beside a "
+        "linear skip path from the spot's own features, both with "
         "early stopping on the last training section, then refitted on all training sections.",
         "- features: EfficientNet-Lite0 ImageNet weights (1280-d global average pool, tiles "
         "resized to 224 px, ImageNet normalisation); colour = 25 statistics (mean, sd, p10, "
@@ -252,7 +278,12 @@ def main(argv=None) -> int:
         "(`standardize_section`), then ridge, attention or graph model, each with its predictions "
         "projected onto the leading principal axes of the z-scored training expression "
         "('expression rank'; ridge: chosen by the same leave-one-section-out CV after alpha; "
-        "networks: on the early-stopping section; 'full' = no projection). One seed per model; "
+        "networks: on the early-stopping section; 'full' = no projection). 'with its head "
+        "fine-tuned' (`TrainConfig(finetune_head=True, lr=1e-4)`, top-250 genes only): the "
+        "tiles are encoded up to EfficientNet-Lite0's last block (320 × 7 × 7, averaged to "
+        "4 × 4), a copy of the pretrained 1×1 head convolution per tile scale (batch norm "
+        "folded in, ReLU6, spatial mean) is trained with the model (head lr 1e-3, model lr "
+        "1e-4), its features z-scored per section inside the model. One seed per model; "
         "seed-to-seed spread of the networks is up to ±0.03 on these sections (graph B4 "
         "0.12–0.17 over 3 seeds).",
         "- \"issue's r\" = what the issue reports for the same protocol.",
@@ -271,8 +302,9 @@ def main(argv=None) -> int:
             f"- {name}: {t['n_tiles']} spots; scale-1 tiles cut in {t['tiles_s']:.1f} s; "
             f"colour features {t['n_tiles'] / max(t['colour_s'], 1e-9):.0f} tiles/s; "
             f"EfficientNet-Lite0 features at {len(SCALES)} scales ({len(SCALES) * t['n_tiles']} "
-            f"tiles, cut + encoded or read from the cache) {t['features_s']:.0f} s; gene "
-            f"selection + ridge CV + attention and graph training {t['model_s']:.0f} s"
+            f"tiles, cut + encoded or read from the cache) {t['features_s']:.0f} s, its "
+            f"last-block maps (for the fine-tuned head) {t['maps_s']:.0f} s; gene selection + "
+            f"ridge CV + attention, graph and fine-tuned-head training {t['model_s']:.0f} s"
         )
     lines += [
         "",

@@ -163,3 +163,31 @@ def test_cluster_bad_input(models, crop, client):
     for bad in (0, -1.0, float("nan"), "500"):
         with pytest.raises(InputError, match="region_um must be a number of µm > 0"):
             predict(models["attention"], crop, mpp=MPP, client=client, region_um=bad)
+
+
+def test_fine_tuned_head_model_on_the_cluster_equals_single_machine(client, tmp_path):
+    """An EfficientNet-Lite0 model with a fine-tuned head: workers run the trunk and the head."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    import tifffile
+
+    adata = ad.read_h5ad(MOB / "MOB1.h5ad")[:80].copy()
+    model_dir = train([(adata, read_image(MOB / "MOB1_HE.jpg", mpp=MPP))], genes=GENES,
+                      model="attention", tile_scales=(1.0, 2.0),
+                      config=TrainConfig(hidden=16, epochs=5, finetune_head=True),
+                      out=tmp_path / "model",
+                      progress=False)
+    model = load_model(model_dir)
+    info = model.config["encoder"]
+    assert info["name"] == "efficientnet-lite0-prehead-pool2" and info["head"]["dim"] == 1280
+    assert model.config["train_config"]["finetune_head"] is True
+    assert model.n_features == 2 * 1280  # what is standardised and modelled: the head's output
+    with Image.open(MOB / "MOB3_HE.jpg") as im:
+        pixels = np.asarray(im)[700:1100, 700:1100]
+    crop = tmp_path / "MOB3_small.tif"
+    tifffile.imwrite(crop, pixels, tile=(128, 128))
+    one = predict(model_dir, crop, mpp=MPP)
+    many = predict(model_dir, crop, mpp=MPP, client=client, region_um=500.0)
+    assert one.n_obs >= 20 and many.uns["histology_prediction"]["params"]["cluster"][
+        "n_regions"] >= 4
+    np.testing.assert_allclose(many.X, one.X, atol=TOL, rtol=0)
+    assert np.ptp(one.X, axis=0).min() > 10 * TOL

@@ -247,6 +247,9 @@ def test_train_bad_arguments(data, tmp_path):
         train(sections, genes=["NOPE"], encoder="colour", out=tmp_path / "m")
     with pytest.raises(InputError, match="at least 2 training sections"):
         train(sections[:1], genes=GENES, model="ridge", encoder="colour", out=tmp_path / "m")
+    with pytest.raises(InputError, match="'colour' has none to fine-tune"):
+        train(sections, genes=GENES, encoder="colour", config=TrainConfig(finetune_head=True),
+              out=tmp_path / "m")
 
 
 # -- overlay -------------------------------------------------------------------------------------
@@ -324,6 +327,10 @@ def test_cli_train_evaluate_predict(data, tmp_path):
                                   str(folder / "S2.h5ad"), "--expression-rank", bad, "-q",
                                   "-o", str(tmp_path / "m5")])
         assert res.exit_code == 2 and message in res.output
+    res = runner.invoke(app, ["histology", "train", "--sections", str(folder / "S1.h5ad"),
+                              str(folder / "S2.h5ad"), "--encoder", "colour", "--finetune-head",
+                              "-q", "-o", str(tmp_path / "m6")])
+    assert res.exit_code == 2 and "'colour' has none to fine-tune" in res.output
 
 
 # -- real data (optional) ------------------------------------------------------------------------

@@ -120,6 +120,11 @@ def train_command(
         help="Project predictions onto N principal axes of the training expression; 'auto' "
              "chooses N (or full) on the validation section; 'full': no projection. The ridge "
              "model always chooses it by cross-validation.")] = "auto",
+    finetune_head: Annotated[bool, typer.Option(
+        "--finetune-head/--no-finetune-head",
+        help="Train a copy of the encoder's last layer with the model (attention, graph; "
+             "efficientnet-lite0 only; several minutes on a CPU).")] = False,
+    lr: Annotated[float, typer.Option(min=1e-8, help="Learning rate of the model.")] = 1e-3,
     cache_dir: CacheOption = None,
     device: DeviceOption = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of initialisation and dropout.")] = 0,
@@ -158,7 +163,7 @@ def train_command(
                     raise InputError(f"--expression-rank must be 'auto', 'full' or a positive "
                                      f"integer, got {expression_rank!r}.") from err
             config = TrainConfig(model=model_type, epochs=epochs, patience=patience,
-                                 dropout=dropout, seed=seed,
+                                 dropout=dropout, seed=seed, finetune_head=finetune_head, lr=lr,
                                  expression_rank=None if rank == "full" else rank)
         try:
             scales = [float(v) for v in tile_scales.split(",") if v.strip()]

@@ -194,14 +194,12 @@ def region_features(task: dict) -> np.ndarray:
 
     Returns
     -------
-    ``n_local × n_features`` raw features at the model's tile scales (not standardised).
+    ``n_local × n_features`` features at the model's tile scales (through its fine-tuned head
+    when it has one; not standardised).
     """
-    from ._features import multiscale_features
-
     model = _worker_model(task["model"], task["model_stamp"], task["device"])
     image = _worker_image(task["image"], task["image_stamp"], task["mpp"])
-    return multiscale_features(image, task["centres"], task["side_px"], model.encoder,
-                               scales=model.tile_scales, out_px=task["out_px"], progress=False)
+    return model.encode_tiles(image, task["centres"], task["side_px"])
 
 
 def region_moments(features: np.ndarray, n_core: int) -> dict[str, np.ndarray]:

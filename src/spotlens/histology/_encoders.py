@@ -20,6 +20,7 @@ Encoders come from :func:`get_encoder`, by name from a small registry or from a 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -97,6 +98,31 @@ class EfficientNetLite0Features(nn.Module):
     def forward(self, x):
         """Return ``n × 1280`` pooled features of a normalised ``n × 3 × 224 × 224`` batch."""
         return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+class EfficientNetLite0PreHead(nn.Module):
+    """EfficientNet-Lite0 up to its last block: ``n × 3 × 224 × 224 -> n × (320 · cells)``.
+
+    The stem and the 16 MBConv blocks, whose ``n × 320 × 7 × 7`` map is average-pooled
+    ``pool × pool`` (ceil mode: 7 × 7 -> 4 × 4 = 16 cells for ``pool=2``) and flattened
+    channel-major (``channel · cells + cell``). What the head convolution (1 × 1, 320 -> 1280,
+    BN, ReLU6) reads; :class:`~spotlens.histology._models.TileHead` is a trainable copy of it.
+    """
+
+    def __init__(self, net: nn.Module, pool: int = 2):
+        super().__init__()
+        self.net = net
+        self.pool = int(pool)
+
+    def forward(self, x):
+        """Return ``n × (320 · cells)`` pooled maps of a normalised ``n × 3 × 224 × 224`` batch."""
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        for block in net._blocks:
+            x = block(x, drop_connect_rate=None)
+        if self.pool > 1:
+            x = F.avg_pool2d(x, self.pool, ceil_mode=True)
+        return x.flatten(1)
 
 
 class Bottleneck(nn.Module):
@@ -592,3 +618,66 @@ def get_encoder(
     raise InputError(
         f"Unknown encoder {key!r}: not one of {available_encoders()} and not an existing file."
     )
+
+
+def supports_head_finetuning(encoder: Encoder) -> bool:
+    """Whether :func:`pre_head_encoder` can split ``encoder`` (EfficientNet-Lite0 can)."""
+    return isinstance(encoder.module, EfficientNetLite0Features)
+
+
+PRE_HEAD_POOL = 2  # 7 × 7 last-block maps averaged to 4 × 4 cells (what a CPU can train on)
+
+
+def pre_head_encoder(encoder: Encoder, *, pool: int = PRE_HEAD_POOL) -> tuple[Encoder, dict]:
+    """Split EfficientNet-Lite0 before its head convolution, so the head can be fine-tuned.
+
+    Training the whole network on a few thousand spots is neither feasible on a CPU nor wise
+    (it overfits); training its last layer is both. The frozen trunk's pooled last-block maps
+    are computed (and cached) once per tile, and a trainable copy of the pretrained head
+    (:class:`~spotlens.histology._models.TileHead`) learns from expression.
+
+    Parameters
+    ----------
+    encoder
+        An ``"efficientnet-lite0"`` :class:`Encoder` from :func:`get_encoder`.
+    pool
+        Average pooling of the ``7 × 7`` last-block map (2: 4 × 4 = 16 cells per tile).
+
+    Returns
+    -------
+    encoder
+        The trunk as an :class:`Encoder` of ``dim = 320 · cells`` features per tile, named
+        ``"efficientnet-lite0-prehead-pool<pool>"`` (its own feature-cache entries).
+    head
+        The pretrained head with its batch norm folded in: ``weight`` (``1280 × 320``),
+        ``bias`` (``1280``), ``cells`` (per tile); numpy float32.
+
+    Raises
+    ------
+    InputError
+        If ``encoder`` is not EfficientNet-Lite0 (other encoders have no head to fine-tune).
+    """
+    module = encoder.module
+    if not supports_head_finetuning(encoder):
+        raise InputError(
+            f"Fine-tuning the encoder's head works with efficientnet-lite0, not {encoder.name!r}; "
+            "set finetune_head=False (CLI: --no-finetune-head) for other encoders."
+        )
+    net = module.net
+    bn = net._bn1
+    with torch.no_grad():
+        gamma = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        weight = net._conv_head.weight[:, :, 0, 0] * gamma[:, None]
+        bias = bn.bias - gamma * bn.running_mean
+    cells = math.ceil(7 / pool) ** 2 if pool > 1 else 49
+    trunk = EfficientNetLite0PreHead(net, pool=pool).eval()
+    if encoder.channels_last:
+        trunk = trunk.to(memory_format=torch.channels_last)
+    pre = Encoder(
+        name=f"{encoder.name}-prehead-pool{pool}", module=trunk, dim=weight.shape[1] * cells,
+        input_size=encoder.input_size, weights_id=encoder.weights_id, device=encoder.device,
+        mean=encoder.mean, std=encoder.std, channels_last=encoder.channels_last,
+    )
+    head = {"weight": weight.float().cpu().numpy(), "bias": bias.float().cpu().numpy(),
+            "cells": int(cells)}
+    return pre, head

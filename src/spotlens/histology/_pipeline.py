@@ -142,6 +142,28 @@ def _encoder_info(encoder: str, device: str) -> tuple[Any, dict]:
                  "identity": enc.identity}
 
 
+def _head_encoder(enc, enc_info: dict, finetune_head) -> tuple[Any, dict, dict | None]:
+    """Split ``enc`` before its head when the model fine-tunes it (``finetune_head``).
+
+    Returns ``(encoder, info, head)``: the pre-head trunk, its description (with the base
+    encoder's and the head's shapes) and the pretrained head; or the inputs and None.
+    """
+    from ._encoders import pre_head_encoder, supports_head_finetuning
+
+    if not finetune_head:
+        return enc, enc_info, None
+    if enc is None or not supports_head_finetuning(enc):
+        name = COLOUR_ENCODER if enc is None else enc.name
+        raise InputError(f"finetune_head=True fine-tunes EfficientNet-Lite0's head; the encoder "
+                         f"{name!r} has none to fine-tune. Use encoder='efficientnet-lite0' or "
+                         "finetune_head=False.")
+    trunk, head = pre_head_encoder(enc)
+    info = {**enc_info, "name": trunk.name, "dim": int(trunk.dim), "identity": trunk.identity,
+            "head": {"dim": int(head["weight"].shape[0]), "channels": int(head["weight"].shape[1]),
+                     "cells": head["cells"], "base": enc_info["name"]}}
+    return trunk, info, head
+
+
 def _features(image: SlideImage, encoder, geometry, out_px, scales, *, cache_dir, progress):
     """``n_spots × (n_scales · dim)`` features of a section's tiles at every scale."""
     from ._features import image_identity, multiscale_features
@@ -256,6 +278,13 @@ def train(
     training expression: on held-out her2st and mouse olfactory bulb sections it raised the
     mean Pearson r by 0.005–0.02 (``benchmarks/histology_her2st.py``).
 
+    With ``config.finetune_head`` (EfficientNet-Lite0 only) the network also trains a copy of
+    the encoder's last layer: tiles are encoded up to the encoder's last block
+    (:func:`~spotlens.histology._encoders.pre_head_encoder`, cached), a per-scale copy of the
+    pretrained head convolution turns those maps into features, which are z-scored within each
+    section inside the model, and head and model learn together. The fine-tuned head is saved
+    with the model and used at prediction (:meth:`HistologyModel.encode_tiles`).
+
     Parameters
     ----------
     sections
@@ -307,12 +336,15 @@ def train(
     ``mean_pearson``, ``expression_rank`` (``"10"``, ``"full"``) and ``rank_scores`` (rank
     label -> mean Pearson r), plus ``best_epoch``, ``epochs_run``, ``mse``, ``n_spots`` and
     ``val_pearson_history`` (networks) or ``alpha`` and ``per_section`` (ridge).
+    With a fine-tuned head, ``config.json["encoder"]`` describes the encoder's trunk and holds
+    ``head`` (``dim``, ``channels``, ``cells``, ``base`` encoder name).
 
     Raises
     ------
     InputError
         No section, a section without coordinates or spot diameter, an image that does not fit
         its spots (another section or resolution), unknown genes or gene rule, a bad model type,
+        ``finetune_head=True`` with an encoder other than EfficientNet-Lite0,
         ``"ridge"`` with fewer than 2 sections, or a checkpoint in ``out`` from a different run
         (pass ``resume=False`` or another ``out``).
 
@@ -335,6 +367,13 @@ def train(
     tile_scales = check_tile_scales(tile_scales)
     out = _model_dir(out, create=True)
     enc, enc_info = _encoder_info(encoder, device)
+    if config is None:
+        from ._train import TrainConfig
+
+        config = TrainConfig()
+    head = None
+    if model != "ridge":
+        enc, enc_info, head = _head_encoder(enc, enc_info, config.finetune_head)
 
     names: list[str] = []
     data: dict[str, dict] = {}
@@ -354,7 +393,7 @@ def train(
         _check_on_image(adata, geometry, image, "spatial")
         feats = _features(image, enc, geometry, out_px, tile_scales, cache_dir=cache_dir,
                           progress=progress)
-        if standardize:
+        if standardize and head is None:  # a fine-tuned head's features: inside the model
             feats = standardize_section(feats)
         coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
         data[name] = {"adata": adata, "image": str(image.path), "features": feats,
@@ -377,17 +416,13 @@ def train(
         "tile_um_argument": tile_um,
         "tile_px": float(np.mean([data[n]["side_px"] for n in names])),
         "scales": list(tile_scales),
-        "standardize": "section" if standardize else "none",
+        "standardize": "section" if standardize or head is not None else "none",
         "out_px": int(out_px),
         "mpp": float(np.mean(mpps)) if known else None,
         "spot_pitch_um": float(np.median(pitch_um)) if pitch_um else None,
         "spot_pitch_px": float(np.median([data[n]["pitch_px"] for n in names
                                           if data[n]["pitch_px"] is not None] or [np.nan])),
     }
-    if config is None:
-        from ._train import TrainConfig
-
-        config = TrainConfig()
     if model != "ridge":
         config = replace(config, model=model, seed=int(seed))
     fingerprint = _fingerprint(names, data, gene_list, enc_info, tiles_cfg, model, config)
@@ -398,7 +433,7 @@ def train(
     else:
         validation, model_file, train_cfg = _train_network(
             names, data, gene_list, config, out, fingerprint=fingerprint, device=device,
-            resume=resume, progress=progress)
+            resume=resume, progress=progress, head=head)
 
     cfg = {
         "format": FORMAT,
@@ -433,7 +468,7 @@ def _fingerprint(names, data, genes, enc_info, tiles_cfg, model, config) -> str:
 
 
 def _train_network(names, data, genes, config, out: Path, *, fingerprint, device, resume,
-                   progress):
+                   progress, head=None):
     from ._train import ExpressionModel, Section
 
     def section(n, with_y=True):
@@ -464,12 +499,12 @@ def _train_network(names, data, genes, config, out: Path, *, fingerprint, device
         logger.info("training (%s) on %s, early stopping on %s", config.model,
                     ", ".join(names[:-1]), val)
         probe = ExpressionModel(list(genes), config).fit(
-            [section(n) for n in names[:-1]], validation=section(val), device=device,
-            checkpoint=probe_ckpt, resume=True, progress=progress,
+            [section(n) for n in names[:-1]], validation=section(val), head=head,
+            device=device, checkpoint=probe_ckpt, resume=True, progress=progress,
         )
         scores = [h["val_pearson"] for h in probe.history if "val_pearson" in h]
         epochs = max(probe.best_epoch, 10)
-        best_pred = probe.predict(section(val, with_y=False), device=device)
+        best_pred = _predict_raw(probe, data[val]["features"], data[val]["coords"])
         from ._metrics import evaluate as _score
 
         res = _score(best_pred, data[val]["y"], genes)
@@ -489,11 +524,20 @@ def _train_network(names, data, genes, config, out: Path, *, fingerprint, device
     logger.info("refitting on all %d sections for %d epochs", len(names), epochs)
     final_cfg = replace(config, epochs=int(epochs))
     final = ExpressionModel(list(genes), final_cfg).fit(
-        [section(n) for n in names], device=device, checkpoint=final_ckpt, resume=True,
-        progress=progress,
+        [section(n) for n in names], head=head, device=device, checkpoint=final_ckpt,
+        resume=True, progress=progress,
     )
     final.save(out / "model.pt")
     return validation, "model.pt", asdict(final_cfg)
+
+
+def _predict_raw(net, features: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Predict a whole section from training-style features (a fine-tuned head's maps)."""
+    from ._train import Section
+
+    if net.finetunes_head:
+        features = standardize_section(net.head_features(features))
+    return net.predict(Section("validation", features, coords))
 
 
 def _train_ridge(names, data, genes, out: Path):
@@ -585,6 +629,8 @@ class HistologyModel:
         if info["name"] == COLOUR_ENCODER or self._encoder is not None:
             return self._encoder
         enc, now = _encoder_info(info["argument"], self.device)
+        if "head" in info:  # the model fine-tuned the encoder's head: it reads the trunk's maps
+            enc, now, _ = _head_encoder(enc, now, True)
         if now["weights_id"] != info["weights_id"] or now["dim"] != info["dim"]:
             raise InputError(
                 f"The model was trained on features of {info['name']} with weights "
@@ -607,8 +653,46 @@ class HistologyModel:
 
     @property
     def n_features(self) -> int:
-        """Features per spot the model reads: encoder width × number of tile scales."""
-        return int(self.config["encoder"]["dim"]) * len(self.tile_scales)
+        """Features per spot the model reads: encoder (or fine-tuned head) width × scales."""
+        info = self.config["encoder"]
+        width = info["head"]["dim"] if "head" in info else info["dim"]
+        return int(width) * len(self.tile_scales)
+
+    def encode_tiles(self, image: SlideImage, centres_px: np.ndarray, side_px: float, *,
+                     cache_dir=None, image_id: str | None = None, tile_um: float | None = None,
+                     mpp: float | None = None, progress: bool = False) -> np.ndarray:
+        """Features of tiles around ``centres_px`` at the model's scales (not standardised).
+
+        The encoder's features (:func:`multiscale_features`), passed through the model's
+        fine-tuned head when it has one.
+
+        Parameters
+        ----------
+        image
+            Full-resolution image.
+        centres_px
+            ``n_spots × 2`` tile centres ``(x, y)``, full-resolution px.
+        side_px
+            Scale-1 tile side, full-resolution px.
+        cache_dir, image_id, tile_um, mpp
+            Feature cache (:func:`multiscale_features`); used only with ``image_id``.
+        progress
+            Progress bars while encoding.
+
+        Returns
+        -------
+        ``n_spots × n_features`` float32 (:attr:`n_features`).
+        """
+        from ._features import multiscale_features
+
+        feats = multiscale_features(
+            image, centres_px, side_px, self.encoder, scales=self.tile_scales,
+            out_px=self.config["tiles"]["out_px"], cache_dir=cache_dir, image_id=image_id,
+            tile_um=tile_um, mpp=mpp, progress=progress,
+        )
+        if self._net is not None and self._net.finetunes_head:
+            feats = self._net.head_features(feats)
+        return feats
 
     def section_features(self, spots: AnnData, image: SlideImage, geometry, *,
                          cache_dir=None, progress: bool = False) -> np.ndarray:
@@ -627,11 +711,15 @@ class HistologyModel:
 
         Returns
         -------
-        ``n_spots × n_features`` float32 (:attr:`n_features` = encoder width × scales).
+        ``n_spots × n_features`` float32 (:attr:`n_features`; a fine-tuned head's features
+        when the model has one).
         """
-        return _features(image, self.encoder, geometry, self.config["tiles"]["out_px"],
-                         self.tile_scales, cache_dir=cache_dir if image.path else None,
-                         progress=progress)
+        from ._features import image_identity
+
+        image_id = None if image.path is None else "spot_tiles|" + image_identity(image.path)
+        return self.encode_tiles(image, geometry.centres_px, geometry.side_px,
+                                 cache_dir=cache_dir, image_id=image_id,
+                                 tile_um=geometry.tile_um, mpp=geometry.mpp, progress=progress)
 
     def predict_features(self, features: np.ndarray, coords: np.ndarray, *,
                          moments: dict | None = None) -> np.ndarray:
