@@ -129,7 +129,7 @@ def test_tasks_carry_spot_centres_not_pixels(models, single, crop):
     adjacency = graph_adjacency(coords, 6)
     regions = plan_regions(coords, REGION_UM / MPP, adjacency=adjacency, hops=4)
     tasks = region_tasks(regions, coords, model_path=model.path, image_path=crop, mpp=MPP,
-                         side_px=20.0, out_px=32, device="cpu", adjacency=adjacency)
+                         side_px=20.0, device="cpu", adjacency=adjacency)
     for task in tasks:
         n = len(task["centres"])
         # one 32 × 32 RGB tile alone is 3 kB; a task needs ~100 bytes per spot

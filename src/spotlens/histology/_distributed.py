@@ -154,7 +154,6 @@ def region_tasks(
     image_path: Path,
     mpp: float,
     side_px: float,
-    out_px: int,
     device: str,
     adjacency: sparse.csr_matrix | None,
 ) -> list[dict]:
@@ -166,7 +165,7 @@ def region_tasks(
         local = region["local"]
         tasks.append({
             "model": str(model_path), "image": str(image_path), "mpp": float(mpp),
-            "device": device, "side_px": float(side_px), "out_px": int(out_px),
+            "device": device, "side_px": float(side_px),
             "centres": np.ascontiguousarray(coords[local], dtype=np.float64),
             "n_core": len(region["core"]), "core": region["core"],
             "adjacency": None if adjacency is None else adjacency[local][:, local].tocsr(),
@@ -321,8 +320,7 @@ def predict_on_cluster(
         adjacency = graph_adjacency(coords, int(k))
     regions = plan_regions(coords, region_px, adjacency=adjacency, hops=hops)
     tasks = region_tasks(regions, coords, model_path=model.path, image_path=image_path,
-                         mpp=mpp, side_px=side_px, out_px=int(model.config["tiles"]["out_px"]),
-                         device=device, adjacency=adjacency)
+                         mpp=mpp, side_px=side_px, device=device, adjacency=adjacency)
     n_computed = sum(len(r["local"]) for r in regions)
     logger.info("%d spots in %d regions of %.0f µm (%d spots computed with halos) on %s",
                 len(coords), len(tasks), region_um, n_computed, client)

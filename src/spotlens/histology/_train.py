@@ -324,7 +324,8 @@ class ExpressionModel:
         ckpt = Path(checkpoint) if checkpoint else None
         if ckpt is not None and resume and ckpt.exists():
             state = torch.load(ckpt, map_location=dev, weights_only=False)
-            self._load_weights(state["weights"])
+            # checkpoints written before the fine-tuned head held the model's weights as "net"
+            self._load_weights(state.get("weights") or {"net": state["net"], "head": None})
             opt.load_state_dict(state["optimizer"])
             start, best, stale = state["epoch"], state["best"], state["stale"]
             best_state, self.history = state["best_state"], state["history"]
