@@ -333,6 +333,7 @@ class ExpressionModel:
             logger.info("resumed from %s at epoch %d", ckpt, start)
 
         sections = [self._tensors(s, dev) for s in train]
+        self._bank = None  # the attention model's training spots, set below or after training
         if self.config.model == "attention":
             bank_y = torch.cat([t["y"] for t in sections])
             owner = torch.cat([torch.full((len(t["x"]),), i, device=dev)
