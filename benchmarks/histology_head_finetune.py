@@ -13,6 +13,12 @@ Protocol as ``histology_her2st.py`` (top-250 expressed genes): early stopping on
 training section while training on the others (patience 40 epochs), then a refit on all
 training sections for that number of epochs, scored on the held-out sections; two seeds.
 
+The trunk, the head and the in-model z-scoring are the package's (``pre_head_encoder``,
+``TileHead``, ``section_zscore``), as ``train(config=TrainConfig(finetune_head=True))`` uses
+them with the attention or graph model. The results file was written by an earlier version of
+this script with its own copies of them (z-scoring with the sample sd + 1e-4 instead of the
+population sd: a relative difference under 0.5 % in the features at these section sizes).
+
 Run:  python benchmarks/histology_head_finetune.py   (writes
 benchmarks/results/histology_head_finetune.md; pre-head maps cached in benchmarks/.cache/)
 """
@@ -20,7 +26,6 @@ benchmarks/results/histology_head_finetune.md; pre-head maps cached in benchmark
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import sys
 import time
@@ -31,7 +36,7 @@ import anndata as ad
 import numpy as np
 import torch
 
-from spotlens.histology._encoders import get_encoder
+from spotlens.histology._encoders import get_encoder, pre_head_encoder
 from spotlens.histology._features import image_identity, multiscale_features
 from spotlens.histology._image import read_image
 from spotlens.histology._metrics import (
@@ -39,6 +44,7 @@ from spotlens.histology._metrics import (
     section_log_expression,
     select_target_genes,
 )
+from spotlens.histology._models import TileHead, section_zscore
 from spotlens.histology._tiles import DEFAULT_TILE_SCALES, tile_geometry
 
 HERE = Path(__file__).resolve().parent
@@ -46,40 +52,21 @@ sys.path.insert(0, str(HERE))
 from _machine import machine  # noqa: E402
 from histology_her2st import DATA, DATASETS  # noqa: E402
 
-CHANNELS, CELLS = 320, 16  # the last block's channels; 4 × 4 cells after pooling
 
+class LinearReadout(torch.nn.Module):
+    """Per-scale trainable head (``TileHead``) -> per-section z-score -> dropout -> linear."""
 
-class PreHead(torch.nn.Module):
-    """EfficientNet-Lite0 up to its last block, maps average-pooled 2 × 2 (7 × 7 -> 4 × 4)."""
-
-    def __init__(self, net):
+    def __init__(self, head: dict, n_scales: int, n_genes: int):
         super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        n = self.net
-        x = n._swish(n._bn0(n._conv_stem(x)))
-        for block in n._blocks:
-            x = block(x, drop_connect_rate=None)
-        return torch.nn.functional.avg_pool2d(x, 2, ceil_mode=True).flatten(1)
-
-
-class HeadModel(torch.nn.Module):
-    """Per-scale head convolution (from the pretrained one) -> per-section z-score -> linear."""
-
-    def __init__(self, w0, b0, n_scales: int, n_genes: int):
-        super().__init__()
-        self.w = torch.nn.Parameter(w0.repeat(n_scales, 1, 1).clone())
-        self.b = torch.nn.Parameter(b0.repeat(n_scales, 1).clone())
+        self.head = TileHead(head["weight"], head["bias"], n_scales=n_scales,
+                             cells=head["cells"])
         self.drop = torch.nn.Dropout(0.3)
-        self.lin = torch.nn.Linear(n_scales * w0.shape[0], n_genes)
+        self.lin = torch.nn.Linear(n_scales * self.head.dim, n_genes)
         torch.nn.init.zeros_(self.lin.weight)
         torch.nn.init.zeros_(self.lin.bias)
 
-    def forward(self, x):  # one section: n × scales × 320 × 16
-        h = torch.einsum("nscp,sdc->nsdp", x, self.w) + self.b[None, :, :, None]
-        h = torch.clamp(h, 0, 6).mean(3).reshape(len(x), -1)
-        return self.lin(self.drop((h - h.mean(0)) / (h.std(0) + 1e-4)))
+    def forward(self, x):  # one section: n × (scales · 320 · 16) last-block maps
+        return self.lin(self.drop(section_zscore(self.head(x))))
 
 
 def pre_head_maps(spec, sections, encoder, cache_dir):
@@ -95,16 +82,16 @@ def pre_head_maps(spec, sections, encoder, cache_dir):
             out_px=224, cache_dir=cache_dir, image_id="spot_tiles|" + image_identity(path),
             tile_um=geometry.tile_um, mpp=geometry.mpp, progress=False,
         )
-        out[s] = (adata, torch.tensor(maps).view(len(maps), len(DEFAULT_TILE_SCALES),
-                                                 CHANNELS, CELLS))
+        out[s] = (adata, torch.tensor(maps))
     return out
 
 
-def fit(x, y, w0, b0, *, lr_head, lr_linear, epochs, seed, validation=None, patience=40):
+def fit(x, y, head, *, lr_head, lr_linear, epochs, seed, validation=None, patience=40):
     """Train on sections ``x``/``y`` (z-scored targets); early stopping on ``validation``."""
     torch.manual_seed(seed)
-    model = HeadModel(w0, b0, next(iter(x.values())).shape[1], next(iter(y.values())).shape[1])
-    opt = torch.optim.AdamW([{"params": [model.w, model.b], "lr": lr_head},
+    n_scales = len(DEFAULT_TILE_SCALES)
+    model = LinearReadout(head, n_scales, next(iter(y.values())).shape[1])
+    opt = torch.optim.AdamW([{"params": model.head.parameters(), "lr": lr_head},
                              {"params": model.lin.parameters(), "lr": lr_linear}],
                             weight_decay=1e-2)
     best, best_epoch, best_state, stale = -np.inf, epochs, None, 0
@@ -145,13 +132,7 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore", FutureWarning)
     torch.set_num_threads(2)
     start = time.perf_counter()
-    base = get_encoder("efficientnet-lite0")
-    net = base.module.net
-    encoder = dataclasses.replace(base, name="efficientnet-lite0-prehead-pool2",
-                                  module=PreHead(net).eval(), dim=CHANNELS * CELLS)
-    gamma = net._bn1.weight.detach() / torch.sqrt(net._bn1.running_var + net._bn1.eps)
-    w0 = net._conv_head.weight.detach()[:, :, 0, 0] * gamma[:, None]
-    b0 = net._bn1.bias.detach() - gamma * net._bn1.running_mean
+    encoder, head = pre_head_encoder(get_encoder("efficientnet-lite0"))
     settings = {"frozen head": (0.0, 3e-5), "fine-tuned head": (1e-3, 1e-5)}
     rows = []
     for name, spec in DATASETS.items():
@@ -166,11 +147,11 @@ def main(argv=None) -> int:
         for label, (lr_head, lr_linear) in settings.items():
             for seed in range(args.seeds):
                 t0 = time.perf_counter()
-                _, epochs = fit({s: xs[s] for s in inner}, {s: ys[s] for s in inner}, w0, b0,
+                _, epochs = fit({s: xs[s] for s in inner}, {s: ys[s] for s in inner}, head,
                                 lr_head=lr_head, lr_linear=lr_linear, epochs=400, seed=seed,
                                 validation=(xs[val], expr[val]))
                 model, _ = fit({s: xs[s] for s in spec["train"]},
-                               {s: ys[s] for s in spec["train"]}, w0, b0, lr_head=lr_head,
+                               {s: ys[s] for s in spec["train"]}, head, lr_head=lr_head,
                                lr_linear=lr_linear, epochs=epochs, seed=seed)
                 scores = {s: mean_r(model, xs[s], expr[s]) for s in spec["test"]}
                 row = (f"| {name} | {label} | {seed} | {epochs} | "

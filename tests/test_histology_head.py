@@ -128,6 +128,8 @@ def test_fine_tuning_bad_input(real_maps):
         TrainConfig(finetune_head="yes")
     with pytest.raises(InputError, match="head_lr must be a learning rate > 0"):
         TrainConfig(head_lr=0)
+    with pytest.raises(InputError, match="lr must be a learning rate > 0"):
+        TrainConfig(lr=float("nan"))
     with pytest.raises(InputError, match="needs the encoder's pretrained head"):
         ExpressionModel(genes, TrainConfig(finetune_head=True, epochs=1)).fit(
             sections, progress=False)

@@ -227,6 +227,12 @@ class TileHead(nn.Module):
         Tile scales side by side in the input.
     cells
         Spatial cells per tile map.
+
+    References
+    ----------
+    Yosinski et al., "How transferable are features in deep neural networks?", NeurIPS 2014,
+    arXiv:1411.1792 (ImageNet features' last layers are the least transferable, the ones to
+    fine-tune). Tan & Le, "EfficientNet", ICML 2019, arXiv:1905.11946.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, *, n_scales: int, cells: int):

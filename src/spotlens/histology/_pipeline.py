@@ -658,13 +658,18 @@ class HistologyModel:
         width = info["head"]["dim"] if "head" in info else info["dim"]
         return int(width) * len(self.tile_scales)
 
-    def encode_tiles(self, image: SlideImage, centres_px: np.ndarray, side_px: float, *,
-                     cache_dir=None, image_id: str | None = None, tile_um: float | None = None,
-                     mpp: float | None = None, progress: bool = False) -> np.ndarray:
+    def _through_head(self, features: np.ndarray) -> np.ndarray:
+        """Pass the encoder's features through the model's fine-tuned head, when it has one."""
+        if self._net is not None and self._net.finetunes_head:
+            return self._net.head_features(features)
+        return features
+
+    def encode_tiles(self, image: SlideImage, centres_px: np.ndarray,
+                     side_px: float) -> np.ndarray:
         """Features of tiles around ``centres_px`` at the model's scales (not standardised).
 
-        The encoder's features (:func:`multiscale_features`), passed through the model's
-        fine-tuned head when it has one.
+        The encoder's features (:func:`multiscale_features`, no cache), passed through the
+        model's fine-tuned head when it has one: what a Dask worker computes for its region.
 
         Parameters
         ----------
@@ -674,10 +679,6 @@ class HistologyModel:
             ``n_spots × 2`` tile centres ``(x, y)``, full-resolution px.
         side_px
             Scale-1 tile side, full-resolution px.
-        cache_dir, image_id, tile_um, mpp
-            Feature cache (:func:`multiscale_features`); used only with ``image_id``.
-        progress
-            Progress bars while encoding.
 
         Returns
         -------
@@ -685,14 +686,10 @@ class HistologyModel:
         """
         from ._features import multiscale_features
 
-        feats = multiscale_features(
+        return self._through_head(multiscale_features(
             image, centres_px, side_px, self.encoder, scales=self.tile_scales,
-            out_px=self.config["tiles"]["out_px"], cache_dir=cache_dir, image_id=image_id,
-            tile_um=tile_um, mpp=mpp, progress=progress,
-        )
-        if self._net is not None and self._net.finetunes_head:
-            feats = self._net.head_features(feats)
-        return feats
+            out_px=self.config["tiles"]["out_px"], progress=False,
+        ))
 
     def section_features(self, spots: AnnData, image: SlideImage, geometry, *,
                          cache_dir=None, progress: bool = False) -> np.ndarray:
@@ -714,12 +711,10 @@ class HistologyModel:
         ``n_spots × n_features`` float32 (:attr:`n_features`; a fine-tuned head's features
         when the model has one).
         """
-        from ._features import image_identity
-
-        image_id = None if image.path is None else "spot_tiles|" + image_identity(image.path)
-        return self.encode_tiles(image, geometry.centres_px, geometry.side_px,
-                                 cache_dir=cache_dir, image_id=image_id,
-                                 tile_um=geometry.tile_um, mpp=geometry.mpp, progress=progress)
+        return self._through_head(_features(
+            image, self.encoder, geometry, self.config["tiles"]["out_px"], self.tile_scales,
+            cache_dir=cache_dir if image.path else None, progress=progress,
+        ))
 
     def predict_features(self, features: np.ndarray, coords: np.ndarray, *,
                          moments: dict | None = None) -> np.ndarray:

@@ -430,14 +430,24 @@ class ExpressionModel:
         torch = import_torch()
         self._train_mode(False)
         with torch.inference_mode():
-            x = self._section_x(t)
             if self.config.model == "attention":
-                bank_x = torch.cat([self._section_x(s) for s in sections])
-                bank_y = torch.cat([s["y"] for s in sections])
-                direct, attended = self._net(x, bank_x, bank_y)
-                z = 0.5 * (direct + attended)
+                context = (torch.cat([self._section_x(s) for s in sections]),
+                           torch.cat([s["y"] for s in sections]))
             else:
-                z, _, _ = self._net(x, t["edges"], t["a_hat"])
+                context = (t["edges"], t["a_hat"])
+            return self._decode(self._section_x(t), context)
+
+    def _decode(self, x, context) -> np.ndarray:
+        """Run the model (eval mode, no grad) on ``x``: log-normalised expression.
+
+        ``context`` is the attention bank ``(features, z-scored expression)`` or the graph
+        ``(edges, normalised adjacency)``.
+        """
+        if self.config.model == "attention":
+            direct, attended = self._net(x, *context)
+            z = 0.5 * (direct + attended)
+        else:
+            z, _, _ = self._net(x, *context)
         return self._y_scaler.inverse(z.cpu().numpy())
 
     def _fit_rank(self, y_all, val: dict | None, validation: Section | None, sections,
@@ -529,14 +539,11 @@ class ExpressionModel:
         x = torch.as_tensor(self._x_scaler(s.features), device=dev)
         with torch.inference_mode():
             if self.config.model == "attention":
-                bank_x = torch.as_tensor(self._x_scaler(self._bank[0]), device=dev)
-                bank_y = torch.as_tensor(self._y_scaler(self._bank[1]), device=dev)
-                direct, attended = self._net(x, bank_x, bank_y)
-                z = 0.5 * (direct + attended)
+                context = (torch.as_tensor(self._x_scaler(self._bank[0]), device=dev),
+                           torch.as_tensor(self._y_scaler(self._bank[1]), device=dev))
             else:
-                edges, a_hat = _graph_tensors(s.coords, self.config.k_neighbors, torch, dev)
-                z, _, _ = self._net(x, edges, a_hat)
-        return self._y_scaler.inverse(z.cpu().numpy())
+                context = _graph_tensors(s.coords, self.config.k_neighbors, torch, dev)
+            return self._decode(x, context)
 
     def predict(self, section: Section, *, device: str = "cpu") -> np.ndarray:
         """Predicted log-normalised expression, ``n_spots × n_genes`` (genes as in ``genes``).
