@@ -191,3 +191,40 @@ def test_fine_tuned_head_model_on_the_cluster_equals_single_machine(client, tmp_
         "n_regions"] >= 4
     np.testing.assert_allclose(many.X, one.X, atol=TOL, rtol=0)
     assert np.ptp(one.X, axis=0).min() > 10 * TOL
+
+
+def test_vit_model_whose_weights_moved_predicts_the_same_on_the_cluster(client, tmp_path):
+    """Workers load the encoder from where the user says the checkpoint is now."""
+    import shutil
+
+    import tifffile
+    import torch
+
+    from spotlens.histology._vit import VisionTransformerFeatures, ViTConfig
+
+    torch.manual_seed(0)
+    net = VisionTransformerFeatures(ViTConfig(dim=64, depth=1, num_heads=1, patch_size=8,
+                                              grid=4, mlp_hidden=64))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    weights = tmp_path / "trained_here" / "vit.bin"
+    weights.parent.mkdir()
+    torch.save(net.state_dict(), weights)
+    sections = [(ad.read_h5ad(MOB / f"MOB{i}.h5ad")[:80].copy(),
+                 read_image(MOB / f"MOB{i}_HE.jpg", mpp=MPP)) for i in (1, 2)]
+    model_dir = train(sections, genes=GENES, model="ridge", encoder="vit",
+                      encoder_weights=weights, tile_scales=(1.0,), out=tmp_path / "model",
+                      progress=False)
+    moved = tmp_path / "moved" / "vit.bin"
+    moved.parent.mkdir()
+    shutil.move(weights, moved)
+    with Image.open(MOB / "MOB3_HE.jpg") as im:
+        pixels = np.asarray(im)[700:1100, 700:1100]
+    crop = tmp_path / "MOB3_small.tif"
+    tifffile.imwrite(crop, pixels, tile=(128, 128))
+    model = load_model(model_dir, encoder_weights=moved)
+    one = predict(model, crop, mpp=MPP)
+    many = predict(model, crop, mpp=MPP, client=client, region_um=500.0)
+    np.testing.assert_allclose(many.X, one.X, atol=TOL, rtol=0)
+    assert np.ptp(one.X, axis=0).min() > 10 * TOL

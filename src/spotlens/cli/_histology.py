@@ -46,6 +46,14 @@ ImagesOption = Annotated[list[Path] | None, typer.Option(
 CacheOption = Annotated[Path | None, typer.Option(
     "--cache-dir", metavar="DIR", show_default=False,
     help="Folder of cached encoder features (re-runs skip the encoder) [default: no cache].")]
+EncoderWeightsOption = Annotated[Path | None, typer.Option(
+    "--encoder-weights", metavar="FILE", show_default=False,
+    help="Checkpoint of the encoder architecture: a torchvision-format ResNet-50 for "
+         "'resnet50', a timm-format Vision Transformer (e.g. a pathology foundation model, "
+         "its config.json beside it) for 'vit'.")]
+MovedWeightsOption = Annotated[Path | None, typer.Option(
+    "--encoder-weights", metavar="FILE", show_default=False,
+    help="Where the encoder checkpoint the model was trained with is now, if it has moved.")]
 ModelOption = Annotated[Path, typer.Option(
     "--model", "-m", metavar="DIR", show_default=False, help="Model folder written by 'train'.")]
 
@@ -97,8 +105,9 @@ def train_command(
         help="Target genes: 50 highly variable genes, the 250 most expressed, or a list; chosen "
              "on the training sections and recorded with the model.")] = "hvg",
     encoder: Annotated[str, typer.Option(
-        help="Tile encoder: 'efficientnet-lite0', 'resnet50', a TorchScript file, or 'colour' "
-             "(25 colour statistics).")] = "efficientnet-lite0",
+        help="Tile encoder: 'efficientnet-lite0', 'resnet50' or 'vit' (with --encoder-weights), "
+             "a TorchScript file, or 'colour' (25 colour statistics).")] = "efficientnet-lite0",
+    encoder_weights: EncoderWeightsOption = None,
     tile_um: Annotated[float | None, typer.Option(
         metavar="µm", show_default=False,
         help="Tile side in µm [default: each section's spot diameter].")] = None,
@@ -170,7 +179,8 @@ def train_command(
         except ValueError as err:
             raise InputError(f"--tile-scales must be numbers separated by commas, got "
                              f"{tile_scales!r}.") from err
-        train(pairs, genes=gene_arg, model=model_type, encoder=encoder, tile_um=tile_um,
+        train(pairs, genes=gene_arg, model=model_type, encoder=encoder,
+              encoder_weights=encoder_weights, tile_um=tile_um,
               tile_scales=scales, standardize=standardize, out_px=out_px, config=config,
               cache_dir=cache_dir, device=device, seed=seed,
               out=out, resume=resume, progress=progress)
@@ -187,6 +197,7 @@ def evaluate_command(
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", metavar="DIR", show_default=False,
         help="Also write DIR/evaluation.csv and DIR/pearson_per_gene.csv.")] = None,
+    encoder_weights: MovedWeightsOption = None,
     cache_dir: CacheOption = None,
     device: DeviceOption = "cpu",
     progress: ProgressOption = True,
@@ -202,11 +213,12 @@ def evaluate_command(
     with _logging(quiet), _errors():
         import pandas as pd
 
-        from ..histology._pipeline import evaluate
+        from ..histology._pipeline import evaluate, load_model
 
         _check_device(device)
         pairs = _sections(ctx, sections, images)
-        table = evaluate(model, pairs, cache_dir=cache_dir, device=device, progress=progress)
+        fitted = load_model(model, device=device, encoder_weights=encoder_weights)
+        table = evaluate(fitted, pairs, cache_dir=cache_dir, device=device, progress=progress)
         typer.echo(table.to_string(float_format=lambda v: f"{v:.3f}"))
         if out is not None:
             from ..io import write_csv
@@ -237,6 +249,7 @@ def predict_command(
         metavar="G1,G2,...", show_default=False,
         help="Write OUT/<gene>.png, the predicted expression over the image, for these genes.")
     ] = None,
+    encoder_weights: MovedWeightsOption = None,
     cache_dir: CacheOption = None,
     device: DeviceOption = "cpu",
     progress: ProgressOption = True,
@@ -256,7 +269,7 @@ def predict_command(
         from ..pl import overlay
 
         _check_device(device)
-        fitted = load_model(model, device=device)
+        fitted = load_model(model, device=device, encoder_weights=encoder_weights)
         genes = [g.strip() for g in (plot_genes or "").split(",") if g.strip()]
         unknown = [g for g in genes if g not in fitted.genes]
         if unknown:

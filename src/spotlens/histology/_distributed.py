@@ -156,15 +156,21 @@ def region_tasks(
     side_px: float,
     device: str,
     adjacency: sparse.csr_matrix | None,
+    encoder_weights: str | None = None,
 ) -> list[dict]:
-    """Build each region's task: spot centres and graph block, never pixels."""
+    """Build each region's task: spot centres and graph block, never pixels.
+
+    ``encoder_weights``: the encoder checkpoint's path when it differs from the one the model
+    recorded (:func:`~spotlens.histology.load_model`).
+    """
     stamps = {"model_stamp": (Path(model_path) / "config.json").stat().st_mtime_ns,
               "image_stamp": Path(image_path).stat().st_mtime_ns}
     tasks = []
     for region in regions:
         local = region["local"]
         tasks.append({
-            "model": str(model_path), "image": str(image_path), "mpp": float(mpp),
+            "model": str(model_path), "encoder_weights": encoder_weights,
+            "image": str(image_path), "mpp": float(mpp),
             "device": device, "side_px": float(side_px),
             "centres": np.ascontiguousarray(coords[local], dtype=np.float64),
             "n_core": len(region["core"]), "core": region["core"],
@@ -175,10 +181,10 @@ def region_tasks(
 
 
 @functools.lru_cache(maxsize=2)
-def _worker_model(path: str, stamp: int, device: str):
+def _worker_model(path: str, stamp: int, device: str, encoder_weights: str | None = None):
     from ._pipeline import load_model
 
-    return load_model(path, device=device)
+    return load_model(path, device=device, encoder_weights=encoder_weights)
 
 
 @functools.lru_cache(maxsize=2)
@@ -196,7 +202,8 @@ def region_features(task: dict) -> np.ndarray:
     ``n_local × n_features`` features at the model's tile scales (through its fine-tuned head
     when it has one; not standardised).
     """
-    model = _worker_model(task["model"], task["model_stamp"], task["device"])
+    model = _worker_model(task["model"], task["model_stamp"], task["device"],
+                          task.get("encoder_weights"))
     image = _worker_image(task["image"], task["image_stamp"], task["mpp"])
     return model.encode_tiles(image, task["centres"], task["side_px"])
 
@@ -219,7 +226,8 @@ def predict_region(task: dict, features: np.ndarray,
     -------
     The core's global spot indices and their ``n_core × n_genes`` float32 predictions.
     """
-    model = _worker_model(task["model"], task["model_stamp"], task["device"])
+    model = _worker_model(task["model"], task["model_stamp"], task["device"],
+                          task.get("encoder_weights"))
     if task["adjacency"] is None:
         pred = model.predict_features(features, task["centres"], moments=moments)
     else:
@@ -320,7 +328,8 @@ def predict_on_cluster(
         adjacency = graph_adjacency(coords, int(k))
     regions = plan_regions(coords, region_px, adjacency=adjacency, hops=hops)
     tasks = region_tasks(regions, coords, model_path=model.path, image_path=image_path,
-                         mpp=mpp, side_px=side_px, device=device, adjacency=adjacency)
+                         mpp=mpp, side_px=side_px, device=device, adjacency=adjacency,
+                         encoder_weights=model.encoder_weights)
     n_computed = sum(len(r["local"]) for r in regions)
     logger.info("%d spots in %d regions of %.0f µm (%d spots computed with halos) on %s",
                 len(coords), len(tasks), region_um, n_computed, client)

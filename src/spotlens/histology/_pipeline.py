@@ -127,19 +127,28 @@ def _section_name(adata: AnnData, image_path: Path, taken: set[str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _encoder_info(encoder: str, device: str) -> tuple[Any, dict]:
-    """Return ``(encoder or None for colour features, its description for config.json)``."""
+def _encoder_info(encoder: str, device: str, weights=None) -> tuple[Any, dict]:
+    """Return ``(encoder or None for colour features, its description for config.json)``.
+
+    ``weights``: the checkpoint a named architecture reads (``"resnet50"``, ``"vit"``); its
+    absolute path is recorded, so the model finds it again.
+    """
     if str(encoder).lower() == COLOUR_ENCODER:
+        if weights is not None:
+            raise InputError("encoder_weights is for 'resnet50' or 'vit'; colour features have "
+                             "no weights.")
         from ._features import COLOUR_FEATURE_NAMES
 
         return None, {"name": COLOUR_ENCODER, "argument": COLOUR_ENCODER,
                       "weights_id": "colour_features/1", "dim": len(COLOUR_FEATURE_NAMES)}
     from ._encoders import get_encoder
 
-    enc = get_encoder(encoder, device=device)
-    return enc, {"name": enc.name, "argument": str(encoder), "weights_id": enc.weights_id,
-                 "dim": int(enc.dim), "input_size": int(enc.input_size),
-                 "identity": enc.identity}
+    enc = get_encoder(encoder, device=device, weights=weights)
+    info = {"name": enc.name, "argument": str(encoder), "weights_id": enc.weights_id,
+            "dim": int(enc.dim), "input_size": int(enc.input_size), "identity": enc.identity}
+    if weights is not None:
+        info["weights_path"] = str(Path(weights).expanduser().resolve())
+    return enc, info
 
 
 def _head_encoder(enc, enc_info: dict, finetune_head) -> tuple[Any, dict, dict | None]:
@@ -251,6 +260,7 @@ def train(
     genes="hvg",
     model: str = "attention",
     encoder: str = "efficientnet-lite0",
+    encoder_weights=None,
     tile_um: float | None = None,
     tile_scales=DEFAULT_TILE_SCALES,
     standardize: bool = True,
@@ -300,6 +310,11 @@ def train(
     encoder
         Encoder name or TorchScript file for :func:`get_encoder`, or ``"colour"`` for the 25
         colour statistics of :func:`colour_features` (no torch needed with ``"ridge"``).
+    encoder_weights
+        Checkpoint of a named architecture: a torchvision-format ResNet-50 for ``"resnet50"``,
+        a timm-format Vision Transformer (e.g. a pathology foundation model) for ``"vit"``.
+        Its absolute path and SHA-256 are recorded in ``config.json``; prediction reads the
+        file from there (or from ``load_model(..., encoder_weights=)``).
     tile_um
         Side of the scale-1 tile in µm; None = each section's spot diameter.
     tile_scales
@@ -366,7 +381,7 @@ def train(
         tile_um = check_mpp(tile_um, what="tile_um", unit="µm")
     tile_scales = check_tile_scales(tile_scales)
     out = _model_dir(out, create=True)
-    enc, enc_info = _encoder_info(encoder, device)
+    enc, enc_info = _encoder_info(encoder, device, encoder_weights)
     if config is None:
         from ._train import TrainConfig
 
@@ -593,11 +608,12 @@ class HistologyModel:
         Target genes, in the order of the predictions' columns.
     """
 
-    def __init__(self, path: Path, config: dict, *, device: str = "cpu"):
+    def __init__(self, path: Path, config: dict, *, device: str = "cpu", encoder_weights=None):
         self.path = path
         self.config = config
         self.genes: list[str] = list(config["genes"])
         self.device = device
+        self.encoder_weights = None if encoder_weights is None else str(encoder_weights)
         self._encoder = None
         self._net = None
         self._ridge = None
@@ -628,7 +644,14 @@ class HistologyModel:
         info = self.config["encoder"]
         if info["name"] == COLOUR_ENCODER or self._encoder is not None:
             return self._encoder
-        enc, now = _encoder_info(info["argument"], self.device)
+        weights = self.encoder_weights or info.get("weights_path")
+        if weights is not None and not Path(weights).expanduser().is_file():
+            raise InputError(
+                f"The model's encoder ({info['argument']}) reads its weights from {weights}, "
+                "which is not there. Pass the file: load_model(..., encoder_weights=PATH) (CLI: "
+                "--encoder-weights PATH); it must be the same checkpoint (SHA-256 checked)."
+            )
+        enc, now = _encoder_info(info["argument"], self.device, weights)
         if "head" in info:  # the model fine-tuned the encoder's head: it reads the trunk's maps
             enc, now, _ = _head_encoder(enc, now, True)
         if now["weights_id"] != info["weights_id"] or now["dim"] != info["dim"]:
@@ -637,6 +660,15 @@ class HistologyModel:
                 f"{info['weights_id'][:24]}… ({info['dim']} features), but that encoder now "
                 f"has weights {now['weights_id'][:24]}… ({now['dim']} features). Features of "
                 "another encoder do not fit this model; install the original weights or retrain."
+            )
+        if info.get("identity") and now.get("identity") != info["identity"]:
+            # same weights, other input size or normalisation (e.g. a ViT whose config.json
+            # stayed behind): the features would differ silently
+            raise InputError(
+                f"The model's encoder now prepares tiles differently: trained with "
+                f"{info['identity'].split('|', 2)[2]}, now {now['identity'].split('|', 2)[2]} "
+                "(input px | mean | std). For 'vit', put the config.json the weights came with "
+                "beside them."
             )
         self._encoder = enc
         return enc
@@ -814,7 +846,7 @@ class HistologyModel:
         return self.predict_features(feats, np.asarray(adata.obsm["spatial"], dtype=float))
 
 
-def load_model(path, *, device: str = "cpu") -> HistologyModel:
+def load_model(path, *, device: str = "cpu", encoder_weights=None) -> HistologyModel:
     """Open a model folder written by :func:`train`.
 
     Parameters
@@ -823,6 +855,9 @@ def load_model(path, *, device: str = "cpu") -> HistologyModel:
         The model folder (with ``config.json``).
     device
         Device of the encoder and network.
+    encoder_weights
+        Where the encoder's checkpoint is now, for a model trained with ``encoder_weights``
+        whose file has moved (None: the path recorded at training). Its SHA-256 must match.
 
     Returns
     -------
@@ -841,7 +876,7 @@ def load_model(path, *, device: str = "cpu") -> HistologyModel:
     config = _read_json(cfg_path)
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise InputError(f"{cfg_path} is not a spotlens histology model config ({FORMAT}).")
-    return HistologyModel(path, config, device=device)
+    return HistologyModel(path, config, device=device, encoder_weights=encoder_weights)
 
 
 def evaluate(model_dir, sections, *, cache_dir=None, device: str = "cpu",
