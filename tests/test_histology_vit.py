@@ -157,6 +157,20 @@ def test_vit_checkpoint_loads_strictly_and_reproduces_the_network(checkpoint):
     assert "0.58" in enc.identity
 
 
+def test_vit_reads_safetensors_as_the_hub_stores_them(checkpoint):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    path, net = checkpoint
+    state = {k: v.contiguous() for k, v in torch.load(path, weights_only=True).items()}
+    safetensors_torch.save_file(state, path.with_name("model.safetensors"))
+    tiles = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    from_bin = get_encoder("vit", weights=path)
+    from_safetensors = get_encoder("vit", weights=path.with_name("model.safetensors"))
+    np.testing.assert_array_equal(from_safetensors.encode(tiles), from_bin.encode(tiles))
+    path.with_name("broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="as a .safetensors file"):
+        get_encoder("vit", weights=path.with_name("broken.safetensors"))
+
+
 @pytest.mark.parametrize(("edit", "message"), [
     ("no_sidecar", "number of attention heads"),
     ("drop_key", "blocks.1.mlp.fc2.bias"),

@@ -464,9 +464,27 @@ def _check_file(path) -> Path:
     return path
 
 
+def _read_safetensors(path: Path) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise InputError(f"Reading {path.name} needs the safetensors package: pip install "
+                         "'spotlens[histology]'.") from err
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:
+        raise InputError(f"Could not read {str(path)!r} as a .safetensors file "
+                         f"({type(err).__name__}: {err}).") from err
+
+
 def _read_state_dict(path) -> dict:
-    """Read a tensor-only checkpoint (``weights_only=True``: no code runs)."""
+    """Read a tensor-only checkpoint: ``.safetensors``, or ``torch.save`` (``weights_only``).
+
+    No code in the file runs either way.
+    """
     path = _check_file(path)
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -624,8 +642,8 @@ def get_encoder(
         head may be absent); required for ``"vit"`` (a timm ``VisionTransformer``
         ``state_dict``; a timm ``config.json`` beside it, as the Hugging Face hub stores it,
         supplies the head count, pooling and the normalisation mean and std); optional for
-        ``"efficientnet-lite0"`` (default: the shipped file). Read with ``weights_only=True``,
-        so no code in it runs.
+        ``"efficientnet-lite0"`` (default: the shipped file). A ``.safetensors`` file or a
+        ``torch.save`` file read with ``weights_only=True``; no code in either runs.
     input_size
         Input side in pixels (default 224). Fixed at 224 for EfficientNet-Lite0; for ``"vit"``
         fixed by the position embedding (grid × patch size).
