@@ -177,6 +177,7 @@ def test_vit_reads_safetensors_as_the_hub_stores_them(checkpoint):
     ("resnet", "not a timm VisionTransformer"),
     ("odd_pos", "no square grid"),
     ("heads", "do not divide"),
+    ("transformers", "Hugging Face transformers ViT"),
 ])
 def test_vit_bad_checkpoints_are_named(checkpoint, edit, message):
     path, _ = checkpoint
@@ -192,6 +193,9 @@ def test_vit_bad_checkpoints_are_named(checkpoint, edit, message):
         state["pos_embed"] = torch.zeros(1, 19, SMALL.dim)
     elif edit == "heads":
         sidecar["model_args"]["num_heads"] = 5
+    elif edit == "transformers":  # transformers' ViTModel names
+        state = {"embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+                 "embeddings.cls_token": state["cls_token"]}
     torch.save(state, path)
     if edit != "no_sidecar":
         (path.parent / "config.json").write_text(json.dumps(sidecar))

@@ -285,6 +285,13 @@ def vit_config(state: dict, sidecar: dict | None = None) -> ViTConfig:
     sidecar = sidecar or {}
     needed = ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.qkv.weight")
     absent = [k for k in needed if k not in state]
+    if any("embeddings.patch_embeddings." in k for k in state):
+        raise InputError(
+            "The checkpoint is a Hugging Face transformers ViT (e.g. Phikon), not timm's format. "
+            "Wrap the model so forward(pixel_values) returns the n × width class token, save it "
+            "with torch.jit.save(torch.jit.trace(wrapper, example)) and pass that file as the "
+            "encoder."
+        )
     if absent:
         raise InputError(
             f"The checkpoint is not a timm VisionTransformer: it has no {absent}. For another "
