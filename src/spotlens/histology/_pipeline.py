@@ -606,6 +606,9 @@ class HistologyModel:
         The parsed ``config.json``.
     genes
         Target genes, in the order of the predictions' columns.
+    encoder_weights
+        Where the encoder's checkpoint is now when it moved since training (None: the path
+        recorded in ``config.json``, if the encoder reads one).
     """
 
     def __init__(self, path: Path, config: dict, *, device: str = "cpu", encoder_weights=None):

@@ -228,6 +228,11 @@ def read_sidecar(weights: Path) -> dict:
     """Return the timm ``config.json`` beside ``weights`` (as the Hugging Face hub stores it).
 
     An empty dict when there is none or it is not a timm model config.
+
+    Raises
+    ------
+    InputError
+        If a ``config.json`` is there but is not readable JSON.
     """
     path = Path(weights).with_name("config.json")
     if not path.is_file():
