@@ -7,6 +7,16 @@ import platform
 from pathlib import Path
 
 
+def write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a results file whole or not at all (temporary file beside it, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
 def machine() -> str:
     """CPU model, usable cores, RAM and OS, e.g. ``"2 cores, 24 GiB RAM, AMD EPYC, Linux"``."""
     cpu = platform.processor() or platform.machine()

@@ -40,6 +40,7 @@ from spotlens.histology._tiles import DEFAULT_TILE_SCALES, tile_geometry
 from spotlens.histology._train import Section
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import write_atomic  # noqa: E402
 from histology_her2st import DATA, DATASETS, fit_network, machine_line  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -145,11 +146,8 @@ def main(argv=None) -> int:
         "stopping on the last training section, then refitted on all training sections.",
         f"- total run: {total:.0f} s", "", *table, "",
     ]
-    out = args.out or HERE / "results" / f"histology_encoder_{label}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
+    out = write_atomic(args.out or HERE / "results" / f"histology_encoder_{label}.md",
+                       "\n".join(lines))
     log(f"wrote {out}")
     return 0
 

@@ -49,7 +49,7 @@ from spotlens.histology._tiles import DEFAULT_TILE_SCALES, tile_geometry
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _machine import machine  # noqa: E402
+from _machine import machine, write_atomic  # noqa: E402
 from histology_her2st import DATA, DATASETS  # noqa: E402
 
 
@@ -177,11 +177,7 @@ def main(argv=None) -> int:
         f"Total {time.perf_counter() - start:.0f} s (pre-head maps cached after the first run).",
         "",
     ]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
+    out = write_atomic(args.out, "\n".join(lines))
     print(f"wrote {out}")
     return 0
 

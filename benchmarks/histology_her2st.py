@@ -40,7 +40,7 @@ from spotlens.histology._tiles import DEFAULT_TILE_SCALES, spot_tiles, tile_geom
 from spotlens.histology._train import ExpressionModel, Section, TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from _machine import machine, write_atomic  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("SPOTLENS_DATA", HERE.parents[1] / "shared" / "data"))
@@ -321,9 +321,7 @@ def main(argv=None) -> int:
         "Throughput varies between sections and runs because the 2 cores are shared with other "
         "work on this machine; the per-section range shows how much.",
     ]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    out = write_atomic(args.out, "\n".join(lines) + "\n")
     log(f"wrote {out}")
     return 0
 

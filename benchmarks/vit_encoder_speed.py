@@ -23,7 +23,7 @@ from spotlens.histology._encoders import get_encoder
 from spotlens.histology._vit import VisionTransformerFeatures, ViTConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from _machine import machine, write_atomic  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 HER2ST_TILES = 3579  # her2st's 1,193 spots at 3 tile scales
@@ -73,11 +73,8 @@ def main(argv=None) -> int:
         "| encoder | tiles/s | her2st tiles at 3 scales, min |", "|---|---:|---:|",
         *(f"| {n} | {r:.1f} | {m:.1f} |" for n, r, m in rows), "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
+    out = write_atomic(args.out, "\n".join(lines))
+    print(f"wrote {out}")
     return 0
 
 

@@ -123,6 +123,20 @@ def test_vit_variants_registers_layer_scale_swiglu_average_pool():
     assert vit_config(net.state_dict(), {"model_args": {"num_heads": 4}}) == cfg
 
 
+@pytest.mark.parametrize(("architecture", "dim", "heads"), [
+    ("vit_large_patch16_224", 1024, 16),  # UNI
+    ("vit_huge_patch14_224", 1280, 16),  # Virchow: 80 per head, not width / 64
+    ("vit_giant_patch14_224", 1408, 16),
+    ("vit_giant_patch14_reg4_dinov2", 1536, 24),  # H-optimus-0, Prov-GigaPath: width / 64
+    ("", 768, 12),
+])
+def test_head_count_of_published_sizes_without_num_heads(architecture, dim, heads):
+    from spotlens.histology._vit import _heads
+
+    assert _heads(dim, {"architecture": architecture} if architecture else {}) == heads
+    assert _heads(dim, {"model_args": {"num_heads": 7}}) == 7  # stated wins
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
     """A timm-style checkpoint: state dict with an ImageNet head, config.json beside it."""
@@ -166,6 +180,11 @@ def test_vit_reads_safetensors_as_the_hub_stores_them(checkpoint):
     from_bin = get_encoder("vit", weights=path)
     from_safetensors = get_encoder("vit", weights=path.with_name("model.safetensors"))
     np.testing.assert_array_equal(from_safetensors.encode(tiles), from_bin.encode(tiles))
+    # saved from DataParallel: the module. prefix is dropped as for torch.save files
+    safetensors_torch.save_file({f"module.{k}": v for k, v in state.items()},
+                                path.with_name("parallel.safetensors"))
+    from_parallel = get_encoder("vit", weights=path.with_name("parallel.safetensors"))
+    np.testing.assert_array_equal(from_parallel.encode(tiles), from_bin.encode(tiles))
     path.with_name("broken.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InputError, match="as a .safetensors file"):
         get_encoder("vit", weights=path.with_name("broken.safetensors"))

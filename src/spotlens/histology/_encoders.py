@@ -464,7 +464,7 @@ def _check_file(path) -> Path:
     return path
 
 
-def _read_safetensors(path: Path) -> dict:
+def _read_safetensors(path: Path):
     try:
         from safetensors.torch import load_file
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -483,10 +483,11 @@ def _read_state_dict(path) -> dict:
     No code in the file runs either way.
     """
     path = _check_file(path)
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = (_read_safetensors(path) if path.suffix == ".safetensors"
+                 else torch.load(path, map_location="cpu", weights_only=True))
+    except InputError:
+        raise
     except Exception as err:
         raise InputError(
             f"Could not read {str(path)!r} as a state_dict of tensors ({type(err).__name__}: "

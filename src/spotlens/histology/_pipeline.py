@@ -360,8 +360,9 @@ def train(
         No section, a section without coordinates or spot diameter, an image that does not fit
         its spots (another section or resolution), unknown genes or gene rule, a bad model type,
         ``finetune_head=True`` with an encoder other than EfficientNet-Lite0,
-        ``"ridge"`` with fewer than 2 sections, or a checkpoint in ``out`` from a different run
-        (pass ``resume=False`` or another ``out``).
+        ``encoder_weights`` for colour features or a checkpoint that does not fit the encoder
+        (:func:`get_encoder`), ``"ridge"`` with fewer than 2 sections, or a checkpoint in
+        ``out`` from a different run (pass ``resume=False`` or another ``out``).
 
     Examples
     --------
@@ -642,7 +643,9 @@ class HistologyModel:
         Raises
         ------
         InputError
-            If the encoder available now has other weights than the one used in training.
+            If the encoder available now has other weights than the one used in training,
+            prepares tiles differently (input size, normalisation), or its checkpoint file is
+            neither where training recorded it nor at ``encoder_weights``.
         """
         info = self.config["encoder"]
         if info["name"] == COLOUR_ENCODER or self._encoder is not None:

@@ -33,8 +33,10 @@ F = torch.nn.functional
 logger = logging.getLogger(__name__)
 
 LAYER_NORM_EPS = 1e-6  # timm's VisionTransformer default
-# heads of timm's named ViT sizes whose width / 64 is not the head count
-_HEADS_BY_SIZE = {"huge": 16, "giant": 16}
+# (timm size name, width) -> heads, where width / 64 is not the head count: ViT-H/14 (1280
+# wide, e.g. Virchow) and ViT-g/14 (1408). DINOv2's giant (1536 wide, 24 heads; Prov-GigaPath,
+# H-optimus-0) follows width / 64.
+_HEADS_BY_SIZE = {("huge", 1280): 16, ("giant", 1408): 16}
 
 
 @dataclass(frozen=True)
@@ -252,8 +254,8 @@ def _heads(dim: int, sidecar: dict) -> int:
     if "num_heads" in args:
         return int(args["num_heads"])
     match = re.search(r"vit_(\w+?)_patch", str(sidecar.get("architecture", "")))
-    if match and match.group(1) in _HEADS_BY_SIZE:
-        return _HEADS_BY_SIZE[match.group(1)]
+    if match and (match.group(1), dim) in _HEADS_BY_SIZE:
+        return _HEADS_BY_SIZE[match.group(1), dim]
     if dim % 64:
         raise InputError(
             f"Cannot tell the number of attention heads of a ViT of width {dim} (not a multiple "
@@ -283,9 +285,11 @@ def vit_config(state: dict, sidecar: dict | None = None) -> ViTConfig:
     Raises
     ------
     InputError
-        If ``state`` is not a timm ViT (no ``patch_embed.proj.weight`` or ``pos_embed``, no
-        blocks), its position embedding fits no square patch grid, or the head count does not
-        divide the width.
+        If ``state`` is a Hugging Face transformers ViT or otherwise not a timm ViT (no
+        ``patch_embed.proj.weight``, ``pos_embed`` or blocks), has non-square patches, a
+        position embedding that fits no square patch grid or an MLP that is neither plain nor
+        packed SwiGLU, or the head count cannot be told (no ``config.json``, width not a
+        multiple of 64) or does not divide the width.
     """
     sidecar = sidecar or {}
     needed = ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.qkv.weight")
