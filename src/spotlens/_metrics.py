@@ -37,6 +37,15 @@ def accuracy(pred: pd.DataFrame, truth: pd.DataFrame) -> dict[str, float]:
     - ``"rmse"``: root mean squared error over the same entries (proportion units),
     - ``"mean_jsd"``: mean over spots of the Jensen–Shannon divergence between the two
       proportion vectors (base 2, so in ``[0, 1]``; the squared ``jensenshannon`` distance),
+    - ``"mean_type_pearson"``: mean over cell types of the Pearson correlation, across spots,
+      between the predicted and the true proportion of that type. Types whose true or predicted
+      proportion is the same in every scored spot (e.g. absent everywhere, or missing from one
+      table) have no correlation and are skipped (logged); NaN if every type is skipped,
+    - ``"aupr_presence"``: average precision (area under the precision–recall curve,
+      ``sklearn.metrics.average_precision_score``) of the predicted proportions as scores for
+      the presence of each type in each spot (true proportion > 0), over all ``spot × type``
+      entries; 1 when every present entry is scored above every absent one. NaN when no entry
+      or every entry is present (precision–recall is then undefined or trivially 1),
     - ``"n_spots"``, ``"n_types"``: what was scored.
 
     Raises
@@ -51,6 +60,8 @@ def accuracy(pred: pd.DataFrame, truth: pd.DataFrame) -> dict[str, float]:
     >>> truth = pd.DataFrame({"A": [1.0, 0.5], "B": [0.0, 0.5]}, index=["s1", "s2"])
     >>> accuracy(truth, truth)["rmse"]
     0.0
+    >>> accuracy(truth, truth)["aupr_presence"]
+    1.0
     """
     for name, df in (("pred", pred), ("truth", truth)):
         if not isinstance(df, pd.DataFrame):
@@ -93,9 +104,40 @@ def accuracy(pred: pd.DataFrame, truth: pd.DataFrame) -> dict[str, float]:
         "pearson_r": float(r),
         "rmse": float(np.sqrt(np.mean((p - t) ** 2))),
         "mean_jsd": float(np.nanmean(jsd)) if np.isfinite(jsd).any() else float("nan"),
+        "mean_type_pearson": _mean_type_pearson(p, t, all_types),
+        "aupr_presence": _aupr_presence(p, t),
         "n_spots": int(keep.sum()),
         "n_types": len(all_types),
     }
+
+
+def _mean_type_pearson(p: np.ndarray, t: np.ndarray, types: pd.Index) -> float:
+    """Mean Pearson r of the columns of ``p`` and ``t``, skipping constant columns.
+
+    ``p`` and ``t`` are ``n_spots × n_types``; a column constant in either has no correlation.
+    """
+    ok = (np.ptp(p, axis=0) > 0) & (np.ptp(t, axis=0) > 0)
+    if not ok.all():
+        logger.info(
+            "cell types with constant true or predicted proportions are left out of "
+            "mean_type_pearson: %s", sorted(map(str, types[~ok])),
+        )
+    if not ok.any():
+        return float("nan")
+    pc = p[:, ok] - p[:, ok].mean(axis=0)
+    tc = t[:, ok] - t[:, ok].mean(axis=0)
+    r = (pc * tc).sum(axis=0) / np.sqrt((pc**2).sum(axis=0) * (tc**2).sum(axis=0))
+    return float(np.mean(np.clip(r, -1.0, 1.0)))
+
+
+def _aupr_presence(p: np.ndarray, t: np.ndarray) -> float:
+    """Average precision of the scores ``p`` for the labels ``t > 0``, over all entries."""
+    from sklearn.metrics import average_precision_score
+
+    present = (t > 0).ravel()
+    if present.all() or not present.any():
+        return float("nan")
+    return float(average_precision_score(present, p.ravel()))
 
 
 def member_recall(

@@ -1,0 +1,578 @@
+"""``pseudo_spots``: synthspot-style spots summed from real reference cells, with ground truth.
+
+The design follows synthspot (Sang-aram et al., "Spotless, a reproducible pipeline for
+benchmarking cell type deconvolution in spatial transcriptomics", eLife 12:RP88431, 2024,
+doi:10.7554/eLife.88431): a labelled single-cell reference is split per cell type into a half
+that is handed to the method as its reference and a half whose cells are summed into spots, so
+a method never sees the cells it has to find. The spots lie in regions whose composition prior
+follows a named pattern (a dominant type, missing types, a rare type, ...). This is our own
+implementation, not a port of the R package.
+
+The pure kernels below take and return arrays; :func:`pseudo_spots` validates, calls them and
+builds the AnnData objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+from scipy.spatial import cKDTree
+
+from .._validation import (
+    InputError,
+    check_counts,
+    check_labels,
+    check_not_empty,
+    check_unique_names,
+    get_matrix,
+)
+from ._simulate import grid_coordinates
+from ._synthetic import SPACING_UM, _check_int, _check_number, _names
+
+logger = logging.getLogger("spotlens")
+
+#: The region kinds :func:`pseudo_spots` knows, each a way to draw a composition prior.
+REGION_KINDS = ("uniform", "dominant", "missing", "rare", "diverse")
+#: Share of the prior mass taken by the dominant type of a ``"dominant"`` region (uniform range).
+DOMINANT_SHARE = (0.5, 0.8)
+#: Prior of the rare type of a ``"rare"`` region (uniform range).
+RARE_SHARE = (0.01, 0.05)
+#: Dirichlet precision of a spot's proportions around its region prior: ``Dirichlet(20 · π)``.
+SPOT_CONCENTRATION = 20.0
+#: Standard deviation of the log of a spot's target library size around ``library_size``.
+LIBRARY_LOG_SD = 0.3
+_LLOYD_ITERATIONS = 10
+_SOURCE = "doi:10.7554/eLife.88431 (Sang-aram et al. 2024, synthspot)"
+
+
+# --- pure kernels ----------------------------------------------------------------------------
+
+
+def region_labels(coords: np.ndarray, n_regions: int, rng: np.random.Generator) -> np.ndarray:
+    """Split spots into ``n_regions`` contiguous regions of roughly equal size.
+
+    The centres start at ``n_regions`` distinct random spots and are moved by a few Lloyd
+    (k-means) iterations; each spot belongs to its nearest centre, so regions are Voronoi cells
+    (convex, hence contiguous on the grid) of similar area. An iteration that would leave a
+    region empty is not taken, so every region keeps at least one spot.
+
+    Parameters
+    ----------
+    coords
+        ``n_spots × 2`` spot centres (µm), ``n_spots ≥ n_regions`` distinct points.
+    n_regions
+        Number of regions.
+    rng
+        Random generator.
+
+    Returns
+    -------
+    ``n_spots`` int64 region index in ``[0, n_regions)``.
+    """
+    centres = coords[rng.choice(coords.shape[0], size=n_regions, replace=False)]
+    labels = cKDTree(centres).query(coords)[1].astype(np.int64)
+    for _ in range(_LLOYD_ITERATIONS):
+        sizes = np.bincount(labels, minlength=n_regions)
+        centres = np.column_stack(
+            [np.bincount(labels, weights=coords[:, d], minlength=n_regions) for d in range(2)]
+        ) / sizes[:, None]
+        new = cKDTree(centres).query(coords)[1].astype(np.int64)
+        if np.bincount(new, minlength=n_regions).min() == 0 or np.array_equal(new, labels):
+            break
+        labels = new
+    return labels
+
+
+def region_prior(
+    kind: str, n_types: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cell-type frequency prior ``π`` of one region of the given kind.
+
+    - ``"uniform"``: ``π_k = 1 / n_types``.
+    - ``"dominant"``: a random type takes a share ``U(0.5, 0.8)``; the others split the rest
+      as ``Dirichlet(1)``.
+    - ``"missing"``: ``⌊n_types / 2⌋`` random types get ``π_k = 0``; the others ``Dirichlet(1)``.
+    - ``"rare"``: a random type gets ``U(0.01, 0.05)``; the others split the rest as
+      ``Dirichlet(1)``.
+    - ``"diverse"``: ``Dirichlet(1)`` over all types.
+
+    Parameters
+    ----------
+    kind
+        One of :data:`REGION_KINDS`.
+    n_types
+        Number of cell types (≥ 2).
+    rng
+        Random generator.
+
+    Returns
+    -------
+    prior
+        ``n_types`` frequencies summing to 1.
+    special
+        Indices of the types that define the pattern: the dominant type, the missing types or
+        the rare type (empty for ``"uniform"`` and ``"diverse"``).
+    """
+    none = np.zeros(0, dtype=np.int64)
+    if kind == "uniform":
+        return np.full(n_types, 1.0 / n_types), none
+    if kind == "diverse":
+        return rng.dirichlet(np.ones(n_types)), none
+    if kind == "missing":
+        special = np.sort(rng.choice(n_types, size=max(1, n_types // 2), replace=False))
+        prior = np.zeros(n_types)
+        rest = np.setdiff1d(np.arange(n_types), special)
+        prior[rest] = rng.dirichlet(np.ones(rest.size))
+        return prior, special
+    low, high = DOMINANT_SHARE if kind == "dominant" else RARE_SHARE
+    k = int(rng.integers(n_types))
+    share = rng.uniform(low, high)
+    prior = np.zeros(n_types)
+    rest = np.delete(np.arange(n_types), k)
+    prior[rest] = (1.0 - share) * rng.dirichlet(np.ones(rest.size))
+    prior[k] = share
+    return prior, np.array([k])
+
+
+def spot_cells(
+    prior: np.ndarray, n_cells: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Cells of each type per spot: ``Multinomial(n_s, p_s)``, ``p_s ~ Dirichlet(20 · π_s)``.
+
+    Types with prior 0 get no cells. The Dirichlet is drawn as normalised gamma variates
+    (``Gamma(0)`` is 0), falling back to ``π_s`` if all of a spot's draws underflow.
+
+    Parameters
+    ----------
+    prior
+        ``n_spots × n_types`` prior of each spot's region (rows sum to 1).
+    n_cells
+        ``n_spots`` cells per spot (≥ 1).
+    rng
+        Random generator.
+
+    Returns
+    -------
+    ``n_spots × n_types`` int64 cell counts; row ``s`` sums to ``n_cells[s]``.
+    """
+    g = rng.standard_gamma(SPOT_CONCENTRATION * prior)
+    total = g.sum(axis=1, keepdims=True)
+    p = np.where(total > 0, g / np.where(total > 0, total, 1.0), prior)
+    return rng.multinomial(n_cells, p / p.sum(axis=1, keepdims=True)).astype(np.int64)
+
+
+def pick_cells(counts: np.ndarray, pool_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw ``counts[i]`` distinct indices from ``[0, pool_size)`` for every row ``i``.
+
+    Exact sampling without replacement, vectorised over rows: the ``j``-th pick is a uniform
+    rank ``t`` among the ``pool_size − j`` indices not yet taken, turned into an index by
+    stepping over the taken ones in increasing order. Rows are independent (a cell can be in
+    many rows). Where ``counts[i] > pool_size`` the pool is used up and the picks beyond it
+    repeat the first ones (the caller reports this).
+
+    Parameters
+    ----------
+    counts
+        ``n_rows`` non-negative numbers of picks.
+    pool_size
+        Size of the pool (≥ 1).
+    rng
+        Random generator.
+
+    Returns
+    -------
+    ``n_rows × max(counts)`` int64 indices; entries ``j ≥ counts[i]`` of row ``i`` are −1.
+    """
+    m = int(counts.max(initial=0))
+    picks = np.full((counts.size, m), -1, dtype=np.int64)
+    for j in range(min(m, pool_size)):
+        rows = np.flatnonzero(counts > j)
+        t = rng.integers(0, pool_size - j, size=rows.size)
+        for taken in np.sort(picks[rows, :j], axis=1).T:
+            t += t >= taken
+        picks[rows, j] = t
+    for j in range(pool_size, m):
+        rows = np.flatnonzero(counts > j)
+        picks[rows, j] = picks[rows, j - pool_size]
+    return picks
+
+
+def thin_counts(
+    x: sparse.csr_matrix, target: np.ndarray, rng: np.random.Generator
+) -> sparse.csr_matrix:
+    """Binomial thinning of each row towards a target library size; never adds counts.
+
+    Row ``s`` with total ``N_s > T_s`` has every entry replaced by ``Binomial(x_sg, T_s / N_s)``
+    (expected total ``T_s``); rows with ``N_s ≤ T_s`` are kept as they are.
+
+    Parameters
+    ----------
+    x
+        ``n_spots × n_genes`` CSR matrix of integer counts (float).
+    target
+        ``n_spots`` target library sizes (counts).
+    rng
+        Random generator.
+
+    Returns
+    -------
+    A new ``n_spots × n_genes`` CSR matrix of the same dtype, explicit zeros removed.
+    """
+    total = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+    keep = np.ones_like(total)
+    np.divide(target, total, out=keep, where=total > target)
+    row_p = np.repeat(keep, np.diff(x.indptr))
+    data = rng.binomial(np.round(x.data).astype(np.int64), row_p).astype(x.dtype)
+    out = sparse.csr_matrix((data, x.indices.copy(), x.indptr.copy()), shape=x.shape)
+    out.eliminate_zeros()
+    return out
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _check_regions(regions) -> tuple[str, ...]:
+    if isinstance(regions, str):
+        regions = (regions,)
+    try:
+        regions = tuple(regions)
+    except TypeError:
+        raise InputError(
+            f"regions must be a sequence of region kinds from {list(REGION_KINDS)}, got "
+            f"{regions!r}."
+        ) from None
+    if not regions:
+        raise InputError(f"regions is empty; give at least one kind from {list(REGION_KINDS)}.")
+    bad = [r for r in regions if not isinstance(r, str) or r not in REGION_KINDS]
+    if bad:
+        raise InputError(
+            f"Unknown region kinds {bad} in regions; valid kinds are {list(REGION_KINDS)}."
+        )
+    return regions
+
+
+def _check_cells_per_spot(value) -> tuple[int, int]:
+    def is_int(v) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    ok = (
+        isinstance(value, (tuple, list, np.ndarray)) and len(value) == 2
+        and all(is_int(v) for v in value) and 1 <= value[0] <= value[1]
+    )
+    if not ok:
+        raise InputError(
+            "cells_per_spot must be a pair of integers (min, max) with 1 ≤ min ≤ max, the "
+            f"inclusive range of cells per spot, e.g. (2, 10); got {value!r}."
+        )
+    return int(value[0]), int(value[1])
+
+
+def _region_names(kinds: Sequence[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    names = []
+    for kind in kinds:
+        seen[kind] = seen.get(kind, 0) + 1
+        names.append(kind if seen[kind] == 1 else f"{kind}_{seen[kind]}")
+    return names
+
+
+def _split(
+    codes: np.ndarray, n_types: int, fraction: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Boolean ``n_cells`` mask of the reference half of each type's cells.
+
+    ``round(fraction · n_k)`` random cells of type ``k``, at least one and at most ``n_k − 1``.
+    """
+    in_reference = np.zeros(codes.size, dtype=bool)
+    for k in range(n_types):
+        cells = np.flatnonzero(codes == k)
+        n_ref = min(max(1, round(fraction * cells.size)), cells.size - 1)
+        in_reference[rng.choice(cells, size=n_ref, replace=False)] = True
+    return in_reference
+
+
+# --- AnnData adapter -------------------------------------------------------------------------
+
+
+def pseudo_spots(
+    reference: AnnData,
+    *,
+    labels_key: str = "cell_type",
+    layer: str | None = None,
+    n_spots: int = 1000,
+    regions: Sequence[str] = ("dominant", "uniform", "missing", "rare"),
+    cells_per_spot: tuple[int, int] = (2, 10),
+    library_size: float | None = None,
+    reference_fraction: float = 0.5,
+    exclude_from_reference: Sequence[str] = (),
+    seed: int | None = 0,
+) -> tuple[AnnData, AnnData]:
+    """Simulate spots by summing real reference cells, in regions of known composition pattern.
+
+    Follows synthspot (Sang-aram et al., eLife 2024, doi:10.7554/eLife.88431). The cells of
+    each type are split at random into a *reference half* (returned, for the method to use) and
+    a *simulation half* (the only cells summed into spots); no cell is in both. Spots lie on a
+    Visium-like hexagonal grid, 100 µm apart, divided into one contiguous region per entry of
+    ``regions`` (Voronoi cells of k-means centres, of similar size). Each region has a cell-type
+    prior ``π`` drawn once from its kind:
+
+    - ``"uniform"``: all types equal;
+    - ``"dominant"``: one random type takes 50–80 % of the prior, the others share the rest;
+    - ``"missing"``: half of the types (rounded down) have prior 0, the others random;
+    - ``"rare"``: one random type has a prior of 1–5 %, the others random;
+    - ``"diverse"``: random (``Dirichlet(1)``).
+
+    ("random" shares are ``Dirichlet(1)``.) A spot gets ``n ~ U{min, …, max}`` cells
+    (``cells_per_spot``), proportions ``p ~ Dirichlet(20 · π)`` around its region's prior and
+    ``Multinomial(n, p)`` cells of each type; the cells of a type are drawn without replacement
+    within the spot (with replacement across spots) from that type's simulation half. The
+    spot's counts are the sum of its cells' raw counts over all reference genes. With
+    ``library_size``, each spot is then binomially thinned to a target
+    ``library_size · exp(N(0, 0.3²))`` counts, and left as it is when it has fewer counts than
+    its target (never upsampled).
+
+    Parameters
+    ----------
+    reference
+        ``n_cells × n_genes`` AnnData of raw counts (in ``X`` or ``layers[layer]``) with cell
+        types in ``obs[labels_key]``; at least two types, each with at least two cells.
+        Not modified.
+    labels_key
+        ``obs`` column of the cell types.
+    layer
+        Layer with the raw counts (``None``: ``X``).
+    n_spots
+        Number of spots (at least the number of regions).
+    regions
+        Region kinds from ``("uniform", "dominant", "missing", "rare", "diverse")``, one region
+        per entry; a kind may repeat (regions are named ``"dominant"``, ``"dominant_2"``, …).
+    cells_per_spot
+        Inclusive integer range ``(min, max)`` of cells per spot, ``1 ≤ min ≤ max``; uniform.
+    library_size
+        ``None`` keeps the summed counts of the cells. A number is the target *median*
+        library size (counts per spot) after binomial thinning. Spots whose cells hold fewer
+        counts than their target are not topped up, so the median falls short of the target
+        when that exceeds the typical depth of the summed cells.
+    reference_fraction
+        Fraction of each type's cells, in ``(0, 1)``, that goes to the returned reference:
+        ``round(fraction · n_k)``, at least one and at most ``n_k − 1`` cells of type ``k``.
+    exclude_from_reference
+        Cell types left out of the returned reference but still present in the spots (a type
+        the reference lacks). Their split is the same as without exclusion, so the spots do not
+        depend on this argument.
+    seed
+        Seed of all randomness (``numpy.random.SeedSequence``); ``None`` draws fresh entropy,
+        recorded in ``uns["pseudo_spots"]["params"]["seed"]``. The spots do not depend on
+        ``library_size`` except through the thinning itself, so a thinned run is an entrywise
+        subsample of the unthinned run with the same seed.
+
+    Returns
+    -------
+    spatial
+        ``n_spots × n_genes`` AnnData, genes (``var``) as in ``reference``.
+
+        - ``X``: CSR float32 integer counts.
+        - ``obsm["spatial"]``: ``n_spots × 2`` spot centres in µm, 100 µm apart (hexagonal).
+        - ``obsm["proportions_true"]``: DataFrame ``n_spots × n_types`` (index ``obs_names``,
+          columns all types of ``reference`` in sorted order), fraction of the spot's cells of
+          each type; rows sum to 1.
+        - ``obsm["cell_counts_true"]``: DataFrame ``n_spots × n_types`` of int64 cells per
+          type; ``proportions_true == cell_counts_true / n_cells``.
+        - ``obs["n_cells"]``: int64 cells in the spot, within ``cells_per_spot``.
+        - ``obs["region"]``: categorical region name (its kind, numbered if it repeats).
+        - ``uns["pseudo_spots"]``: ``"params"`` (every argument, and the model constants),
+          ``"region_priors"`` (a dict ``{"index": regions, "columns": types,
+          "data": n_regions × n_types}``; ``pd.DataFrame(**d)`` rebuilds it),
+          ``"region_types"`` (region name → array of the type names defining its pattern: the
+          dominant type, the missing types, the rare type; empty for uniform and diverse),
+          ``"simulation_cells"`` (``obs_names`` of the reference cells that spots were built
+          from), ``"reference_cells"`` (those of the reference half, including the cells of
+          excluded types that were dropped), ``"n_repeated_cells"`` (cells used twice in a
+          spot because a type's simulation half had fewer cells than the spot needed; normally
+          0) and ``"source"`` (the synthspot paper).
+    reference_half
+        ``n_ref_cells × n_genes`` AnnData of the reference-half cells without the types in
+        ``exclude_from_reference``: ``X`` CSR float32 raw counts (from ``layer``), ``obs``
+        copied with ``obs[labels_key]`` categorical, ``var`` as in ``reference``.
+
+    Raises
+    ------
+    InputError
+        ``reference`` not an AnnData or empty, duplicate cell or gene names, ``labels_key``
+        missing or with NaN, fewer than two types, a type with fewer than two cells (it cannot
+        be split), counts that are not raw non-negative integers; ``n_spots`` not an integer
+        ≥ the number of regions; an empty ``regions`` or an unknown kind; ``cells_per_spot``
+        not an integer pair with ``1 ≤ min ≤ max``; ``library_size`` not ``None`` or a positive
+        number; ``reference_fraction`` outside ``(0, 1)``; ``exclude_from_reference`` naming
+        an unknown type or every type.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import spotlens
+    >>> _, ref = spotlens.datasets.synthetic(10, 200, 5, n_cells_per_type=20, seed=0)
+    >>> spatial, ref_half = spotlens.datasets.pseudo_spots(
+    ...     ref, n_spots=300, regions=("dominant", "missing"), library_size=500, seed=1
+    ... )
+    >>> spatial.shape, ref_half.shape
+    ((300, 200), (50, 200))
+    >>> bool(np.allclose(spatial.obsm["proportions_true"].sum(axis=1), 1.0))
+    True
+    >>> spatial.obs["region"].cat.categories.tolist()
+    ['dominant', 'missing']
+    """
+    check_not_empty(reference, what="reference", obs_name="cells")
+    check_unique_names(reference, what="reference", obs_name="cell")
+    labels = check_labels(reference, labels_key, min_cells_per_type=1)
+    sizes = labels.value_counts()
+    if (sizes < 2).any():
+        listed = ", ".join(f"{t!r} ({n} cell)" for t, n in sizes[sizes < 2].items())
+        raise InputError(
+            f"These cell types have a single cell in obs[{labels_key!r}]: {listed}. Each type "
+            "is split into a reference half and a simulation half, so it needs at least two "
+            "cells: drop or merge these types first."
+        )
+    counts = get_matrix(reference, layer, what="reference")
+    check_counts(counts, what="reference counts")
+    regions = _check_regions(regions)
+    n_spots = _check_int("n_spots", n_spots, 1)
+    if n_spots < len(regions):
+        raise InputError(
+            f"n_spots={n_spots} is fewer than the {len(regions)} regions; every region needs a "
+            "spot: raise n_spots or pass fewer regions."
+        )
+    low, high = _check_cells_per_spot(cells_per_spot)
+    if library_size is not None:
+        library_size = _check_number("library_size", library_size, positive=True)
+    fraction = reference_fraction
+    if (
+        isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.number))
+        or not 0.0 < fraction < 1.0
+    ):
+        raise InputError(
+            "reference_fraction must be a number strictly between 0 and 1 (the share of each "
+            f"type's cells kept for the reference; the rest build the spots), got {fraction!r}."
+        )
+    fraction = float(fraction)
+    types = pd.Index(sorted(labels.unique()))
+    if isinstance(exclude_from_reference, str):
+        exclude_from_reference = (exclude_from_reference,)
+    excluded = [str(t) for t in exclude_from_reference]
+    unknown = [t for t in excluded if t not in types]
+    if unknown:
+        raise InputError(
+            f"exclude_from_reference names cell types not in obs[{labels_key!r}]: {unknown}; "
+            f"the types are {types.tolist()}."
+        )
+    if set(excluded) >= set(types):
+        raise InputError(
+            "exclude_from_reference names every cell type, which would leave the returned "
+            "reference empty; exclude a subset of the types."
+        )
+
+    root = np.random.SeedSequence(seed)
+    s_split, s_layout, s_priors, s_cells, s_pick, s_thin = root.spawn(6)
+    codes = types.get_indexer(labels)
+    n_types = len(types)
+    x = sparse.csr_matrix(counts, dtype=np.float32, copy=True)
+    np.round(x.data, out=x.data)  # check_counts allows 1e-3 off an integer
+
+    in_reference = _split(codes, n_types, fraction, np.random.default_rng(s_split))
+    sim = np.flatnonzero(~in_reference)
+    sim_codes = codes[sim]
+
+    coords = grid_coordinates(n_spots, spacing=SPACING_UM, kind="hex")
+    region = region_labels(coords, len(regions), np.random.default_rng(s_layout))
+    rng = np.random.default_rng(s_priors)
+    priors, special = zip(*(region_prior(kind, n_types, rng) for kind in regions), strict=True)
+    priors = np.vstack(priors)
+
+    rng = np.random.default_rng(s_cells)
+    n_cells = rng.integers(low, high + 1, size=n_spots)
+    cell_counts = spot_cells(priors[region], n_cells, rng)
+
+    rng = np.random.default_rng(s_pick)
+    rows, cols, n_repeated = [], [], 0
+    for k in range(n_types):
+        pool = np.flatnonzero(sim_codes == k)  # positions among the simulation cells
+        spots_k = np.flatnonzero(cell_counts[:, k])
+        if spots_k.size == 0:
+            continue
+        picks = pick_cells(cell_counts[spots_k, k], pool.size, rng)
+        n_repeated += int(np.maximum(cell_counts[spots_k, k] - pool.size, 0).sum())
+        used = picks >= 0
+        rows.append(np.broadcast_to(spots_k[:, None], picks.shape)[used])
+        cols.append(pool[picks[used]])
+    if n_repeated:
+        logger.warning(
+            "%d cells were used twice within a spot: some types have fewer simulation cells "
+            "than a spot drew; lower cells_per_spot or reference_fraction to avoid it",
+            n_repeated,
+        )
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    membership = sparse.csr_matrix(
+        (np.ones(rows.size, dtype=np.float32), (rows, cols)), shape=(n_spots, sim.size)
+    )  # repeated (spot, cell) pairs are summed
+    spot_x = sparse.csr_matrix(membership @ x[sim])
+    if library_size is not None:
+        rng = np.random.default_rng(s_thin)
+        target = library_size * np.exp(rng.normal(0.0, LIBRARY_LOG_SD, size=n_spots))
+        spot_x = thin_counts(spot_x, target, rng)
+    spot_x.sort_indices()  # after thinning, which keeps the entry order and drops most of them
+
+    region_names = _region_names(regions)
+    spots = _names("spot", n_spots)
+    truth_counts = pd.DataFrame(cell_counts, index=spots, columns=types.copy())
+    spatial = AnnData(
+        X=spot_x.astype(np.float32, copy=False),
+        obs=pd.DataFrame(
+            {
+                "n_cells": n_cells.astype(np.int64),
+                "region": pd.Categorical.from_codes(region, region_names),
+            },
+            index=spots,
+        ),
+        var=reference.var.copy(),
+    )
+    spatial.var_names = reference.var_names.astype(str)
+    spatial.obsm["spatial"] = coords
+    spatial.obsm["proportions_true"] = truth_counts.div(n_cells, axis=0)
+    spatial.obsm["cell_counts_true"] = truth_counts
+    names = np.asarray(reference.obs_names.astype(str))
+    spatial.uns["pseudo_spots"] = {
+        "params": {
+            "labels_key": labels_key, "layer": layer,
+            "n_spots": n_spots, "regions": np.array(regions),
+            "cells_per_spot": np.array([low, high]),
+            "library_size": library_size,
+            "reference_fraction": fraction, "exclude_from_reference": np.array(excluded, dtype=str),
+            "spacing_um": SPACING_UM, "spot_concentration": SPOT_CONCENTRATION,
+            "library_log_sd": LIBRARY_LOG_SD,
+            "seed": seed if seed is not None else str(root.entropy),
+        },
+        "region_priors": {
+            "index": np.array(region_names), "columns": np.asarray(types, dtype=str),
+            "data": priors,
+        },
+        "region_types": {
+            name: np.asarray(types[idx], dtype=str) for name, idx in zip(
+                region_names, special, strict=True)
+        },
+        "simulation_cells": names[sim],
+        "reference_cells": names[in_reference],
+        "n_repeated_cells": n_repeated,
+        "source": _SOURCE,
+    }
+
+    keep = in_reference & ~np.isin(labels.to_numpy(), excluded)
+    kept_types = [t for t in types if t not in excluded]
+    ref_obs = reference.obs.iloc[np.flatnonzero(keep)].copy()
+    ref_obs[labels_key] = pd.Categorical(labels.to_numpy()[keep], categories=kept_types)
+    reference_half = AnnData(X=x[np.flatnonzero(keep)], obs=ref_obs, var=reference.var.copy())
+    reference_half.var_names = spatial.var_names.copy()
+    return spatial, reference_half
