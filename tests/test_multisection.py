@@ -75,26 +75,34 @@ def test_no_graph_edge_links_two_sections(two_sections):
     assert np.sum(sec[idx] != sec[:, None]) > N_PER_SECTION
 
 
-@pytest.mark.parametrize("use_attention", [False, True])
-def test_fitting_sections_together_equals_fitting_them_apart(two_sections, use_attention):
+@pytest.mark.parametrize(
+    ("use_attention", "likelihood", "atol"),
+    # least squares to 1e-6; the count likelihood's MM steps approach coordinates near 0
+    # slowly, so it agrees to its solver precision (measured 3e-4)
+    [(False, "gaussian", 1e-6), (True, "gaussian", 1e-6), (True, "poisson", 1e-3)],
+)
+def test_fitting_sections_together_equals_fitting_them_apart(
+    two_sections, use_attention, likelihood, atol
+):
     """Equal up to the shared hyperparameters: the penalties, and alpha (one distance scale)."""
     st, ref = two_sections
     sec = _sections(st)
     together = deconvolve(st, ref, library_key="section", use_attention=use_attention,
-                          inplace=False, **FIT, **TIGHT)
+                          likelihood=likelihood, inplace=False, **FIT, **TIGHT)
     alpha = together.uns["params"]["alpha"]
     for name in ("A", "B"):
         m = sec == name
         alone = deconvolve(st[m].copy(), ref, use_attention=use_attention, alpha=alpha,
-                           inplace=False, **FIT, **TIGHT)
+                           likelihood=likelihood, inplace=False, **FIT, **TIGHT)
         # the same graph, edge for edge (attention embedding fitted per section)
         diff = together.connectivities[m][:, m] - alone.connectivities
         assert abs(diff).max() < 1e-12
         # the same optimum (the solver visits spots in another order, hence a tolerance)
         np.testing.assert_allclose(together.proportions[m].to_numpy(),
-                                   alone.proportions.to_numpy(), atol=1e-6)
-        np.testing.assert_allclose(together.abundance[m].to_numpy(),
-                                   alone.abundance.to_numpy(), atol=1e-6)
+                                   alone.proportions.to_numpy(), atol=atol)
+        cells = alone.abundance.to_numpy()  # cells per spot: the same precision, relative
+        np.testing.assert_allclose(together.abundance[m].to_numpy(), cells,
+                                   atol=atol * max(1.0, cells.max()))
 
 
 def test_library_key_bad_input(two_sections):

@@ -22,3 +22,13 @@ def abundance_key(key_added: str) -> str:
 def zero_counts_key(key_added: str) -> str:
     """Return ``obs`` key flagging spots that had no counts over the genes used."""
     return f"{key_added}_zero_counts"
+
+
+def fit_score_key(key_added: str) -> str:
+    """Return ``obs`` key of each spot's goodness-of-fit score (1 = a typical spot)."""
+    return f"{key_added}_fit_score"
+
+
+def poorly_fit_key(key_added: str) -> str:
+    """Return ``obs`` key flagging spots far outside what the reference explains."""
+    return f"{key_added}_poorly_fit"

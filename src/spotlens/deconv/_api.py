@@ -11,10 +11,17 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scipy import sparse
+from tqdm.auto import tqdm
 
 from .. import __version__
 from .._backend import resolve_device
-from .._keys import abundance_key, proportions_key, zero_counts_key
+from .._keys import (
+    abundance_key,
+    fit_score_key,
+    poorly_fit_key,
+    proportions_key,
+    zero_counts_key,
+)
 from .._validation import (
     InputError,
     check_coordinates,
@@ -25,8 +32,10 @@ from .._validation import (
 )
 from ..pp import reference_signatures
 from ._counts import read_counts
+from ._fit_quality import spot_fit_quality
 from ._graph import attention, color_graph, default_alpha, edge_weights, expression_embedding, knn
 from ._model import Problem, cross_validate, fit, spatial_window
+from ._poisson import CountProblem, cross_validate_counts, solve_counts
 from ._ops import get_ops
 from ._tiled import check_tiling, fit_tiled
 
@@ -34,6 +43,9 @@ logger = logging.getLogger("spotlens")
 
 RIDGE_GRID = (0.0, 1e-3, 1e-2, 1e-1)
 SPATIAL_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
+#: Grids of the count likelihood (relative to the data term's curvature, see CountProblem.scale).
+COUNT_RIDGE_GRID = (0.0,)
+COUNT_SPATIAL_GRID = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 
 
 @dataclass
@@ -50,6 +62,13 @@ class DeconvolutionResult:
         reference cell units (exact only if the spatial assay captures as the reference does).
     zero_counts
         ``n_spots`` flag: the spot had no counts over the genes used.
+    fit_score
+        ``n_spots`` goodness of fit: the spot's deviance from its fitted mixture over what the
+        model expects (about 1 for a typical spot, larger = explained worse; NaN for a spot
+        without counts).
+    poorly_fit
+        ``n_spots`` flag: the spot lies far outside what the reference explains (its score is
+        an outlier on this slide), e.g. it holds a cell type the reference lacks.
     connectivities
         ``n_spots × n_spots`` sparse symmetric graph ``W`` used for smoothing.
     uns
@@ -60,6 +79,8 @@ class DeconvolutionResult:
     abundance: pd.DataFrame
     zero_counts: pd.Series
     connectivities: sparse.csr_matrix
+    fit_score: pd.Series | None = None
+    poorly_fit: pd.Series | None = None
     uns: dict = field(default_factory=dict)
 
 
@@ -128,6 +149,7 @@ def deconvolve(
     cv_folds: int = 2,
     cv_max_spots: int = 5_000,
     gene_weights: Literal["poisson", "none"] = "poisson",
+    likelihood: Literal["auto", "poisson", "gaussian"] = "auto",
     n_genes_per_type: int | None = 200,
     min_cells_per_type: int = 5,
     cells_per_state: int | None = 50,
@@ -217,7 +239,20 @@ def deconvolve(
         in 19 of 20 random placements (``benchmarks/cv_patch.py``); raise it for very
         heterogeneous tissue.
     gene_weights
-        ``"poisson"`` or ``"none"``.
+        With ``likelihood="gaussian"``: ``"poisson"`` (weights ``1/sqrt(mean expression)``) or
+        ``"none"``.
+    likelihood
+        The data term. ``"poisson"``: the Poisson negative log-likelihood of each spot's raw
+        counts, ``Σ_g μ_ig − y_ig log μ_ig`` with ``μ_i = N_i X_i S̄`` (``N_i`` the library
+        size), solved by majorisation–minimisation (the objective never increases; see
+        ``spotlens.deconv._poisson``): each gene's residual is weighed by its expected count
+        in that spot, the right noise model for sparse spots and for spots dominated by one
+        type. ``"gaussian"``: weighted least squares on library-normalised expression with
+        ``gene_weights`` (block Gauss–Seidel; runs on GPU and Dask). ``"auto"``: ``"poisson"``
+        on the CPU without ``client``, else ``"gaussian"`` (the count likelihood has no GPU or
+        Dask path yet). The penalties are relative to each data term's curvature, so a fixed
+        ``lambda_spatial`` does not mean the same under both; the chosen one is in
+        ``uns[key_added]["params"]["likelihood"]``.
     n_genes_per_type
         Informative genes per type (see :func:`spotlens.pp.reference_signatures`).
     min_cells_per_type
@@ -269,9 +304,17 @@ def deconvolve(
     - ``spatial.obsm[key_added]``: DataFrame ``n_spots × n_types`` of proportions (rows sum to 1),
     - ``spatial.obsm["abundance_<method>"]``: DataFrame of estimated cells per type,
     - ``spatial.obs[key_added + "_zero_counts"]``: spots with no counts over the genes used,
+    - ``spatial.obs[key_added + "_fit_score"]``: goodness of fit of each spot, its
+      negative-binomial deviance from the fitted mixture divided by the deviance the model
+      expects at its depth (about 1 for a typical spot; dispersion estimated so that the
+      median spot scores 1; see ``spotlens.deconv._fit_quality``),
+    - ``spatial.obs[key_added + "_poorly_fit"]``: spots whose log score lies more than 3
+      scaled MADs above the slide's median — far outside what the reference explains (a
+      cell type missing from the reference, a damaged spot),
     - ``spatial.obsp[key_added + "_connectivities"]``: the graph ``W``,
     - ``spatial.uns[key_added]``: ``params`` (all settings, chosen penalties, ``alpha``,
-      version), ``genes``, ``cell_types``, ``objective`` (per sweep; with ``client``, of the
+      version), ``fit_quality`` (dispersion, median, MAD and threshold of the flag), ``genes``,
+      ``cell_types``, ``objective`` (per sweep; with ``client``, of the
       stitched solution per round), ``cv`` (error per grid point), and with ``client``
       ``tiles`` (one row per tile: section, position, spots in core and halo, sweeps, worker);
 
@@ -307,11 +350,18 @@ def deconvolve(
     _check_params(
         k_neighbors=k_neighbors, lambda_ridge=lambda_ridge, lambda_spatial=lambda_spatial,
         n_iter=n_iter, tol=tol, cv_folds=cv_folds, cv_max_spots=cv_max_spots, alpha=alpha,
-        gene_weights=gene_weights,
+        gene_weights=gene_weights, likelihood=likelihood,
         attention_temperature=attention_temperature, attention_update_every=attention_update_every,
     )
     backend = resolve_device(device)
     client = check_tiling(client, tile_size, halo_hops)
+    if likelihood == "auto":
+        likelihood = "poisson" if client is None and backend.name == "numpy" else "gaussian"
+    elif likelihood == "poisson" and (client is not None or backend.name != "numpy"):
+        raise InputError(
+            "likelihood='poisson' runs on the CPU on one machine only; use device='cpu' "
+            "without client=, or likelihood='gaussian' on a GPU or a Dask cluster."
+        )
     check_not_empty(spatial, what="spatial data", obs_name="spots")
     check_not_empty(reference, what="reference", obs_name="cells")
     check_unique_names(spatial, what="spatial data", obs_name="spot")
@@ -362,7 +412,12 @@ def deconvolve(
     )
     # smooth cell-type composition, not states: Tr(P Xᵀ L X) with P = M Mᵀ
     metric = None if len(state_type) == len(types) else (to_types @ to_types.T).toarray()
-    problem = Problem.from_counts(y, weights, s_w)
+    problem = Problem.from_counts(y, weights, s_w) if likelihood == "gaussian" else None
+    count_problem = (
+        CountProblem.from_counts(y, sig.states.to_numpy() / mean_lib)
+        if likelihood == "poisson" else None
+    )
+    owner = None if len(state_type) == len(types) else state_type
 
     logger.info("stage 2/5 graph: %d spots, k=%d, attention=%s", len(coords), k_neighbors,
                 use_attention)
@@ -386,6 +441,16 @@ def deconvolve(
             colors_cv = color_graph(w_cv, seed=seed)
         else:
             w_cv, colors_cv = w, colors
+    if likelihood == "poisson" and (lambda_ridge == "auto" or lambda_spatial == "auto"):
+        lambda_ridge, lambda_spatial, cv_table = _cv_counts(
+            y[window], count_problem.s_bar, w_cv, owner=owner,
+            sections=None if sections is None else sections[window], lambda_ridge=lambda_ridge,
+            lambda_spatial=lambda_spatial, cv_folds=cv_folds, seed=seed, n_iter=n_iter,
+            tol=tol, progress=progress,
+        )
+        logger.info("chosen by cross-validation: lambda_ridge=%g lambda_spatial=%g",
+                    lambda_ridge, lambda_spatial)
+    elif lambda_ridge == "auto" or lambda_spatial == "auto":
         lambda_ridge, lambda_spatial, cv_table = cross_validate(
             y[window], weights, s_w, w_cv, colors_cv,
             ridge_grid=RIDGE_GRID if lambda_ridge == "auto" else (float(lambda_ridge),),
@@ -406,7 +471,13 @@ def deconvolve(
                                temperature=attention_temperature)))
     )
     tiles = None
-    if client is None:
+    if likelihood == "poisson":
+        x_states, history, n_sweeps, converged, w = _fit_counts(
+            count_problem, w, owner=owner, sections=sections, lambda_ridge=float(lambda_ridge),
+            lambda_spatial=float(lambda_spatial), n_iter=n_iter, tol=tol, progress=progress,
+            attention_update=update,
+        )
+    elif client is None:
         x_states, history, n_sweeps, converged, w = fit(
             problem, w, colors, lambda_ridge=float(lambda_ridge),
             lambda_spatial=float(lambda_spatial), n_iter=n_iter, tol=tol, ops=ops,
@@ -423,7 +494,16 @@ def deconvolve(
         logger.warning("stopped after %d sweeps before reaching tol=%g; raise n_iter for a "
                        "tighter fit", n_sweeps, tol)
 
-    logger.info("stage 5/5 write")
+    logger.info("stage 5/5 goodness of fit and write")
+    score, flag, fit_info = spot_fit_quality(
+        y, x_states, sig.states.to_numpy() / mean_lib, library=library
+    )
+    if flag.any():
+        logger.warning(
+            "%d of %d spots are explained far worse than the rest of the slide (flagged in "
+            "obs[%r]); they may hold cell types the reference lacks", int(flag.sum()), len(flag),
+            poorly_fit_key(key_added),
+        )
     x = np.asarray(to_types.T @ x_states.T).T
     total = x.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -441,7 +521,8 @@ def deconvolve(
             "attention_temperature": attention_temperature,
             "attention_update_every": attention_update_every, "n_comps": n_comps,
             "lambda_ridge": float(lambda_ridge), "lambda_spatial": float(lambda_spatial),
-            "gene_weights": gene_weights, "n_genes_per_type": n_genes_per_type,
+            "gene_weights": gene_weights, "likelihood": likelihood,
+            "n_genes_per_type": n_genes_per_type,
             "cells_per_state": cells_per_state, "max_states_per_type": max_states_per_type,
             "n_states": len(state_type),
             "n_iter": n_iter, "tol": tol, "n_sweeps": n_sweeps, "converged": converged,
@@ -452,6 +533,9 @@ def deconvolve(
         "cell_types": np.asarray(types, dtype=object),
         "states": pd.DataFrame({"state": sig.state_type.index, "cell_type": sig.state_type.values}),
         "objective": np.asarray(history),
+    }
+    uns["fit_quality"] = {
+        k: v for k, v in fit_info.items() if np.ndim(v) == 0 and v is not None
     }
     if cv_table is not None:
         uns["cv"] = cv_table
@@ -464,6 +548,8 @@ def deconvolve(
         abundance=pd.DataFrame(abundance, index=obs_names, columns=types),
         zero_counts=pd.Series(zero, index=obs_names, name=zero_counts_key(key_added)),
         connectivities=w,
+        fit_score=pd.Series(score, index=obs_names, name=fit_score_key(key_added)),
+        poorly_fit=pd.Series(flag, index=obs_names, name=poorly_fit_key(key_added)),
         uns=uns,
     )
     logger.info("done in %.1f s", time.perf_counter() - t0)
@@ -472,9 +558,66 @@ def deconvolve(
     spatial.obsm[key_added] = result.proportions
     spatial.obsm[abundance_key(key_added)] = result.abundance
     spatial.obs[zero_counts_key(key_added)] = result.zero_counts.to_numpy()
+    spatial.obs[fit_score_key(key_added)] = result.fit_score.to_numpy()
+    spatial.obs[poorly_fit_key(key_added)] = result.poorly_fit.to_numpy()
     spatial.obsp[f"{key_added}_connectivities"] = w
     spatial.uns[key_added] = uns
     return None
+
+
+def _cv_counts(counts, s_bar, w, *, owner, sections, lambda_ridge, lambda_spatial, cv_folds, seed,
+               n_iter, tol, progress):
+    """Penalties of the count likelihood by count splitting (grids of the count model)."""
+    ridge = COUNT_RIDGE_GRID if lambda_ridge == "auto" else (float(lambda_ridge),)
+    smooth = COUNT_SPATIAL_GRID if lambda_spatial == "auto" else (float(lambda_spatial),)
+    bar = tqdm(total=cv_folds * (len(ridge) + len(smooth)), desc="spotlens cross-validation",
+               disable=not progress, leave=False)
+    try:
+        return cross_validate_counts(
+            counts, s_bar, w, owner=owner, sections=sections, ridge_grid=ridge,
+            spatial_grid=smooth,
+            n_folds=cv_folds, seed=seed, n_iter=min(n_iter, 200), tol=max(tol, 1e-3),
+            on_fit=lambda: bar.update(1),
+        )
+    finally:
+        bar.close()
+
+
+def _fit_counts(problem, w, *, owner, sections, lambda_ridge, lambda_spatial, n_iter, tol,
+                progress, attention_update):
+    """Fit the count likelihood with unit-free penalties (scaled per section).
+
+    With ``attention_update = (every, rebuild)`` the graph is rebuilt from the current
+    proportions every ``every`` iterations, as in :func:`spotlens.deconv._model.fit`; the
+    objective never increases between two rebuilds. Returns ``x``, the objective per
+    iteration, the iterations run, whether it converged and the graph used last.
+    """
+    scales = problem.scales(sections)
+    every = attention_update[0] if attention_update and lambda_spatial > 0 else n_iter
+    bar = tqdm(total=n_iter, desc="spotlens MM iterations", disable=not progress, leave=False)
+
+    def tick(it, obj, change):
+        bar.update(1)
+        bar.set_postfix(objective=f"{obj:.6g}", change=f"{change:.2e}")
+
+    x, history, done, converged = None, [], 0, False
+    try:
+        while done < n_iter and not converged:
+            res = solve_counts(
+                problem, w=w, lambda_ridge=lambda_ridge * scales,
+                lambda_spatial=lambda_spatial * scales, owner=owner, x0=x,
+                n_iter=min(every, n_iter - done), tol=tol, on_iter=tick,
+            )
+            x, converged = res.x, res.converged
+            history.extend(res.objective if not history else res.objective[1:])
+            done += res.n_sweeps
+            if attention_update and not converged and done < n_iter and lambda_spatial > 0:
+                total = x.sum(axis=1, keepdims=True)
+                w = attention_update[1](np.divide(x, total, out=np.zeros_like(x),
+                                                  where=total > 0))
+    finally:
+        bar.close()
+    return x, np.asarray(history), done, converged, w
 
 
 def _is_number(v) -> bool:
@@ -505,6 +648,10 @@ def _check_params(**p) -> None:
     alpha = p["alpha"]
     if alpha is not None and not (_is_number(alpha) and np.isfinite(alpha) and alpha > 0):
         raise InputError(f"alpha must be > 0 or None (automatic), got {alpha!r}.")
+    if p["likelihood"] not in ("auto", "poisson", "gaussian"):
+        raise InputError(
+            f"likelihood must be 'auto', 'poisson' or 'gaussian', got {p['likelihood']!r}."
+        )
     if p["gene_weights"] not in ("poisson", "none"):
         raise InputError(f"gene_weights must be 'poisson' or 'none', got {p['gene_weights']!r}.")
     temp = p["attention_temperature"]

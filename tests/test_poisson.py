@@ -1,0 +1,134 @@
+"""The count-likelihood solver: oracle, monotone objective, smoothing, CV and the adapter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import optimize, sparse
+
+from spotlens._validation import InputError
+from spotlens.deconv import deconvolve
+from spotlens.deconv._graph import edge_weights, knn
+from spotlens.deconv._poisson import CountProblem, cross_validate_counts, solve_counts
+
+
+def _problem(n_spots=60, n_genes=40, n_types=4, depth=300.0, seed=0):
+    """Counts drawn from the model itself, with the composition they were drawn from."""
+    rng = np.random.default_rng(seed)
+    s_bar = rng.gamma(0.5, 1.0, size=(n_types, n_genes))
+    s_bar /= s_bar.sum(axis=1, keepdims=True)
+    x = rng.dirichlet(np.full(n_types, 0.7), size=n_spots)
+    mean = depth * x @ s_bar
+    counts = sparse.csr_matrix(rng.poisson(mean).astype(np.float64))
+    return CountProblem.from_counts(counts, s_bar), x
+
+
+def _graph(n_spots, k=4):
+    side = int(np.ceil(np.sqrt(n_spots)))
+    coords = np.column_stack([np.arange(n_spots) % side, np.arange(n_spots) // side]).astype(float)
+    dist, idx = knn(coords, k, None)
+    return edge_weights(dist, idx, 0.5, None)
+
+
+def test_matches_an_independent_poisson_fit_per_spot():
+    problem, _ = _problem(n_spots=5)
+    res = solve_counts(problem, n_iter=2000, tol=1e-12)
+    y = problem.counts.toarray()
+    for i in range(5):
+        n_i = problem.library[i]
+
+        def nll(v, i=i, n_i=n_i):
+            mu = n_i * (v @ problem.s_bar)
+            return float((mu - y[i] * np.log(np.maximum(mu, 1e-300))).sum())
+
+        oracle = optimize.minimize(nll, np.full(4, 0.25), method="L-BFGS-B",
+                                   bounds=[(0, None)] * 4, options={"ftol": 1e-14, "gtol": 1e-10})
+        assert nll(res.x[i]) <= oracle.fun + 1e-6 * abs(oracle.fun)
+        np.testing.assert_allclose(res.x[i], oracle.x, atol=2e-3)
+
+
+def test_objective_never_increases_with_smoothing_and_states():
+    problem, _ = _problem(n_spots=64, n_types=6, seed=1)
+    owner = np.array([0, 0, 1, 1, 2, 2])  # two states per type
+    res = solve_counts(problem, w=_graph(64), lambda_ridge=0.1 * problem.scale,
+                       lambda_spatial=0.05 * problem.scale, owner=owner, n_iter=300, tol=1e-10)
+    steps = np.diff(res.objective)
+    assert (steps <= 1e-9 * abs(res.objective[0])).all()
+    assert res.objective[-1] < res.objective[0]
+
+
+def test_kkt_conditions_without_penalties():
+    problem, _ = _problem(seed=2)
+    res = solve_counts(problem, n_iter=3000, tol=1e-13)
+    x = res.x
+    mu = problem.library[:, None] * (x @ problem.s_bar)
+    y = problem.counts.toarray()
+    grad = problem.library[:, None] * ((1.0 - y / np.maximum(mu, 1e-300)) @ problem.s_bar.T)
+    active = x > 1e-3 * x.max(axis=1, keepdims=True)
+    scale = problem.library[:, None] * np.ones_like(x)
+    assert np.abs(grad[active] / scale[active]).max() < 1e-3  # stationary where positive
+    assert (grad[~active] / scale[~active] > -1e-3).all()  # no descent direction at the bound
+
+
+def test_recovers_the_composition_it_was_drawn_from():
+    problem, truth = _problem(n_spots=200, depth=2000.0, seed=3)
+    res = solve_counts(problem)
+    est = res.x / res.x.sum(axis=1, keepdims=True)
+    assert np.corrcoef(est.ravel(), truth.ravel())[0, 1] > 0.97
+
+
+def test_smoothing_makes_neighbours_agree():
+    problem, _ = _problem(n_spots=64, depth=100.0, seed=4)
+    w = _graph(64)
+    lap = sparse.diags(np.asarray(w.sum(axis=1)).ravel()) - w
+
+    def roughness(lam):
+        x = solve_counts(problem, w=w, lambda_spatial=lam * problem.scale, tol=1e-9).x
+        return float(np.trace(x.T @ (lap @ x)))
+
+    assert roughness(0.1) < roughness(0.01) < roughness(0.0)
+
+
+def test_held_out_deviance_is_zero_only_for_a_perfect_prediction():
+    problem, truth = _problem(n_spots=30, seed=5)
+    exact = CountProblem.from_counts(
+        sparse.csr_matrix(problem.library[:, None] * (truth @ problem.s_bar)), problem.s_bar
+    )
+    assert exact.held_out_deviance(truth) == pytest.approx(0.0, abs=1e-8)
+    wrong = np.roll(truth, 1, axis=1)
+    assert exact.held_out_deviance(wrong) > 1.0
+
+
+def test_cross_validation_smooths_noisy_smooth_tissue_and_not_a_mosaic():
+    rng = np.random.default_rng(6)
+    side = 12
+    n = side * side
+    s_bar = rng.gamma(0.5, 1.0, size=(3, 50))
+    s_bar /= s_bar.sum(axis=1, keepdims=True)
+    w = _graph(n)
+    smooth = np.repeat(np.array([[0.7, 0.2, 0.1]]), n, axis=0)  # one composition everywhere
+    mosaic = np.eye(3)[rng.integers(0, 3, n)]  # each spot a different pure type
+    chosen = {}
+    for name, x in (("smooth", smooth), ("mosaic", mosaic)):
+        counts = sparse.csr_matrix(rng.poisson(40.0 * x @ s_bar).astype(float))
+        _, lam, table = cross_validate_counts(
+            counts, s_bar, w, owner=None, ridge_grid=(0.0,), spatial_grid=(0.0, 0.01, 0.1, 1.0),
+            n_folds=2, seed=0, n_iter=200, tol=1e-5,
+        )
+        assert table.error.notna().any()
+        chosen[name] = lam
+    assert chosen["smooth"] > 0
+    assert chosen["mosaic"] < chosen["smooth"]
+
+
+def test_deconvolve_records_the_likelihood_and_rejects_bad_values(synthetic):
+    st, ref = synthetic.spatial, synthetic.reference
+    auto = deconvolve(st, ref, inplace=False, progress=False)
+    assert auto.uns["params"]["likelihood"] == "poisson"
+    np.testing.assert_allclose(auto.proportions.sum(axis=1), 1.0)
+    truth = synthetic.true_proportions.loc[st.obs_names, auto.proportions.columns].to_numpy()
+    assert np.corrcoef(auto.proportions.to_numpy().ravel(), truth.ravel())[0, 1] > 0.9
+    with pytest.raises(InputError, match="likelihood must be"):
+        deconvolve(st, ref, likelihood="nb", progress=False)
+    with pytest.raises(InputError, match="likelihood='gaussian' on a GPU"):
+        deconvolve(st, ref, likelihood="poisson", device="torch", progress=False)
