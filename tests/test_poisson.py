@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import optimize, sparse
@@ -132,3 +134,51 @@ def test_deconvolve_records_the_likelihood_and_rejects_bad_values(synthetic):
         deconvolve(st, ref, likelihood="nb", progress=False)
     with pytest.raises(InputError, match="likelihood='gaussian' on a GPU"):
         deconvolve(st, ref, likelihood="poisson", device="torch", progress=False)
+
+
+LYMPH = (Path(__file__).resolve().parents[2] / "shared" / "data" / "spacexr_lymphnode_visium"
+         / "sc_reference.h5ad")
+
+
+def test_deconvolve_flags_spots_of_a_type_the_reference_lacks():
+    """End to end on the missing-type case: B_Plasma in the spots, not in the reference."""
+    if not LYMPH.exists():
+        pytest.skip(f"shared lymph-node reference not found at {LYMPH}")
+    import anndata as ad
+
+    from spotlens.datasets import pseudo_spots
+
+    spatial, half = pseudo_spots(
+        ad.read_h5ad(LYMPH), n_spots=400, regions=("dominant",) * 5 + ("diverse",),
+        library_size=2_000, exclude_from_reference=("B_Plasma",), seed=2,
+    )
+    share = spatial.obsm["proportions_true"]["B_Plasma"].to_numpy()
+    deconvolve(spatial, half, progress=False)
+    key = "proportions_spotlens"
+    score = spatial.obs[f"{key}_fit_score"].to_numpy()
+    flag = spatial.obs[f"{key}_poorly_fit"].to_numpy()
+    missing = share > 0.5
+    assert missing.sum() >= 20
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(missing, score) > 0.9
+    assert flag[missing].mean() > 5 * max(flag[~missing].mean(), 0.01)
+    assert "threshold" in spatial.uns[key]["fit_quality"]
+
+
+def test_auto_choices_follow_the_slide_size(synthetic, monkeypatch):
+    import spotlens.deconv._api as api
+
+    st, ref = synthetic.spatial, synthetic.reference
+    monkeypatch.setattr(api, "COUNT_MAX_SPOTS", st.n_obs - 1)
+    monkeypatch.setattr(api, "FIT_QUALITY_MAX_SPOTS", st.n_obs - 1)
+    res = deconvolve(st, ref, inplace=False, progress=False)
+    assert res.uns["params"]["likelihood"] == "gaussian"
+    assert res.uns["params"]["fit_quality"] is False
+    assert res.fit_score.isna().all() and not res.poorly_fit.any()
+    forced = deconvolve(st, ref, inplace=False, progress=False, fit_quality=True,
+                        likelihood="poisson")
+    assert forced.uns["params"]["likelihood"] == "poisson"
+    assert forced.fit_score.notna().all()
+    with pytest.raises(InputError, match="fit_quality must be"):
+        deconvolve(st, ref, fit_quality="yes", progress=False)

@@ -43,6 +43,12 @@ logger = logging.getLogger("spotlens")
 
 RIDGE_GRID = (0.0, 1e-3, 1e-2, 1e-1)
 SPATIAL_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
+#: Largest slide on which likelihood="auto" fits the count likelihood (a standard Visium
+#: capture area has at most 4,992 spots); above it, least squares keeps million-bin slides fast.
+COUNT_MAX_SPOTS = 5_000
+#: Largest slide on which fit_quality="auto" scores every spot: the score costs
+#: O(n_spots · n_genes · n_types), about 2 s per 10,000 spots of 2,000 genes on 2 cores.
+FIT_QUALITY_MAX_SPOTS = 20_000
 #: Grids of the count likelihood (relative to the data term's curvature, see CountProblem.scale).
 COUNT_RIDGE_GRID = (0.0,)
 COUNT_SPATIAL_GRID = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
@@ -150,6 +156,7 @@ def deconvolve(
     cv_max_spots: int = 5_000,
     gene_weights: Literal["poisson", "none"] = "poisson",
     likelihood: Literal["auto", "poisson", "gaussian"] = "auto",
+    fit_quality: bool | Literal["auto"] = "auto",
     n_genes_per_type: int | None = 200,
     min_cells_per_type: int = 5,
     cells_per_state: int | None = 50,
@@ -250,9 +257,16 @@ def deconvolve(
         type. ``"gaussian"``: weighted least squares on library-normalised expression with
         ``gene_weights`` (block Gauss–Seidel; runs on GPU and Dask). ``"auto"``: ``"poisson"``
         on the CPU without ``client``, else ``"gaussian"`` (the count likelihood has no GPU or
-        Dask path yet). The penalties are relative to each data term's curvature, so a fixed
+        Dask path yet) and on slides of at most 5,000 spots (a whole standard Visium capture
+        area; it costs several times a least-squares fit, which keeps Visium HD slides of
+        millions of bins fast). The penalties are relative to each data term's curvature, so a fixed
         ``lambda_spatial`` does not mean the same under both; the chosen one is in
         ``uns[key_added]["params"]["likelihood"]``.
+    fit_quality
+        Score how well the fit explains each spot and flag spots far outside what the
+        reference explains (``obs`` keys below). ``"auto"``: on slides of at most 20,000
+        spots (the score costs O(n_spots · n_genes · n_types), about 2 s per 10,000 spots of
+        2,000 genes on 2 cores; pass ``True`` on larger slides).
     n_genes_per_type
         Informative genes per type (see :func:`spotlens.pp.reference_signatures`).
     min_cells_per_type
@@ -307,10 +321,12 @@ def deconvolve(
     - ``spatial.obs[key_added + "_fit_score"]``: goodness of fit of each spot, its
       negative-binomial deviance from the fitted mixture divided by the deviance the model
       expects at its depth (about 1 for a typical spot; dispersion estimated so that the
-      median spot scores 1; see ``spotlens.deconv._fit_quality``),
+      median spot scores 1; see ``spotlens.deconv._fit_quality``; NaN without
+      ``fit_quality``),
     - ``spatial.obs[key_added + "_poorly_fit"]``: spots whose log score lies more than 3
       scaled MADs above the slide's median — far outside what the reference explains (a
-      cell type missing from the reference, a damaged spot),
+      cell type missing from the reference, a damaged spot; all False without
+      ``fit_quality``),
     - ``spatial.obsp[key_added + "_connectivities"]``: the graph ``W``,
     - ``spatial.uns[key_added]``: ``params`` (all settings, chosen penalties, ``alpha``,
       version), ``fit_quality`` (dispersion, median, MAD and threshold of the flag), ``genes``,
@@ -350,13 +366,17 @@ def deconvolve(
     _check_params(
         k_neighbors=k_neighbors, lambda_ridge=lambda_ridge, lambda_spatial=lambda_spatial,
         n_iter=n_iter, tol=tol, cv_folds=cv_folds, cv_max_spots=cv_max_spots, alpha=alpha,
-        gene_weights=gene_weights, likelihood=likelihood,
+        gene_weights=gene_weights, likelihood=likelihood, fit_quality=fit_quality,
         attention_temperature=attention_temperature, attention_update_every=attention_update_every,
     )
     backend = resolve_device(device)
     client = check_tiling(client, tile_size, halo_hops)
     if likelihood == "auto":
-        likelihood = "poisson" if client is None and backend.name == "numpy" else "gaussian"
+        likelihood = (
+            "poisson"
+            if client is None and backend.name == "numpy" and spatial.n_obs <= COUNT_MAX_SPOTS
+            else "gaussian"
+        )
     elif likelihood == "poisson" and (client is not None or backend.name != "numpy"):
         raise InputError(
             "likelihood='poisson' runs on the CPU on one machine only; use device='cpu' "
@@ -495,9 +515,13 @@ def deconvolve(
                        "tighter fit", n_sweeps, tol)
 
     logger.info("stage 5/5 goodness of fit and write")
-    score, flag, fit_info = spot_fit_quality(
-        y, x_states, sig.states.to_numpy() / mean_lib, library=library
-    )
+    if fit_quality == "auto":
+        fit_quality = spatial.n_obs <= FIT_QUALITY_MAX_SPOTS
+    score, flag, fit_info = np.full(len(coords), np.nan), np.zeros(len(coords), bool), {}
+    if fit_quality:
+        score, flag, fit_info = spot_fit_quality(
+            y, x_states, sig.states.to_numpy() / mean_lib, library=library
+        )
     if flag.any():
         logger.warning(
             "%d of %d spots are explained far worse than the rest of the slide (flagged in "
@@ -522,6 +546,7 @@ def deconvolve(
             "attention_update_every": attention_update_every, "n_comps": n_comps,
             "lambda_ridge": float(lambda_ridge), "lambda_spatial": float(lambda_spatial),
             "gene_weights": gene_weights, "likelihood": likelihood,
+            "fit_quality": bool(fit_quality),
             "n_genes_per_type": n_genes_per_type,
             "cells_per_state": cells_per_state, "max_states_per_type": max_states_per_type,
             "n_states": len(state_type),
@@ -534,9 +559,10 @@ def deconvolve(
         "states": pd.DataFrame({"state": sig.state_type.index, "cell_type": sig.state_type.values}),
         "objective": np.asarray(history),
     }
-    uns["fit_quality"] = {
-        k: v for k, v in fit_info.items() if np.ndim(v) == 0 and v is not None
-    }
+    if fit_quality:
+        uns["fit_quality"] = {
+            k: v for k, v in fit_info.items() if np.ndim(v) == 0 and v is not None
+        }
     if cv_table is not None:
         uns["cv"] = cv_table
     if tiles is not None:
@@ -648,6 +674,8 @@ def _check_params(**p) -> None:
     alpha = p["alpha"]
     if alpha is not None and not (_is_number(alpha) and np.isfinite(alpha) and alpha > 0):
         raise InputError(f"alpha must be > 0 or None (automatic), got {alpha!r}.")
+    if p["fit_quality"] not in ("auto", True, False):
+        raise InputError(f"fit_quality must be True, False or 'auto', got {p['fit_quality']!r}.")
     if p["likelihood"] not in ("auto", "poisson", "gaussian"):
         raise InputError(
             f"likelihood must be 'auto', 'poisson' or 'gaussian', got {p['likelihood']!r}."

@@ -24,7 +24,7 @@ _MU_TABLE_MAX = 1e3
 _MU_FLOOR = 1e-10
 #: Spots (at most) and spot × gene entries (at most) used to estimate the dispersion.
 _DISPERSION_SPOTS = 2000
-_DISPERSION_CELLS = 4_000_000
+_DISPERSION_CELLS = 500_000
 #: Largest dispersion searched, and bisection steps on ``log φ`` (precision ≈ 1e-3 relative).
 _MAX_PHI = 100.0
 _BISECTIONS = 14
