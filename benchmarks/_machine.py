@@ -30,3 +30,21 @@ def machine() -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{cores} cores, {mem:.0f} GiB RAM, {cpu}, {platform.system()}"
+
+
+def markdown_table(df) -> str:
+    """A DataFrame as a Markdown table (floats to 3 decimals, large ones whole; NaN blank).
+
+    Written here rather than with ``DataFrame.to_markdown``, which needs the optional
+    ``tabulate`` package.
+    """
+    import math
+
+    def fmt(v):
+        if isinstance(v, float):
+            return "" if math.isnan(v) else f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v).replace("|", "/")
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"

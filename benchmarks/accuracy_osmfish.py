@@ -35,7 +35,7 @@ import spotlens
 from spotlens._metrics import accuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from _machine import machine, markdown_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1] / "shared" / "data" / "osmfish_cortex_pseudospots"
@@ -91,17 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     settings[f"held-out, ~{args.depth:.0f} counts/spot"] = (
         downsample(settings["held-out"][0], args.depth), settings["held-out"][1],
     )
+    ls = dict(likelihood="gaussian")  # the least-squares data term
     methods = {
         "NNLS (baseline)": None,
-        "spotlens, no smoothing": dict(lambda_spatial=0.0),
-        "spotlens, distance graph, auto": dict(use_attention=False),
-        "spotlens, attention graph, auto": dict(),
+        "spotlens (defaults: count likelihood)": dict(),
+        "spotlens, least squares, no smoothing": dict(lambda_spatial=0.0, **ls),
+        "spotlens, least squares, distance graph, auto": dict(use_attention=False, **ls),
+        "spotlens, least squares, attention graph, auto": dict(**ls),
     }
     for lam in (0.1, 0.3):  # the two graphs at the same, fixed smoothing strength
-        methods[f"spotlens, distance graph, lambda_spatial={lam}"] = dict(
-            use_attention=False, lambda_spatial=lam
+        methods[f"spotlens, least squares, distance graph, lambda_spatial={lam}"] = dict(
+            use_attention=False, lambda_spatial=lam, **ls
         )
-        methods[f"spotlens, attention graph, lambda_spatial={lam}"] = dict(lambda_spatial=lam)
+        methods[f"spotlens, least squares, attention graph, lambda_spatial={lam}"] = dict(
+            lambda_spatial=lam, **ls
+        )
     rows = []
     for setting, (s, r) in settings.items():
         for name, kw in methods.items():
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"data": setting, "method": name, **scores,
                          "lambda_ridge / spatial": chosen,
                          "seconds": time.perf_counter() - t0})
-            print(f"{setting:32s} {name:46s} r={m['pearson_r']:.3f} rmse={m['rmse']:.3f} "
+            print(f"{setting:32s} {name:62s} r={m['pearson_r']:.3f} rmse={m['rmse']:.3f} "
                   f"jsd={m['mean_jsd']:.3f} {chosen}", flush=True)
     table = pd.DataFrame(rows)
     header = (
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(header + table.to_markdown(index=False, floatfmt=".3f") + "\n")
+    tmp.write_text(header + markdown_table(table) + "\n")
     os.replace(tmp, args.out)
     print(f"\nwrote {args.out}")
     return 0

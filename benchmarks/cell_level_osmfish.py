@@ -37,7 +37,7 @@ from spotlens._metrics import count_error, member_recall
 from spotlens.deconv._cell_api import _largest_remainder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from _machine import machine, markdown_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 N_SEEDS = 5
@@ -138,7 +138,7 @@ def main() -> int:
         print(f"\n{label}: {spatial.n_obs} spots, {reference.n_obs} reference cells")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         tables.append(f"## {label}\n\n{spatial.n_obs} spots, {reference.n_obs} reference cells.\n\n"
-                      + table.to_markdown(index=False, floatfmt=".3f"))
+                      + markdown_table(table))
     text = (
         "# Cell-level deconvolution on osmFISH cortex pseudo-spots\n\n"
         f"Date: {datetime.date.today()} · machine: {machine()} · spotlens {spotlens.__version__}"

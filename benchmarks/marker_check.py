@@ -139,6 +139,28 @@ def spotlens_defaults(spatial: AnnData, reference: AnnData) -> pd.DataFrame:
     return res.proportions
 
 
+def peer_method(peer: str, workdir: Path, timeout: float = 3600) -> Method:
+    """A peer from ``benchmarks/peers`` (its own venv) as a method: inputs go through h5ad files.
+
+    Raises ``RuntimeError`` with the runner's message when the peer fails.
+    """
+    sys.path.insert(0, str(HERE / "peers"))
+    import peers
+
+    def fn(spatial: AnnData, reference: AnnData) -> pd.DataFrame:
+        out = workdir / peer / str(time.time_ns())
+        out.mkdir(parents=True)
+        sp, rf = out / "spatial.h5ad", out / "reference.h5ad"
+        spatial.write_h5ad(sp)
+        reference.write_h5ad(rf)
+        res = peers.run_peer(peer, sp, rf, out / "run", labels_key="cell_type", timeout=timeout)
+        if res.get("error"):
+            raise RuntimeError(f"{peer}: {res['error']}")
+        return res["proportions"]
+
+    return fn
+
+
 def sanity_check(reference: AnnData, seed: int = 0) -> tuple[pd.Series, dict]:
     """The marker check on the TRUE proportions of pseudo-spots built from ``reference``."""
     spatial, half = spotlens.datasets.pseudo_spots(
@@ -153,12 +175,16 @@ def main(argv: list[str] | None = None, methods: Mapping[str, Method] | None = N
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=HERE.parents[1] / "shared" / "data")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--peers", nargs="*", default=[],
+                        help="peers of benchmarks/peers to score too (installed by its setup.sh)")
+    parser.add_argument("--work", type=Path, default=HERE / ".cache" / "marker_check")
     args = parser.parse_args(argv)
-    methods = {"spotlens": spotlens_defaults, **(methods or {})}
+    methods = {"spotlens": spotlens_defaults, **(methods or {}),
+               **{p: peer_method(p, args.work) for p in args.peers}}
     lines = [
         "# Marker check on the real pairs (no truth)", "",
         f"- date: {time.strftime('%Y-%m-%d')}", f"- machine: {machine()}",
-        "- command: `python benchmarks/marker_check.py`",
+        f"- command: `python benchmarks/marker_check.py {' '.join(argv or sys.argv[1:])}`",
         "- markers: 3 per type from the reference among shared genes, log2 fold change ≥ 1 vs "
         "the highest other type, detected in ≥ 25 % of the type's cells; held out of the fit; "
         "score = mean log1p CPM of the markers on the full spatial data; r = Pearson across "

@@ -292,3 +292,16 @@ def test_demo_cell_level_prints_recall_and_count_error(osmfish_part, tmp_path, m
     printed = re.search(r"^  count MAE\s+([\d.]+)", result.stdout, re.MULTILINE)
     assert printed and float(printed.group(1)) == pytest.approx(error, abs=5e-4)
     assert np.mean(recall) > 5 * random  # real cells are found, not drawn at random
+
+
+def test_deconvolve_likelihood_flag(data, tmp_path):
+    spatial, reference = data
+    result = run("deconvolve", "-s", spatial, "-r", reference, "-o", tmp_path / "ls",
+                 "--likelihood", "gaussian", *FAST)
+    assert result.exit_code == 0, result.output
+    written = ad.read_h5ad(tmp_path / "ls" / "spatial.h5ad")
+    assert written.uns["proportions_spotlens"]["params"]["likelihood"] == "gaussian"
+    bad = run("deconvolve", "-s", spatial, "-r", reference, "-o", tmp_path / "bad",
+              "--likelihood", "nb", *FAST)
+    assert bad.exit_code == 2
+    assert "nb" in bad.output

@@ -51,6 +51,12 @@ def _penalty(value: str) -> float | str:
     return number
 
 
+def _likelihood(value: str) -> str:
+    if value not in ("auto", "poisson", "gaussian"):
+        raise typer.BadParameter(f"expected 'auto', 'poisson' or 'gaussian', got {value!r}.")
+    return value
+
+
 def _version(value: bool) -> None:
     if value:
         from .. import __version__
@@ -131,6 +137,10 @@ def deconvolve_command(
         "--attention/--no-attention",
         help="Weight graph edges by expression similarity; --no-attention uses distance only.")
     ] = True,
+    likelihood: Annotated[str, typer.Option(
+        parser=_likelihood, metavar="auto|poisson|gaussian",
+        help="Data term: 'poisson' (count likelihood), 'gaussian' (weighted least squares), or "
+             "'auto': poisson on the CPU on slides of at most 5,000 spots.")] = "auto",
     device: DeviceOption = "cpu",
     seed: SeedOption = 0,
     n_iter: Annotated[int, typer.Option(min=1, help="Maximum solver sweeps.")] = 200,
@@ -176,7 +186,8 @@ def deconvolve_command(
             st, ref, labels_key=labels_key, layer=layer, reference_layer=reference_layer,
             spatial_key=spatial_key, library_key=library_key, k_neighbors=k_neighbors,
             lambda_ridge=lambda_ridge, lambda_spatial=lambda_spatial, use_attention=attention,
-            device=device, seed=seed, n_iter=n_iter, key_added=PROPORTIONS_KEY, inplace=True,
+            likelihood=likelihood, device=device, seed=seed, n_iter=n_iter,
+            key_added=PROPORTIONS_KEY, inplace=True,
             progress=progress,
         )
         cells = None
