@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scipy import sparse
-from tqdm.auto import tqdm
 
 from .. import __version__
 from .._backend import resolve_device
@@ -35,7 +34,8 @@ from ._counts import read_counts
 from ._fit_quality import spot_fit_quality
 from ._graph import attention, color_graph, default_alpha, edge_weights, expression_embedding, knn
 from ._model import Problem, cross_validate, fit, spatial_window
-from ._poisson import CountProblem, cross_validate_counts, solve_counts
+from ._params import check_params
+from ._poisson import CountProblem, cv_counts, fit_counts
 from ._ops import get_ops
 from ._tiled import check_tiling, fit_tiled
 
@@ -49,9 +49,6 @@ COUNT_MAX_SPOTS = 5_000
 #: Largest slide on which fit_quality="auto" scores every spot: the score costs
 #: O(n_spots · n_genes · n_types), about 2 s per 10,000 spots of 2,000 genes on 2 cores.
 FIT_QUALITY_MAX_SPOTS = 20_000
-#: Grids of the count likelihood (relative to the data term's curvature, see CountProblem.scale).
-COUNT_RIDGE_GRID = (0.0,)
-COUNT_SPATIAL_GRID = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 
 
 @dataclass
@@ -363,7 +360,7 @@ def deconvolve(
     array([1.])
     """
     t0 = time.perf_counter()
-    _check_params(
+    check_params(
         k_neighbors=k_neighbors, lambda_ridge=lambda_ridge, lambda_spatial=lambda_spatial,
         n_iter=n_iter, tol=tol, cv_folds=cv_folds, cv_max_spots=cv_max_spots, alpha=alpha,
         gene_weights=gene_weights, likelihood=likelihood, fit_quality=fit_quality,
@@ -462,7 +459,7 @@ def deconvolve(
         else:
             w_cv, colors_cv = w, colors
     if likelihood == "poisson" and (lambda_ridge == "auto" or lambda_spatial == "auto"):
-        lambda_ridge, lambda_spatial, cv_table = _cv_counts(
+        lambda_ridge, lambda_spatial, cv_table = cv_counts(
             y[window], count_problem.s_bar, w_cv, owner=owner,
             sections=None if sections is None else sections[window], lambda_ridge=lambda_ridge,
             lambda_spatial=lambda_spatial, cv_folds=cv_folds, seed=seed, n_iter=n_iter,
@@ -492,7 +489,7 @@ def deconvolve(
     )
     tiles = None
     if likelihood == "poisson":
-        x_states, history, n_sweeps, converged, w = _fit_counts(
+        x_states, history, n_sweeps, converged, w = fit_counts(
             count_problem, w, owner=owner, sections=sections, lambda_ridge=float(lambda_ridge),
             lambda_spatial=float(lambda_spatial), n_iter=n_iter, tol=tol, progress=progress,
             attention_update=update,
@@ -589,109 +586,6 @@ def deconvolve(
     spatial.obsp[f"{key_added}_connectivities"] = w
     spatial.uns[key_added] = uns
     return None
-
-
-def _cv_counts(counts, s_bar, w, *, owner, sections, lambda_ridge, lambda_spatial, cv_folds, seed,
-               n_iter, tol, progress):
-    """Penalties of the count likelihood by count splitting (grids of the count model)."""
-    ridge = COUNT_RIDGE_GRID if lambda_ridge == "auto" else (float(lambda_ridge),)
-    smooth = COUNT_SPATIAL_GRID if lambda_spatial == "auto" else (float(lambda_spatial),)
-    bar = tqdm(total=cv_folds * (len(ridge) + len(smooth)), desc="spotlens cross-validation",
-               disable=not progress, leave=False)
-    try:
-        return cross_validate_counts(
-            counts, s_bar, w, owner=owner, sections=sections, ridge_grid=ridge,
-            spatial_grid=smooth,
-            n_folds=cv_folds, seed=seed, n_iter=min(n_iter, 200), tol=max(tol, 1e-3),
-            on_fit=lambda: bar.update(1),
-        )
-    finally:
-        bar.close()
-
-
-def _fit_counts(problem, w, *, owner, sections, lambda_ridge, lambda_spatial, n_iter, tol,
-                progress, attention_update):
-    """Fit the count likelihood with unit-free penalties (scaled per section).
-
-    With ``attention_update = (every, rebuild)`` the graph is rebuilt from the current
-    proportions every ``every`` iterations, as in :func:`spotlens.deconv._model.fit`; the
-    objective never increases between two rebuilds. Returns ``x``, the objective per
-    iteration, the iterations run, whether it converged and the graph used last.
-    """
-    scales = problem.scales(sections)
-    every = attention_update[0] if attention_update and lambda_spatial > 0 else n_iter
-    bar = tqdm(total=n_iter, desc="spotlens MM iterations", disable=not progress, leave=False)
-
-    def tick(it, obj, change):
-        bar.update(1)
-        bar.set_postfix(objective=f"{obj:.6g}", change=f"{change:.2e}")
-
-    x, history, done, converged = None, [], 0, False
-    try:
-        while done < n_iter and not converged:
-            res = solve_counts(
-                problem, w=w, lambda_ridge=lambda_ridge * scales,
-                lambda_spatial=lambda_spatial * scales, owner=owner, x0=x,
-                n_iter=min(every, n_iter - done), tol=tol, on_iter=tick,
-            )
-            x, converged = res.x, res.converged
-            history.extend(res.objective if not history else res.objective[1:])
-            done += res.n_sweeps
-            if attention_update and not converged and done < n_iter and lambda_spatial > 0:
-                total = x.sum(axis=1, keepdims=True)
-                w = attention_update[1](np.divide(x, total, out=np.zeros_like(x),
-                                                  where=total > 0))
-    finally:
-        bar.close()
-    return x, np.asarray(history), done, converged, w
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
-def _check_params(**p) -> None:
-    k = p["k_neighbors"]
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-        raise InputError(f"k_neighbors must be a positive integer, got {k!r}.")
-    for name in ("lambda_ridge", "lambda_spatial"):
-        v = p[name]
-        if isinstance(v, str) and v == "auto":
-            continue
-        if not _is_number(v) or not np.isfinite(v) or v < 0:
-            raise InputError(f"{name} must be a number ≥ 0 or 'auto', got {v!r}.")
-    n_iter = p["n_iter"]
-    if not isinstance(n_iter, (int, np.integer)) or isinstance(n_iter, bool) or n_iter < 1:
-        raise InputError(f"n_iter must be a positive integer, got {n_iter!r}.")
-    if not _is_number(p["tol"]) or not p["tol"] > 0:
-        raise InputError(f"tol must be > 0, got {p['tol']!r}.")
-    folds = p["cv_folds"]
-    if not isinstance(folds, (int, np.integer)) or isinstance(folds, bool) or folds < 2:
-        raise InputError(f"cv_folds must be an integer ≥ 2, got {folds!r}.")
-    cv_max = p["cv_max_spots"]
-    if not isinstance(cv_max, (int, np.integer)) or isinstance(cv_max, bool) or cv_max < 100:
-        raise InputError(f"cv_max_spots must be an integer ≥ 100, got {cv_max!r}.")
-    alpha = p["alpha"]
-    if alpha is not None and not (_is_number(alpha) and np.isfinite(alpha) and alpha > 0):
-        raise InputError(f"alpha must be > 0 or None (automatic), got {alpha!r}.")
-    if p["fit_quality"] not in ("auto", True, False):
-        raise InputError(f"fit_quality must be True, False or 'auto', got {p['fit_quality']!r}.")
-    if p["likelihood"] not in ("auto", "poisson", "gaussian"):
-        raise InputError(
-            f"likelihood must be 'auto', 'poisson' or 'gaussian', got {p['likelihood']!r}."
-        )
-    if p["gene_weights"] not in ("poisson", "none"):
-        raise InputError(f"gene_weights must be 'poisson' or 'none', got {p['gene_weights']!r}.")
-    temp = p["attention_temperature"]
-    if not _is_number(temp) or not temp > 0:
-        raise InputError(f"attention_temperature must be > 0, got {temp!r}.")
-    every = p["attention_update_every"]
-    if every is not None and (
-        not isinstance(every, (int, np.integer)) or isinstance(every, bool) or every < 1
-    ):
-        raise InputError(
-            f"attention_update_every must be a positive integer or None, got {every!r}."
-        )
 
 
 __all__ = ["DeconvolutionResult", "deconvolve"]

@@ -47,13 +47,19 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import sparse
+from tqdm.auto import tqdm
 
 from ._model import thin_counts
 from ._ops import jit, map_threads, row_ranges
 from ._solver import SolverResult
 
+
 #: Floor of a coordinate in the state-sum bound and of an expected count in the logarithm.
 _TINY = 1e-30
+#: Penalty grids of the count likelihood (unit-free: relative to the data term's curvature).
+#: No ridge: a ridge only shrinks every type towards 0 under this likelihood.
+RIDGE_GRID = (0.0,)
+SPATIAL_GRID = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 
 
 def _ratio_products(indptr, indices, data, x, s_t, lo, hi, acc, loglik):
@@ -422,3 +428,62 @@ def cross_validate_counts(
         candidates = candidates[candidates.lambda_spatial > 0]
     best = candidates.loc[candidates.error.idxmin()]
     return best_r, float(best.lambda_spatial), table
+
+
+def cv_counts(counts, s_bar, w, *, owner, sections, lambda_ridge, lambda_spatial, cv_folds, seed,
+               n_iter, tol, progress):
+    """Penalties of the count likelihood by count splitting, with a progress bar.
+
+    ``"auto"`` searches :data:`RIDGE_GRID` / :data:`SPATIAL_GRID` (unit-free, relative to
+    :meth:`CountProblem.scales`); a number is taken as given.
+    """
+    ridge = RIDGE_GRID if lambda_ridge == "auto" else (float(lambda_ridge),)
+    smooth = SPATIAL_GRID if lambda_spatial == "auto" else (float(lambda_spatial),)
+    bar = tqdm(total=cv_folds * (len(ridge) + len(smooth)), desc="spotlens cross-validation",
+               disable=not progress, leave=False)
+    try:
+        return cross_validate_counts(
+            counts, s_bar, w, owner=owner, sections=sections, ridge_grid=ridge,
+            spatial_grid=smooth,
+            n_folds=cv_folds, seed=seed, n_iter=min(n_iter, 200), tol=max(tol, 1e-3),
+            on_fit=lambda: bar.update(1),
+        )
+    finally:
+        bar.close()
+
+
+def fit_counts(problem, w, *, owner, sections, lambda_ridge, lambda_spatial, n_iter, tol,
+                progress, attention_update):
+    """Fit the count likelihood with unit-free penalties (scaled per section).
+
+    With ``attention_update = (every, rebuild)`` the graph is rebuilt from the current
+    proportions every ``every`` iterations, as in :func:`spotlens.deconv._model.fit`; the
+    objective never increases between two rebuilds. Returns ``x``, the objective per
+    iteration, the iterations run, whether it converged and the graph used last.
+    """
+    scales = problem.scales(sections)
+    every = attention_update[0] if attention_update and lambda_spatial > 0 else n_iter
+    bar = tqdm(total=n_iter, desc="spotlens MM iterations", disable=not progress, leave=False)
+
+    def tick(it, obj, change):
+        bar.update(1)
+        bar.set_postfix(objective=f"{obj:.6g}", change=f"{change:.2e}")
+
+    x, history, done, converged = None, [], 0, False
+    try:
+        while done < n_iter and not converged:
+            res = solve_counts(
+                problem, w=w, lambda_ridge=lambda_ridge * scales,
+                lambda_spatial=lambda_spatial * scales, owner=owner, x0=x,
+                n_iter=min(every, n_iter - done), tol=tol, on_iter=tick,
+            )
+            x, converged = res.x, res.converged
+            history.extend(res.objective if not history else res.objective[1:])
+            done += res.n_sweeps
+            if attention_update and not converged and done < n_iter and lambda_spatial > 0:
+                total = x.sum(axis=1, keepdims=True)
+                w = attention_update[1](np.divide(x, total, out=np.zeros_like(x),
+                                                  where=total > 0))
+    finally:
+        bar.close()
+    return x, np.asarray(history), done, converged, w
