@@ -109,3 +109,31 @@ def resolve_device(device: str = "cpu") -> Backend:
     raise InputError(
         f"Unknown device {device!r}. Use 'cpu', 'torch', 'cuda', 'cuda:N' or 'auto'."
     )
+
+
+def resolve_client(client):
+    """Return a ``distributed.Client`` for ``client`` (a Client or ``"default"``).
+
+    Raises
+    ------
+    InputError
+        If dask.distributed is not installed, ``client="default"`` and no client is running, or
+        ``client`` is something else.
+    """
+    try:
+        import distributed
+    except ImportError as err:  # pragma: no cover - dask is in the test extra
+        raise InputError("client= needs dask.distributed: pip install 'spotlens[dask]'.") from err
+    if isinstance(client, str) and client == "default":
+        try:
+            return distributed.default_client()
+        except ValueError as err:
+            raise InputError(
+                "client='default' but no Dask client is running in this process; create one "
+                "(distributed.Client(...)) or pass it as client=."
+            ) from err
+    if not isinstance(client, distributed.Client):
+        raise InputError(
+            f"client must be a distributed.Client (or 'default'), got {type(client).__name__}."
+        )
+    return client

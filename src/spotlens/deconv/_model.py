@@ -11,7 +11,7 @@ from scipy import sparse
 from tqdm.auto import tqdm
 
 from ._ops import NumpyOps, TorchOps, jit, map_threads, row_ranges
-from ._solver import solve
+from ._solver import SolverResult, solve
 
 
 def _count_statistics(indptr, indices, data, sw, w2, lo, hi, b, row_sq, library):
@@ -151,29 +151,54 @@ def fit(
     """
     lam_r = lambda_ridge * problem.scale
     lam_s = lambda_spatial * problem.scale
-    every = attention_update[0] if attention_update and lambda_spatial > 0 else n_iter
     bar = tqdm(total=n_iter, desc="spotlens sweeps", disable=not progress, leave=False)
 
     def tick(sweep, obj, change):
         bar.update(1)
         bar.set_postfix(objective=f"{obj:.4g}", change=f"{change:.2e}")
 
-    x, history, done, converged = x0, [], 0, False
+    def stretch(graph, x, n):
+        return solve(
+            problem.b, problem.gram, problem.yy, w=graph, colors=colors,
+            lambda_ridge=lam_r, lambda_spatial=lam_s, x0=x, n_iter=n, tol=tol, ops=ops,
+            on_sweep=tick, metric=metric, track_objective=track_objective,
+        )
+
     try:
-        while done < n_iter and not converged:
-            res = solve(
-                problem.b, problem.gram, problem.yy, w=w, colors=colors,
-                lambda_ridge=lam_r, lambda_spatial=lam_s, x0=x,
-                n_iter=min(every, n_iter - done), tol=tol, ops=ops, on_sweep=tick, metric=metric,
-                track_objective=track_objective,
-            )
-            x, converged = res.x, res.converged
-            history.extend(res.objective if not history else res.objective[1:])
-            done += res.n_sweeps
-            if attention_update and not converged and done < n_iter and lambda_spatial > 0:
-                w = attention_update[1](_normalise_rows(x))
+        return run_stretches(stretch, w, x0, n_iter=n_iter,
+                             attention_update=attention_update if lambda_spatial > 0 else None)
     finally:
         bar.close()
+
+
+def run_stretches(
+    stretch: Callable[[sparse.csr_matrix, np.ndarray | None, int], SolverResult],
+    w: sparse.csr_matrix,
+    x0: np.ndarray | None,
+    *,
+    n_iter: int,
+    attention_update: tuple[int, Callable[[np.ndarray], sparse.csr_matrix]] | None,
+) -> tuple[np.ndarray, np.ndarray, int, bool, sparse.csr_matrix]:
+    """Run a solver in stretches of fixed graph, rebuilding the graph between them.
+
+    ``stretch(w, x, n)`` runs at most ``n`` iterations from ``x`` on graph ``w``. With
+    ``attention_update = (every, rebuild)`` the graph is rebuilt as ``rebuild(proportions)``
+    every ``every`` iterations until convergence or ``n_iter`` (the objective never increases
+    within a stretch); without it one stretch of ``n_iter``. Shared by both data terms.
+
+    Returns
+    -------
+    x, objective per iteration, iterations run, converged, and the graph used last.
+    """
+    every = attention_update[0] if attention_update else n_iter
+    x, history, done, converged = x0, [], 0, False
+    while done < n_iter and not converged:
+        res = stretch(w, x, min(every, n_iter - done))
+        x, converged = res.x, res.converged
+        history.extend(res.objective if not history else res.objective[1:])
+        done += res.n_sweeps
+        if attention_update and not converged and done < n_iter:
+            w = attention_update[1](_normalise_rows(x))
     return x, np.asarray(history), done, converged, w
 
 

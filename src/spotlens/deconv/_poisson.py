@@ -49,7 +49,7 @@ import pandas as pd
 from scipy import sparse
 from tqdm.auto import tqdm
 
-from ._model import thin_counts
+from ._model import run_stretches, thin_counts
 from ._ops import jit, map_threads, row_ranges
 from ._solver import SolverResult
 
@@ -462,28 +462,21 @@ def fit_counts(problem, w, *, owner, sections, lambda_ridge, lambda_spatial, n_i
     iteration, the iterations run, whether it converged and the graph used last.
     """
     scales = problem.scales(sections)
-    every = attention_update[0] if attention_update and lambda_spatial > 0 else n_iter
     bar = tqdm(total=n_iter, desc="spotlens MM iterations", disable=not progress, leave=False)
 
     def tick(it, obj, change):
         bar.update(1)
         bar.set_postfix(objective=f"{obj:.6g}", change=f"{change:.2e}")
 
-    x, history, done, converged = None, [], 0, False
+    def stretch(graph, x, n):
+        return solve_counts(
+            problem, w=graph, lambda_ridge=lambda_ridge * scales,
+            lambda_spatial=lambda_spatial * scales, owner=owner, x0=x, n_iter=n, tol=tol,
+            on_iter=tick,
+        )
+
     try:
-        while done < n_iter and not converged:
-            res = solve_counts(
-                problem, w=w, lambda_ridge=lambda_ridge * scales,
-                lambda_spatial=lambda_spatial * scales, owner=owner, x0=x,
-                n_iter=min(every, n_iter - done), tol=tol, on_iter=tick,
-            )
-            x, converged = res.x, res.converged
-            history.extend(res.objective if not history else res.objective[1:])
-            done += res.n_sweeps
-            if attention_update and not converged and done < n_iter and lambda_spatial > 0:
-                total = x.sum(axis=1, keepdims=True)
-                w = attention_update[1](np.divide(x, total, out=np.zeros_like(x),
-                                                  where=total > 0))
+        return run_stretches(stretch, w, None, n_iter=n_iter,
+                             attention_update=attention_update if lambda_spatial > 0 else None)
     finally:
         bar.close()
-    return x, np.asarray(history), done, converged, w

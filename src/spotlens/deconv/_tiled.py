@@ -33,7 +33,7 @@ import pandas as pd
 from scipy import sparse
 from tqdm.auto import tqdm
 
-from .._backend import resolve_device
+from .._backend import resolve_client, resolve_device
 from .._validation import InputError
 from ._graph import color_graph
 from ._model import Problem, _normalise_rows, fit
@@ -85,10 +85,7 @@ def check_tiling(client, tile_size, halo_hops):
         or halo_hops < 0
     ):
         raise InputError(f"halo_hops must be an integer ≥ 0 or None, got {halo_hops!r}.")
-    # the one resolver of ``client=`` (shared with histology inference on Dask)
-    from ..histology._distributed import resolve_client
-
-    return resolve_client(client)
+    return resolve_client(client)  # the one resolver of client=, shared with histology
 
 
 # ------------------------------------------------------------------------------------ tiling

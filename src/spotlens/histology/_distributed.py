@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
+from .._backend import resolve_client
 from .._validation import InputError
 
 logger = logging.getLogger("spotlens")
@@ -39,34 +40,6 @@ logger = logging.getLogger("spotlens")
 HALO_HOPS = {"ridge": 0, "attention": 0, "graph": 4}
 #: Default region side, in spot pitches (about 4,096 spots per full region).
 REGION_PITCHES = 64
-
-
-def resolve_client(client):
-    """Return a ``distributed.Client`` for ``client`` (a Client or ``"default"``).
-
-    Raises
-    ------
-    InputError
-        If dask.distributed is not installed, ``client="default"`` and no client is running, or
-        ``client`` is something else.
-    """
-    try:
-        import distributed
-    except ImportError as err:  # pragma: no cover - dask is in the test extra
-        raise InputError("client= needs dask.distributed: pip install 'spotlens[dask]'.") from err
-    if isinstance(client, str) and client == "default":
-        try:
-            return distributed.default_client()
-        except ValueError as err:
-            raise InputError(
-                "client='default' but no Dask client is running in this process; create one "
-                "(distributed.Client(...)) or pass it as client=."
-            ) from err
-    if not isinstance(client, distributed.Client):
-        raise InputError(
-            f"client must be a distributed.Client (or 'default'), got {type(client).__name__}."
-        )
-    return client
 
 
 def graph_adjacency(coords: np.ndarray, k: int) -> sparse.csr_matrix:

@@ -1014,7 +1014,8 @@ def predict(
         running); ``region_um`` is not > 0 or is given without ``client``.
     """
     from .. import __version__
-    from ._distributed import check_region_um, resolve_client
+    from .._backend import resolve_client
+    from ._distributed import check_region_um
     from ._tissue import grid_spots
 
     region_um = check_region_um(region_um)

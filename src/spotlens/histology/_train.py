@@ -113,7 +113,7 @@ class TrainConfig:
 
 def _graph_tensors(coords: np.ndarray, k: int, torch, device):
     """Edge list with self loops and the GCN's normalised adjacency for one section."""
-    from ..deconv._graph import knn
+    from ..pp._neighbors import knn
 
     n = coords.shape[0]
     _, idx = knn(np.asarray(coords, dtype=np.float64), k)
