@@ -26,7 +26,8 @@ from spotlens.histology._distributed import (
     region_tasks,
 )
 from spotlens.histology._image import SlideImage
-from spotlens.histology._pipeline import load_model, predict, train
+from spotlens.histology._inference import load_model, predict
+from spotlens.histology._pipeline import train
 from spotlens.histology._tiles import tile_geometry
 from spotlens.histology._train import TrainConfig
 

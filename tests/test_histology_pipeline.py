@@ -19,7 +19,8 @@ from PIL import Image
 from scipy import sparse
 
 from spotlens._validation import InputError
-from spotlens.histology._pipeline import evaluate, load_model, load_section, predict, train
+from spotlens.histology._inference import evaluate, load_model, predict
+from spotlens.histology._pipeline import load_section, train
 from spotlens.histology._train import TrainConfig
 
 PINK = np.array([235.0, 160.0, 200.0])

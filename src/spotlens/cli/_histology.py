@@ -213,7 +213,7 @@ def evaluate_command(
     with _logging(quiet), _errors():
         import pandas as pd
 
-        from ..histology._pipeline import evaluate, load_model
+        from ..histology._inference import evaluate, load_model
 
         _check_device(device)
         pairs = _sections(ctx, sections, images)
@@ -264,7 +264,7 @@ def predict_command(
     -o C6_pred --plot-genes ERBB2
     """
     with _logging(quiet), _errors():
-        from ..histology._pipeline import load_model, predict
+        from ..histology._inference import load_model, predict
         from ..io import save_figure, write_h5ad
         from ..pl import overlay
 

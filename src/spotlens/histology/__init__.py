@@ -32,14 +32,14 @@ _LAZY = {
     "ExpressionModel": "._train",
     "Section": "._train",
     "TrainConfig": "._train",
-    "HistologyModel": "._pipeline",
-    "load_model": "._pipeline",
+    "HistologyModel": "._inference",
+    "load_model": "._inference",
     "load_section": "._pipeline",
-    "predict": "._pipeline",
+    "predict": "._inference",
     "train": "._pipeline",
 }
 # public name -> (module, attribute) where they differ
-_ALIASES = {"evaluate_model": ("._pipeline", "evaluate")}
+_ALIASES = {"evaluate_model": ("._inference", "evaluate")}
 
 __all__ = [
     "DEFAULT_REFERENCE",

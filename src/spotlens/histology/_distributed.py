@@ -155,7 +155,7 @@ def region_tasks(
 
 @functools.lru_cache(maxsize=2)
 def _worker_model(path: str, stamp: int, device: str, encoder_weights: str | None = None):
-    from ._pipeline import load_model
+    from ._inference import load_model
 
     return load_model(path, device=device, encoder_weights=encoder_weights)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,19 @@ import numpy as np
 
 from .._backend import import_torch, resolve_device
 from .._validation import InputError
+from ._networks import (  # noqa: F401  (names kept importable from here)
+    EfficientNetLite0Features,
+    EfficientNetLite0PreHead,
+    Bottleneck,
+    ResNet50Features,
+)
+from ._weights import (  # noqa: F401
+    _check_file,
+    _read_safetensors,
+    _read_state_dict,
+    _load_strict,
+    _load_module_file,
+)
 
 torch = import_torch()
 nn = torch.nn
@@ -78,125 +91,6 @@ def check_tiles(tiles: Any) -> np.ndarray:
     if tiles.shape[0] == 0 or tiles.shape[1] == 0 or tiles.shape[2] == 0:
         raise InputError(f"tiles is empty (shape {tiles.shape}).")
     return tiles
-
-
-# --------------------------------------------------------------------------------------------
-# Modules (the math)
-# --------------------------------------------------------------------------------------------
-
-
-class EfficientNetLite0Features(nn.Module):
-    """EfficientNet-Lite0 trunk with global average pooling: ``n × 3 × 224 × 224 -> n × 1280``.
-
-    Wraps ``efficientnet_lite_pytorch.EfficientNet``; ``extract_features`` gives the
-    ``n × 1280 × 7 × 7`` map of the head convolution (after BN and ReLU6), averaged here over
-    the spatial axes. The ImageNet classifier (``_fc``) is kept (so the checkpoint loads
-    strictly) but not used.
-    """
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        """Return ``n × 1280`` pooled features of a normalised ``n × 3 × 224 × 224`` batch."""
-        return self.net.extract_features(x).mean(dim=(2, 3))
-
-
-class EfficientNetLite0PreHead(nn.Module):
-    """EfficientNet-Lite0 up to its last block: ``n × 3 × 224 × 224 -> n × (320 · cells)``.
-
-    The stem and the 16 MBConv blocks, whose ``n × 320 × 7 × 7`` map is average-pooled
-    ``pool × pool`` (ceil mode: 7 × 7 -> 4 × 4 = 16 cells for ``pool=2``) and flattened
-    channel-major (``channel · cells + cell``). What the head convolution (1 × 1, 320 -> 1280,
-    BN, ReLU6) reads; :class:`~spotlens.histology._models.TileHead` is a trainable copy of it.
-    """
-
-    def __init__(self, net: nn.Module, pool: int = 2):
-        super().__init__()
-        self.net = net
-        self.pool = int(pool)
-
-    def forward(self, x):
-        """Return ``n × (320 · cells)`` pooled maps of a normalised ``n × 3 × 224 × 224`` batch."""
-        net = self.net
-        x = net._swish(net._bn0(net._conv_stem(x)))
-        for block in net._blocks:
-            x = block(x, drop_connect_rate=None)
-        if self.pool > 1:
-            x = F.avg_pool2d(x, self.pool, ceil_mode=True)
-        return x.flatten(1)
-
-
-class Bottleneck(nn.Module):
-    """ResNet bottleneck block (1×1, 3×3 with the stride, 1×1 ×4), torchvision naming."""
-
-    expansion = 4
-
-    def __init__(self, in_channels: int, width: int, stride: int = 1):
-        super().__init__()
-        out_channels = width * self.expansion
-        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
-
-    def forward(self, x):
-        """Apply the block: ``relu(bn3(conv3(...)) + shortcut(x))``."""
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
-
-
-class ResNet50Features(nn.Module):
-    """ResNet-50 returning ``n × 2048`` average-pooled features of an ``n × 3 × H × W`` batch.
-
-    Bottleneck blocks ``[3, 4, 6, 3]`` with the stride on the 3×3 convolution ("ResNet v1.5",
-    as in torchvision). Parameter and buffer names equal torchvision's ``resnet50``
-    (``conv1``, ``bn1``, ``layer1.0.conv1``, ..., ``layer1.0.downsample.0``, ``fc``), so its
-    checkpoints load with ``strict=True``. ``fc`` (2048 -> ``num_classes``) exists only for
-    that; :meth:`forward` stops at the pooled features.
-
-    Source: He K., Zhang X., Ren S., Sun J., "Deep residual learning for image recognition",
-    CVPR 2016, https://arxiv.org/abs/1512.03385.
-    """
-
-    dim = 2048
-
-    def __init__(self, num_classes: int = 1000):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        in_channels = 64
-        for index, (width, blocks, stride) in enumerate(
-            [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)], start=1
-        ):
-            layer = []
-            for block in range(blocks):
-                layer.append(Bottleneck(in_channels, width, stride if block == 0 else 1))
-                in_channels = width * Bottleneck.expansion
-            setattr(self, f"layer{index}", nn.Sequential(*layer))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_channels, num_classes)
-
-    def forward(self, x):
-        """Return ``n × 2048`` pooled features of a normalised ``n × 3 × H × W`` batch."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,131 +349,6 @@ def _vit(*, device: str, weights=None, input_size=None) -> Encoder:
         std=std,
         channels_last=False,
     )
-
-
-def _check_file(path) -> Path:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise InputError(f"Weights file {str(path)!r} does not exist or is not a file.")
-    return path
-
-
-def _read_safetensors(path: Path):
-    try:
-        from safetensors.torch import load_file
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise InputError(f"Reading {path.name} needs the safetensors package: pip install "
-                         "'spotlens[histology]'.") from err
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as err:
-        raise InputError(f"Could not read {str(path)!r} as a .safetensors file "
-                         f"({type(err).__name__}: {err}).") from err
-
-
-def _read_state_dict(path) -> dict:
-    """Read a tensor-only checkpoint: ``.safetensors``, or ``torch.save`` (``weights_only``).
-
-    No code in the file runs either way.
-    """
-    path = _check_file(path)
-    try:
-        state = (_read_safetensors(path) if path.suffix == ".safetensors"
-                 else torch.load(path, map_location="cpu", weights_only=True))
-    except InputError:
-        raise
-    except Exception as err:
-        raise InputError(
-            f"Could not read {str(path)!r} as a state_dict of tensors ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). For a TorchScript file or a "
-            "pickled nn.Module, pass the path as the encoder name instead."
-        ) from err
-    if isinstance(state, Mapping):
-        for wrapper in ("state_dict", "model", "model_state_dict"):
-            inner = state.get(wrapper)
-            if isinstance(inner, Mapping) and len(state) <= 8:
-                state = inner
-                break
-    if not isinstance(state, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
-        raise InputError(
-            f"{str(path)!r} does not hold a state_dict (a mapping of parameter names to tensors)."
-        )
-    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return dict(state)
-
-
-def _load_strict(net, state: dict, *, what: str, optional_prefixes: tuple[str, ...] = (),
-                 names: str = "torchvision's"):
-    """Load ``state`` into ``net``, raising :class:`InputError` naming any bad key.
-
-    Keys starting with ``optional_prefixes`` may be absent (e.g. an unused classifier head);
-    BatchNorm ``num_batches_tracked`` counters may be absent (older checkpoints).
-    """
-    expected = net.state_dict()
-    missing = [
-        k
-        for k in expected
-        if k not in state
-        and not k.endswith("num_batches_tracked")
-        and not k.startswith(optional_prefixes)
-    ]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
-        if unexpected:
-            parts.append(
-                f"unexpected keys {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else "")
-            )
-        raise InputError(
-            f"The checkpoint does not match {what}: {'; '.join(parts)} "
-            f"({len(missing)} missing, {len(unexpected)} unexpected). Pass a checkpoint of "
-            f"this architecture with {names} parameter names."
-        )
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise InputError(
-                f"The checkpoint does not match {what}: {key!r} has shape "
-                f"{tuple(value.shape)}, the architecture needs {tuple(expected[key].shape)}."
-            )
-    net.load_state_dict(state, strict=False)
-
-
-def _load_module_file(path: Path, *, allow_pickle: bool):
-    """Load a TorchScript archive, or (``allow_pickle``) a pickled ``nn.Module``."""
-    try:
-        return torch.jit.load(str(path), map_location="cpu"), "torchscript"
-    except RuntimeError as script_error:
-        if not allow_pickle:
-            raise InputError(
-                f"{str(path)!r} is not a TorchScript file ({str(script_error).splitlines()[0]}). "
-                "Save the model with torch.jit.save(torch.jit.script(model), path); or, if you "
-                "trust the file, pass allow_pickle=True to unpickle a saved nn.Module (this "
-                "executes code from the file). For a ResNet-50 state_dict use "
-                "get_encoder('resnet50', weights=path)."
-            ) from script_error
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise InputError(
-            f"Could not unpickle {str(path)!r}: {type(err).__name__}: {err}. The module's class "
-            "must be importable here."
-        ) from err
-    if not isinstance(obj, nn.Module):
-        hint = (
-            " It holds a state_dict: build the architecture and pass its weights instead "
-            "(e.g. get_encoder('resnet50', weights=path))."
-            if isinstance(obj, Mapping)
-            else ""
-        )
-        raise InputError(
-            f"{str(path)!r} holds a {type(obj).__name__}, not an nn.Module.{hint}"
-        )
-    return obj, "pickle"
 
 
 def _encoder_from_file(path, *, device: str, input_size, allow_pickle: bool) -> Encoder:
