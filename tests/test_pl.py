@@ -35,7 +35,7 @@ def panels(fig):
 
 
 def test_one_panel_per_type_then_dominant(st):
-    fig = spotlens.pl.proportions(st)
+    fig = spotlens.pl.proportions(st, vmax=1.0)
     axes = panels(fig)
     assert [ax.get_title() for ax in axes] == [*TYPES, "dominant cell type"]
     for ax in axes:
@@ -43,7 +43,7 @@ def test_one_panel_per_type_then_dominant(st):
         assert ax.get_aspect() == 1.0
         lo, hi = ax.get_xlim()
         assert lo < 0 and hi > 200  # every spot is inside the frame
-    # one shared 0–1 colour scale, with a colourbar labelled "proportion"
+    # vmax=1.0: one shared 0–1 colour scale, with a single colourbar labelled "proportion"
     for ax in axes[:-1]:
         norm = ax.collections[0].norm
         assert (norm.vmin, norm.vmax) == (0.0, 1.0)
@@ -247,3 +247,245 @@ def test_cells_saves_a_png_without_touching_pyplot(placed, tmp_path):
     spotlens.io.save_figure(spotlens.pl.cells(cells, spots), tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 10_000
     assert plt.get_fignums() == open_before
+
+
+# --- colours: one palette per set of cell types, stored in uns as scanpy does -----------------
+
+COLORS = "proportions_spotlens_colors"
+
+
+def dominant_rgb(fig, spot):
+    """RGB of a spot in the dominant-type panel."""
+    ax = [ax for ax in fig.axes if ax.get_title() == "dominant cell type"][0]
+    return tuple(ax.collections[0].get_facecolors()[spot][:3])
+
+
+def cells_at(spatial, types, spots, *, categories=None):
+    """Cells of the given types placed at the centres of the given spots of ``spatial``."""
+    cells = ad.AnnData(
+        np.ones((len(types), 1), dtype=np.float32),
+        obs=pd.DataFrame({"cell_type": pd.Categorical(types, categories=categories)},
+                         index=[f"c{i}" for i in range(len(types))]),
+    )
+    cells.obsm["spatial"] = spatial.obsm["spatial"][spots] + 5.0
+    cells.uns["spot_diameter"] = 50.0
+    return cells
+
+
+def cell_rgb(fig, cells, cell_type):
+    dots = fig.axes[0].collections[-1]
+    (i,) = np.flatnonzero(cells.obs["cell_type"] == cell_type)[:1]
+    return tuple(dots.get_facecolors()[i][:3])
+
+
+def test_a_type_keeps_its_colour_when_other_types_stop_dominating(st):
+    from matplotlib.colors import to_rgb
+
+    full = spotlens.pl.proportions(st)
+    # the palette is written once, scanpy-style: hex colours aligned with the columns
+    stored = st.uns[COLORS]
+    assert len(stored) == len(TYPES) and len(set(stored)) == len(TYPES)
+    assert dominant_rgb(full, 2) == to_rgb(stored[TYPES.index("Neuron")])
+    # a slide where Astro dominates nowhere (s2: Neuron, s4: Oligo), no stored palette
+    part = st[[2, 4]].copy()
+    del part.uns[COLORS]
+    again = spotlens.pl.proportions(part)
+    assert dominant_rgb(again, 0) == dominant_rgb(full, 2)  # Neuron
+    assert dominant_rgb(again, 1) == dominant_rgb(full, 4)  # Oligo
+    # a repeated call reuses the stored palette: same object, same colours
+    third = spotlens.pl.proportions(st)
+    assert st.uns[COLORS] is stored
+    assert dominant_rgb(third, 2) == dominant_rgb(full, 2)
+
+
+def test_cells_take_the_colours_of_their_types_in_the_proportions(st):
+    # no Astro cells, categories in another order than the proportions' columns
+    cells = cells_at(st, ["Oligo", "Neuron", "Oligo"], [4, 2, 4],
+                     categories=["Oligo", "Neuron"])
+    uns_before = set(st.uns)
+    fig = spotlens.pl.cells(cells, st, zoom=None)
+    assert set(st.uns) == uns_before  # spatial is only read
+    spots = spotlens.pl.proportions(st)
+    assert cell_rgb(fig, cells, "Neuron") == dominant_rgb(spots, 2)
+    assert cell_rgb(fig, cells, "Oligo") == dominant_rgb(spots, 4)
+    # written for scanpy, aligned with the cells' categories; reused on the next call
+    assert cells.uns["cell_type_colors"] == [st.uns[COLORS][2], st.uns[COLORS][1]]
+    st.uns[COLORS] = ["#000000", "#111111", "#222222"]
+    fig = spotlens.pl.cells(cells, st, zoom=None)
+    assert cell_rgb(fig, cells, "Neuron") == dominant_rgb(spots, 2)  # cells' own palette wins
+
+
+def test_a_stored_palette_is_used_and_extended_not_overwritten(st):
+    from matplotlib.colors import to_rgb
+
+    st.uns[COLORS] = ["red", "lime", "blue"]
+    fig = spotlens.pl.proportions(st)
+    assert dominant_rgb(fig, 0) == to_rgb("red") and dominant_rgb(fig, 2) == to_rgb("lime")
+    assert st.uns[COLORS] == ["red", "lime", "blue"]  # left as the user set it
+    # one stored colour for three types: it is kept, the new types get colours not yet used
+    st.uns[COLORS] = ["#ff7f0e"]  # the colour the default would give the second type
+    fig = spotlens.pl.proportions(st)
+    assert st.uns[COLORS][0] == "#ff7f0e" and len(set(st.uns[COLORS])) == 3
+    assert dominant_rgb(fig, 0) == to_rgb("#ff7f0e")
+    assert len({dominant_rgb(fig, i) for i in (0, 2, 4)}) == 3
+
+
+def test_plotting_changes_nothing_but_the_palette(st):
+    obs, obsm = st.obs.copy(), {k: v.copy() for k, v in st.obsm.items()}
+    spotlens.pl.proportions(st, dominant=False)
+    assert COLORS not in st.uns  # no categorical colours drawn: nothing written
+    spotlens.pl.proportions(st)
+    assert set(st.uns) == {COLORS}
+    pd.testing.assert_frame_equal(st.obs, obs)
+    for k, v in obsm.items():
+        np.testing.assert_array_equal(np.asarray(st.obsm[k]), np.asarray(v))
+
+
+def test_a_broken_palette_is_reported_with_the_fix(st):
+    st.uns[COLORS] = ["not a colour", "red", "blue"]
+    with pytest.raises(InputError, match=r"del adata\.uns\['proportions_spotlens_colors'\]"):
+        spotlens.pl.proportions(st)
+
+
+# --- colour scale per panel --------------------------------------------------------------------
+
+def colorbar_top(fig, title):
+    """Top of the colour bar of the panel titled ``title``, as read off the figure."""
+    ax = [ax for ax in fig.axes if ax.get_title() == title][0]
+    return ax.collections[0].colorbar.ax.get_ylim()[1]
+
+
+def test_each_panel_has_its_own_scale_and_colourbar_by_default(st):
+    fig = spotlens.pl.proportions(st)
+    colorbars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(colorbars) == len(TYPES)
+    assert all(cb.get_ylabel() == "proportion" for cb in colorbars)
+    # rare Oligo (at most 0.4) is not squashed into the bottom of a 0–1 scale
+    assert colorbar_top(fig, "Oligo") == pytest.approx(0.4)
+    assert colorbar_top(fig, "Neuron") == pytest.approx(0.8)
+    oligo = [ax for ax in fig.axes if ax.get_title() == "Oligo"][0].collections[0]
+    assert oligo.norm(0.4) == pytest.approx(1.0)  # its richest spot gets the top colour
+
+
+def test_vmax_forms(st):
+    fig = spotlens.pl.proportions(st, vmax="p50")
+    assert colorbar_top(fig, "Astro") == pytest.approx(0.3)  # median of 0.7 0.6 0.1 0.2 0.3
+    fig = spotlens.pl.proportions(st, vmax=[1.0, "p100", None], dominant=False)
+    assert [colorbar_top(fig, t) for t in TYPES] == pytest.approx([1.0, 0.8, 0.4])
+    fig = spotlens.pl.proportions(st, vmax=0.5)
+    assert len([ax for ax in fig.axes if ax.get_label() == "<colorbar>"]) == 1
+    assert colorbar_top(fig, "Oligo") == pytest.approx(0.5)
+    for bad in ["max", "p0", "p101", -1, 0, float("nan"), True, [1.0, 1.0]]:
+        with pytest.raises(InputError, match="vmax must be|vmax holds"):
+            spotlens.pl.proportions(st, vmax=bad)
+
+
+def test_a_type_absent_everywhere_gets_a_usable_scale(st):
+    st.obsm[KEY]["Oligo"] = [0.0, 0.0, 0.0, 0.0, 0.0, np.nan]
+    fig = spotlens.pl.proportions(st)
+    assert colorbar_top(fig, "Oligo") == pytest.approx(1.0)
+
+
+# --- ax=: draw into axes of your own -----------------------------------------------------------
+
+def test_proportions_draws_into_given_axes(st):
+    from matplotlib.figure import Figure
+
+    mine = Figure(layout="constrained")
+    axs = mine.subplots(2, 2)
+    fig = spotlens.pl.proportions(st, ax=axs)  # a 2-D array, filled row by row
+    assert fig is mine
+    assert [ax.get_title() for ax in axs.ravel()] == [*TYPES, "dominant cell type"]
+    assert all(ax.collections for ax in axs.ravel())
+    one = Figure().subplots()
+    fig = spotlens.pl.proportions(st, cell_types="Oligo", dominant=False, ax=one)
+    assert fig is one.figure and one.get_title() == "Oligo"
+
+
+def test_proportions_rejects_the_wrong_axes(st):
+    from matplotlib.figure import Figure
+
+    with pytest.raises(InputError, match=r"ax holds 2 Axes but this plot draws 4 panel"):
+        spotlens.pl.proportions(st, ax=Figure().subplots(1, 2))
+    with pytest.raises(InputError, match="different figures"):
+        spotlens.pl.proportions(st, cell_types="Oligo", ax=[Figure().subplots(),
+                                                            Figure().subplots()])
+    with pytest.raises(InputError, match="ax must be a matplotlib Axes"):
+        spotlens.pl.proportions(st, ax="left")
+
+
+def test_cells_draws_into_given_axes(placed):
+    from matplotlib.figure import Figure
+
+    cells, spots = placed
+    mine = Figure()
+    one = mine.subplots()
+    assert spotlens.pl.cells(cells, spots, ax=one) is mine
+    assert one.get_title() == "7 cells in 3 spots" and len(mine.axes) == 1
+    two = Figure().subplots(1, 2)
+    fig = spotlens.pl.cells(cells, spots, zoom=(-30, -30, 30, 30), ax=two)
+    assert fig is two[0].figure and two[1].get_title() == "zoom: 3 cells, 1 spots"
+    with pytest.raises(InputError, match="ax holds 1 Axes but this plot draws 2 panel"):
+        spotlens.pl.cells(cells, spots, zoom=(-30, -30, 30, 30), ax=Figure().subplots())
+
+
+@pytest.fixture
+def expression():
+    adata = ad.AnnData(np.arange(12, dtype=np.float32).reshape(4, 3),
+                       obs=pd.DataFrame(index=[f"s{i}" for i in range(4)]),
+                       var=pd.DataFrame(index=["G1", "G2", "G3"]))
+    adata.obsm["spatial"] = np.array([[0, 0], [100, 0], [0, 100], [100, 100]], dtype=float)
+    return adata
+
+
+def test_overlay_draws_into_given_axes(expression):
+    from matplotlib.figure import Figure
+
+    mine = Figure()
+    axs = mine.subplots(1, 2)
+    assert spotlens.pl.overlay(expression, ["G2", "G1"], ax=axs) is mine
+    assert [ax.get_title() for ax in axs] == ["G2", "G1"]
+    np.testing.assert_allclose(axs[0].collections[0].get_array(), [1, 4, 7, 10])
+    with pytest.raises(InputError, match="ax holds 2 Axes but this plot draws 1 panel"):
+        spotlens.pl.overlay(expression, "G1", ax=axs)
+
+
+# --- proportions_to_obs: results scanpy can colour by --------------------------------------------
+
+def test_proportions_to_obs_copies_each_type(st):
+    spotlens.pl.proportions_to_obs(st)
+    for t in TYPES:
+        np.testing.assert_array_equal(st.obs[t].to_numpy(), st.obsm[KEY][t].to_numpy())
+        assert st.obs[t].dtype == np.float64
+    assert np.isnan(st.obs.loc["s5", "Astro"])
+    spotlens.pl.proportions_to_obs(st, prefix="prop_", cell_types=["Oligo"])
+    assert list(st.obs.columns) == [*TYPES, "prop_Oligo"]
+
+
+def test_proportions_to_obs_refuses_to_clobber(st):
+    st.obs["Neuron"] = "annotated"
+    with pytest.raises(InputError, match=r"already has columns \['Neuron'\].*overwrite=True"):
+        spotlens.pl.proportions_to_obs(st)
+    assert list(st.obs.columns) == ["Neuron"]  # nothing written on error
+    spotlens.pl.proportions_to_obs(st, overwrite=True)
+    assert st.obs["Neuron"].tolist()[:2] == [0.2, 0.3]
+    genes = ad.AnnData(st.X, obs=st.obs[[]], var=pd.DataFrame(index=["Astro", "Mbp"]))
+    genes.obsm[KEY] = st.obsm[KEY]
+    with pytest.raises(InputError, match=r"genes in adata\.var_names.*prefix"):
+        spotlens.pl.proportions_to_obs(genes)
+    with pytest.raises(InputError, match=r"spotlens\.deconv\.deconvolve"):
+        spotlens.pl.proportions_to_obs(st, key="proportions_rctd")
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # scanpy's use of matplotlib
+def test_scanpy_spatial_colours_by_the_copied_proportions(st):
+    sc = pytest.importorskip("scanpy")
+    import matplotlib.pyplot as plt
+
+    spotlens.pl.proportions_to_obs(st)
+    axs = sc.pl.spatial(st, color=["Astro", "Oligo"], spot_size=80, show=False)
+    try:
+        drawn = np.ma.masked_invalid(axs[1].collections[0].get_array()).compressed()
+        np.testing.assert_allclose(np.sort(drawn), [0.1, 0.1, 0.1, 0.1, 0.4])  # scanpy sorts
+    finally:
+        plt.close("all")

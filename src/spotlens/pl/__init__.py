@@ -2,6 +2,6 @@
 
 from ._cells import cells
 from ._overlay import overlay
-from ._proportions import proportions
+from ._proportions import proportions, proportions_to_obs
 
-__all__ = ["cells", "overlay", "proportions"]
+__all__ = ["cells", "overlay", "proportions", "proportions_to_obs"]

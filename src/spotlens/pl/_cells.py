@@ -10,8 +10,17 @@ import pandas as pd
 from anndata import AnnData
 from scipy.spatial import cKDTree
 
+from .._keys import proportions_key
 from .._validation import InputError, check_coordinates
-from ._proportions import _nearest_distance, _palette, _spots
+from ._palette import colors_key, type_colors
+from ._proportions import (
+    _as_axes,
+    _check_count,
+    _nearest_distance,
+    _proportions_frame,
+    _root,
+    _spots,
+)
 
 SPOT_COLOR = "#e3e3e3"
 ZOOM_EDGE = "#333333"
@@ -33,6 +42,8 @@ def cells(
     cell_size: float | None = None,
     spot_size: float | None = None,
     title: str | None = None,
+    key: str | None = None,
+    ax=None,
 ):
     """Map the cells placed in the spots, coloured by cell type, over the spot footprints.
 
@@ -45,6 +56,12 @@ def cells(
 
     On a large slide a second panel zooms on a small window (drawn as a rectangle on the
     overview) so individual cells can be told apart.
+
+    Categorical colours follow the scanpy convention: ``cells.uns[color + "_colors"]`` is a
+    list of colours aligned with the categories of ``obs[color]``, reused when present. Types
+    without a stored colour take the colour they have in the proportions of ``spatial``
+    (``spatial.uns[key + "_colors"]``, or the default :func:`spotlens.pl.proportions` would
+    give them), so cells and spots of a type look the same in every figure.
 
     Parameters
     ----------
@@ -76,18 +93,33 @@ def cells(
         else half the median distance between neighbouring spots).
     title
         Title of the overview (default: how many cells in how many spots).
+    key
+        ``obsm`` key of the proportions in ``spatial`` whose cell-type colours the cells take
+        (default ``"proportions_spotlens"`` when ``spatial`` has it; a given key must exist).
+    ax
+        A matplotlib Axes (the overview), or a sequence of two Axes of one figure (overview,
+        zoom), to draw into. With ``ax``, ``zoom="auto"`` means no zoom for one Axes and a
+        block of 25 spots for two; an explicit ``zoom`` needs two Axes, ``zoom=None`` one.
 
     Returns
     -------
-    :class:`matplotlib.figure.Figure` with the overview axes, then the zoom axes if any, and a
-    colourbar axes for a numeric ``color``. In each map axes, ``collections[0]`` holds the spot
-    discs (when ``spatial`` is given) and the last collection the cell dots.
+    :class:`matplotlib.figure.Figure` (with ``ax``, the figure holding those axes) with the
+    overview axes, then the zoom axes if any, and a colourbar axes for a numeric ``color``. In
+    each map axes, ``collections[0]`` holds the spot discs (when ``spatial`` is given) and the
+    last collection the cell dots.
+
+    Writes ``cells.uns[color + "_colors"]`` (list of hex colours aligned with the categories of
+    ``obs[color]``, as scanpy) for a categorical ``color`` when it is missing or shorter than
+    the categories (stored colours are kept; new types get colours not yet used). Nothing else
+    changes, in ``cells`` or in ``spatial``.
 
     Raises
     ------
     InputError
         ``cells`` or ``spatial`` is not an AnnData; positions or spot coordinates are missing or
-        not 2-D; ``obs[color]`` is missing; ``zoom``, ``cell_size`` or ``spot_size`` is not valid.
+        not 2-D; ``obs[color]`` is missing; ``zoom``, ``cell_size`` or ``spot_size`` is not valid;
+        ``key`` is given but not in ``spatial.obsm``; ``ax`` is not Axes of one figure or holds
+        the wrong number of Axes; a stored ``uns[... + "_colors"]`` is not a list of colours.
 
     Examples
     --------
@@ -127,17 +159,26 @@ def cells(
     numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
     codes = np.zeros(len(xy), dtype=np.int64) if numeric else \
         pd.Categorical(values.astype(str)).codes
+    given = _as_axes(ax)
+    if given is not None and isinstance(zoom, str) and zoom == "auto":
+        zoom = AUTO_ZOOM_SPOTS if len(given) == 2 else None
     window = _zoom_window(zoom, spots if spots is not None else xy, xy, codes, diameter)
 
     everything = xy if spots is None else np.vstack([xy, spots])
     extent = _bounds(everything, diameter / 2)
     width, height = _inches(extent, OVERVIEW_INCHES)
     boxes = [extent] if window is None else [extent, window]
-    zoom_side = min(height, ZOOM_INCHES)
-    fig = Figure(figsize=(width + (zoom_side + 0.3 if window else 0) + 2.4, height + 0.5),
-                 layout="constrained")
-    grid = fig.add_gridspec(1, len(boxes), width_ratios=[width, zoom_side][: len(boxes)])
-    axes = [fig.add_subplot(grid[0, i]) for i in range(len(boxes))]
+    if given is None:
+        zoom_side = min(height, ZOOM_INCHES)
+        fig = Figure(figsize=(width + (zoom_side + 0.3 if window else 0) + 2.4, height + 0.5),
+                     layout="constrained")
+        grid = fig.add_gridspec(1, len(boxes), width_ratios=[width, zoom_side][: len(boxes)])
+        axes = [fig.add_subplot(grid[0, i]) for i in range(len(boxes))]
+    else:
+        _check_count(given, len(boxes), "the overview" if window is None else
+                     "the overview and the zoom; one Axes draws no zoom")
+        fig, axes = _root(given[0]), given
+        width = axes[0].get_position().width * fig.get_figwidth()  # overview width, inches
 
     if numeric:
         from matplotlib import colormaps
@@ -150,8 +191,9 @@ def cells(
     else:
         labels = values if isinstance(values.dtype, pd.CategoricalDtype) else \
             values.astype("category")
-        present = [c for c in labels.cat.categories if (labels == c).any()]
-        palette = dict(zip(present, _palette(len(present)), strict=True))
+        colors = type_colors(cells, colors_key(color), labels.cat.categories.astype(str),
+                             seed=_spot_palette(spatial, key))
+        palette = {c: colors[str(c)] for c in labels.cat.categories if (labels == c).any()}
         style = {"colors": [palette[v] for v in labels]}
 
     mappable = None
@@ -179,13 +221,27 @@ def cells(
             for side in ax.spines.values():
                 side.set_edgecolor(ZOOM_EDGE)
     if numeric:
-        fig.colorbar(mappable, ax=axes, label=color, shrink=0.8, aspect=30)
+        axes[0].figure.colorbar(mappable, ax=axes, label=color, shrink=0.8, aspect=30)
     else:
         handles = _legend_handles(palette)
         axes[-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0),
                         frameon=False, fontsize="small", title=color,
                         ncols=1 if len(handles) <= 16 else 2, borderaxespad=0.0)
     return fig
+
+
+def _spot_palette(spatial: AnnData | None, key: str | None) -> dict[str, str] | None:
+    """Return the cell-type colours of ``spatial``'s proportions, writing nothing."""
+    if spatial is None:
+        if key is not None:
+            raise InputError(f"key={key!r} names proportions of spatial, but spatial is None.")
+        return None
+    if key is None:
+        key = proportions_key()
+        if key not in spatial.obsm:
+            return None
+    types = _proportions_frame(spatial, key, what="cells").columns
+    return type_colors(spatial, colors_key(key), types, write=False)
 
 
 def _diameter(cells: AnnData, spots, xy, given) -> float:

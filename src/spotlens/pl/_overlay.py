@@ -10,7 +10,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from .._validation import InputError, check_coordinates
-from ._proportions import _nearest_distance, _spots
+from ._proportions import _as_axes, _check_count, _nearest_distance, _root, _spots
 
 
 def _library(adata: AnnData, library_id: str | None) -> tuple[str | None, dict]:
@@ -72,6 +72,7 @@ def overlay(
     label: str = "log-normalised expression",
     crop: bool = True,
     panel_size: float = 4.0,
+    ax=None,
 ):
     """Draw each gene's expression as coloured spots over the H&E thumbnail, one panel per gene.
 
@@ -110,17 +111,22 @@ def overlay(
     crop
         Show only the part of the image around the spots.
     panel_size
-        Longest side of each panel, inches.
+        Longest side of each panel, inches (ignored with ``ax``).
+    ax
+        A matplotlib Axes (one gene), or a sequence (or array) of Axes of one figure, one per
+        gene in order, to draw into. Default: a new figure, ``ncols`` panels per row.
 
     Returns
     -------
-    :class:`matplotlib.figure.Figure`, one axes per gene with its own colourbar.
+    :class:`matplotlib.figure.Figure` (with ``ax``, the figure holding those axes), one axes
+    per gene with its own colourbar. Nothing in ``adata`` changes.
 
     Raises
     ------
     InputError
         A gene is not in ``var_names``, the coordinates are missing, the library is ambiguous,
-        or ``ncols``/``spot_scale`` is not positive.
+        ``ncols``/``spot_scale`` is not positive, or ``ax`` is not Axes of one figure or does
+        not hold one Axes per gene.
 
     Examples
     --------
@@ -161,12 +167,18 @@ def overlay(
         raise InputError(f"panel_size must be a positive number of inches, got {panel_size!r}.")
     width, height = (panel_size, panel_size * ratio) if ratio < 1 else (
         panel_size / ratio, panel_size)
-    ncols = min(int(ncols), len(genes))
-    nrows = math.ceil(len(genes) / ncols)
-    fig = Figure(figsize=((width + 1.1) * ncols, (height + 0.4) * nrows), layout="constrained")
-    grid = fig.add_gridspec(nrows, ncols)
-    for i, gene in enumerate(genes):
-        ax = fig.add_subplot(grid[i // ncols, i % ncols])
+    axes = _as_axes(ax)
+    if axes is None:
+        ncols = min(int(ncols), len(genes))
+        nrows = math.ceil(len(genes) / ncols)
+        fig = Figure(figsize=((width + 1.1) * ncols, (height + 0.4) * nrows),
+                     layout="constrained")
+        grid = fig.add_gridspec(nrows, ncols)
+        axes = [fig.add_subplot(grid[i // ncols, i % ncols]) for i in range(len(genes))]
+    else:
+        _check_count(axes, len(genes), "one per gene")
+        fig = _root(axes[0])
+    for ax, gene in zip(axes, genes, strict=True):
         if thumb is not None:
             ax.imshow(thumb, extent=(-0.5, thumb.shape[1] - 0.5, thumb.shape[0] - 0.5, -0.5),
                       interpolation="antialiased")
@@ -186,5 +198,5 @@ def overlay(
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(gene, fontsize="medium")
-        fig.colorbar(circles, ax=ax, label=label, shrink=0.8, aspect=25)
+        ax.figure.colorbar(circles, ax=ax, label=label, shrink=0.8, aspect=25)
     return fig
