@@ -6,7 +6,9 @@ cells (like the bundled osmFISH example), so which cells a spot holds is known e
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -182,6 +184,147 @@ def test_a_spot_without_counts_gets_no_made_up_cells(caplog):
     assert "1 spots have a cell count in obs['n_nuclei'] but no estimate" in caplog.text
     placed = assign_cells(spatial, reference).obs["spot"].astype(str)
     assert "spot03" not in set(placed) and placed.value_counts().eq(8).all()
+
+
+# --- spots smaller than a cell ------------------------------------------------------------------
+
+REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+CEREBELLUM = "spacexr_cerebellum_slideseq"
+
+
+def make_beads(seed: int = 0, keep: float = 0.05) -> tuple[ad.AnnData, ad.AnnData]:
+    """The planted pair with each spot's counts thinned to ``keep`` (binomial): beads that
+    capture a small part of their cells, so the estimated cells per spot are well below 1.
+    Spot 3 has no counts at all."""
+    spatial, reference = make_planted(seed)
+    rng = np.random.default_rng(seed + 100)
+    x = rng.binomial(spatial.X.toarray().astype(np.int64), keep).astype(np.float32)
+    x[3] = 0
+    spatial.X = sparse.csr_matrix(x)
+    return spatial, reference
+
+
+def test_spots_smaller_than_a_cell_get_one_cell_of_their_most_likely_type(caplog):
+    """Estimated below one cell (as on Slide-seq): one cell per spot with counts, none without;
+    never an empty result."""
+    spatial, reference = make_beads()
+    deconvolve(spatial, reference, **FIT)
+    has_counts = np.asarray(spatial.X.sum(axis=1)).ravel() > 0
+    estimate = spatial.obsm[ABUNDANCE].sum(axis=1).to_numpy()
+    assert has_counts.sum() == spatial.n_obs - 1
+    # below one cell everywhere, mostly below 0.5 (rounded, as before, to 0 cells)
+    assert estimate[has_counts].max() < 1 and np.median(estimate[has_counts]) < 0.5
+    with caplog.at_level(logging.WARNING, logger="spotlens"):
+        cell_level(spatial, reference, progress=False)
+    assert f"{spatial.n_obs - 1} of {spatial.n_obs - 1} spots with counts are estimated below " \
+        "one cell" in caplog.text
+    counts = spatial.obsm[COUNTS]
+    np.testing.assert_array_equal(counts.sum(axis=1).to_numpy(), has_counts.astype(int))
+    assert spatial.uns[WEIGHTS]["params"]["n_spots_raised_to_one_cell"] == spatial.n_obs - 1
+    # the cell is of a type that is really in the spot (chance: the spot's share of 5 types)
+    truth = spatial.obsm["true_cell_counts"][counts.columns].to_numpy()
+    chosen = counts.to_numpy().argmax(axis=1)[has_counts]
+    hit = truth[has_counts][np.arange(has_counts.sum()), chosen] > 0
+    chance = ((truth[has_counts] > 0).sum(axis=1) / N_TYPES).mean()
+    # measured 0.98–1.0 over seeds 0–5, chance 0.55–0.63
+    assert hit.mean() > 0.85 and hit.mean() > chance + 0.25
+    # each placed cell is a fitted candidate of the spot (weight > 0), one per spot with counts
+    cells = assign_cells(spatial, reference)
+    assert cells.n_obs == has_counts.sum()
+    assert set(cells.obs["spot"].astype(str)) == set(spatial.obs_names[has_counts])
+    assert (cells.obs["weight"] > 0).all()
+
+
+def test_known_cells_per_spot_of_zero_everywhere_is_an_error(pair):
+    spatial, reference = pair
+    spatial.obs["n_nuclei"] = 0.3  # rounds to 0 in every spot
+    with pytest.raises(InputError, match=r"0 cells in every spot.*cells_per_spot=.*"
+                                         r"--cells-per-spot"):
+        cell_level(spatial, reference, cells_per_spot="n_nuclei", progress=False)
+
+
+def test_no_spot_with_counts_is_an_error_not_an_empty_result(pair):
+    spatial, reference = pair
+    spatial.X = sparse.csr_matrix(spatial.shape, dtype=np.float32)  # the fit came from other data
+    with pytest.raises(InputError, match=r"No cell could be placed in any spot.*cells_per_spot="
+                                         r".*--cells-per-spot"):
+        cell_level(spatial, reference, progress=False)
+
+
+def test_real_slideseq_beads_get_cells():
+    """spacexr's Slide-seq cerebellum: 100 beads of ~120 UMI, estimated at ~0.13 cells each."""
+    if not (REAL / CEREBELLUM).is_dir():
+        pytest.skip(f"real data not found: {REAL / CEREBELLUM}")
+    spatial, reference = spotlens.datasets.load_pair(CEREBELLUM, str(REAL))
+    deconvolve(spatial, reference, progress=False)
+    assert spatial.obsm[ABUNDANCE].sum(axis=1).median() < 0.5
+    cell_level(spatial, reference, progress=False)
+    counts = spatial.obsm[COUNTS]
+    assert (counts.sum(axis=1) == 1).all()  # every bead has counts: one cell each
+    per_type = counts.sum(axis=0)
+    assert per_type.idxmax() == "Granule" and per_type["Granule"] >= 30  # measured 47 of 100
+    # the cell is the bead's most likely type (measured 96 of 100 agree with the top proportion)
+    top = spatial.obsm["proportions_spotlens"].idxmax(axis=1)
+    assert (counts.idxmax(axis=1) == top).mean() > 0.85
+    cells = assign_cells(spatial, reference)
+    assert cells.n_obs == spatial.n_obs and (cells.obs["weight"] > 0).all()
+
+
+# --- backed AnnData -----------------------------------------------------------------------------
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("backed", ["spatial", "reference", "both"])
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_backed_inputs_give_the_in_memory_result(pair, tmp_path, backed, dense):
+    """An AnnData read with backed="r" (X on disk) works and gives the same numbers; the files
+    are not written to and only the documented keys change."""
+    spatial, reference = pair
+    if dense:
+        spatial.X, reference.X = spatial.X.toarray(), reference.X.toarray()
+    expected = cell_level(spatial, reference, inplace=False, progress=False)
+    paths = {"spatial": tmp_path / "st.h5ad", "reference": tmp_path / "ref.h5ad"}
+    spotlens.io.write_h5ad(spatial, paths["spatial"])
+    spotlens.io.write_h5ad(reference, paths["reference"])
+    digests = {name: sha256(path) for name, path in paths.items()}
+    on_disk = {name: ad.read_h5ad(path, backed="r") if backed in (name, "both") else
+               ad.read_h5ad(path) for name, path in paths.items()}
+    st, ref = on_disk["spatial"], on_disk["reference"]
+    assert (backed in ("spatial", "both")) == st.isbacked
+    assert (backed in ("reference", "both")) == ref.isbacked
+    obsm_before, uns_before = set(st.obsm.keys()), set(st.uns.keys())
+
+    result = cell_level(st, ref, inplace=False, progress=False)
+    assert (result.weights != expected.weights).nnz == 0
+    pd.testing.assert_frame_equal(result.cell_counts, expected.cell_counts)
+    cell_level(st, ref, progress=False)
+    assert set(st.obsm.keys()) == obsm_before | {WEIGHTS, COUNTS}
+    assert set(st.uns.keys()) == uns_before | {WEIGHTS}
+
+    cell_level(spatial, reference, progress=False)
+    a, b = assign_cells(st, ref), assign_cells(spatial, reference)
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+    np.testing.assert_array_equal(sparse.csr_matrix(a.X).toarray(),
+                                  sparse.csr_matrix(b.X).toarray())
+    pd.testing.assert_frame_equal(cell_type_expression(st, ref, ["g01", "g30"]),
+                                  cell_type_expression(spatial, reference, ["g01", "g30"]))
+    for adata in on_disk.values():
+        if adata.isbacked:
+            adata.file.close()
+    assert {name: sha256(path) for name, path in paths.items()} == digests
+
+
+def test_backed_spatial_counts_are_still_validated(pair, tmp_path):
+    spatial, reference = pair
+    spatial.X = spatial.X * 0.5  # not raw counts
+    spotlens.io.write_h5ad(spatial, tmp_path / "st.h5ad")
+    st = ad.read_h5ad(tmp_path / "st.h5ad", backed="r")
+    with pytest.raises(InputError, match="spatial counts holds non-integer values"):
+        cell_level(st, reference, progress=False)
+    st.file.close()
 
 
 # --- assign_cells and cell_type_expression ---------------------------------------------------

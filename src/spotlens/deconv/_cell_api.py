@@ -10,16 +10,23 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scipy import sparse
-from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
 from .. import __version__
-from .._keys import abundance_key, proportions_key
-from .._validation import InputError, check_counts, check_labels, get_matrix
+from .._keys import proportions_key
+from .._validation import InputError, check_labels, get_matrix
 from ..pp._embedding import log_pca
 from ..pp._signatures import signature_kernel
 from ..pp._states import cell_states
-from ._cells import cell_weights
+from ._cell_checks import (
+    check_cells_per_spot,
+    check_parameters,
+    footprint_diameter,
+    read_rows,
+    read_spot_counts,
+    type_level,
+)
+from ._cells import at_least_one_cell, cell_weights
 
 logger = logging.getLogger("spotlens")
 
@@ -68,18 +75,8 @@ def _largest_remainder(values: np.ndarray, totals: np.ndarray) -> np.ndarray:
     return (floor + (rank < missing[:, None])).astype(np.int64)
 
 
-def _type_level(spatial: AnnData, key: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    ab_key = abundance_key(key)
-    if key not in spatial.obsm or ab_key not in spatial.obsm or key not in spatial.uns:
-        raise InputError(
-            f"No type-level result under obsm[{key!r}] / obsm[{ab_key!r}] / uns[{key!r}]. Run "
-            "spotlens.deconv.deconvolve(spatial, reference, ...) first, or pass key= naming "
-            "its key_added."
-        )
-    props, ab = spatial.obsm[key], spatial.obsm[ab_key]
-    if not isinstance(props, pd.DataFrame) or not isinstance(ab, pd.DataFrame):
-        raise InputError(f"obsm[{key!r}] and obsm[{ab_key!r}] must be DataFrames from deconvolve.")
-    return props, ab, spatial.uns[key]
+#: the CLI checks the cells-per-spot column before the (long) type-level fit
+_cells_per_spot = check_cells_per_spot
 
 
 def cell_level(
@@ -117,13 +114,26 @@ def cell_level(
     ``max_cells`` are first summarised into metacells (k-means per type on a PCA of the
     reference, documented in ``uns[key_added]["metacell"]``).
 
+    Spots smaller than a cell: without ``cells_per_spot``, the number of cells in a spot is
+    estimated from its library size relative to the reference cells', and a bead or bin
+    smaller than a cell (Slide-seq, Visium HD, Stereo-seq) is often estimated at well under one
+    cell. Every spot with counts over the genes used is given **at least one cell**: a spot
+    estimated below one cell is fitted as holding one cell of its type-level composition and
+    gets the one cell of its most likely type (the placed cell is its best-matching reference
+    cell of that type); other spots keep their estimated number of cells, rounded. Spots
+    without counts get none. The number of spots raised to one cell is logged and stored in
+    ``uns[key_added]["params"]["n_spots_raised_to_one_cell"]``. Pass ``cells_per_spot`` to
+    use known numbers instead (then a spot given 0 cells gets none).
+
     Parameters
     ----------
     spatial
         ``n_spots × n_genes`` AnnData holding the type-level result of :func:`deconvolve` under
-        ``key`` (raw counts in ``X`` or ``layers[layer]``).
+        ``key`` (raw counts in ``X`` or ``layers[layer]``). May be backed
+        (``anndata.read_h5ad(path, backed="r")``): the counts are read in chunks of rows and
+        only the genes used are kept in memory; the file is never written to.
     reference
-        The ``n_cells × n_genes`` reference that :func:`deconvolve` used.
+        The ``n_cells × n_genes`` reference that :func:`deconvolve` used; may be backed too.
     labels_key
         Reference ``obs`` column with cell types.
     layer, reference_layer
@@ -133,7 +143,7 @@ def cell_level(
     cells_per_spot
         ``obs`` column with a known number of cells (e.g. a nucleus count from the image) per
         spot. The type-level proportions are then scaled to it; else the type-level abundance
-        (from library sizes) is used.
+        (from library sizes) is used, at least one cell in every spot with counts (above).
     n_candidates
         Candidate cells per type present in a spot.
     lambda_type, lambda_similar, lambda_ridge
@@ -170,7 +180,8 @@ def cell_level(
     ------
     InputError
         Type-level result missing, or from another reference (other cell types or genes);
-        ``cells_per_spot`` missing, not numeric, negative or NaN; counts not raw; bad parameters.
+        ``cells_per_spot`` missing, not numeric, negative or NaN, or 0 in every spot; no cell
+        could be placed in any spot; counts not raw; bad parameters.
 
     References
     ----------
@@ -190,15 +201,10 @@ def cell_level(
     (1036, 4839)
     """
     t0 = time.perf_counter()
-    for name, value, low in (("n_candidates", n_candidates, 1), ("max_cells", max_cells, 10),
-                             ("n_iter", n_iter, 1)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise InputError(f"{name} must be an integer ≥ {low}, got {value!r}.")
-    for name, value in (("lambda_type", lambda_type), ("lambda_similar", lambda_similar),
-                        ("lambda_ridge", lambda_ridge), ("tol", tol)):
-        if not isinstance(value, (int, float, np.integer, np.floating)) or not value >= 0:
-            raise InputError(f"{name} must be a number ≥ 0, got {value!r}.")
-    props, ab, uns = _type_level(spatial, key)
+    check_parameters(n_candidates=n_candidates, max_cells=max_cells, n_iter=n_iter,
+                     lambda_type=lambda_type, lambda_similar=lambda_similar,
+                     lambda_ridge=lambda_ridge, tol=tol)
+    props, ab, uns = type_level(spatial, key)
     types = pd.Index(uns.get("cell_types", props.columns)).astype(str)
     labels = check_labels(reference, labels_key, min_cells_per_type=1)
     ref_types = set(labels.unique())
@@ -215,21 +221,25 @@ def cell_level(
             f"{len(missing)} genes of the type-level fit (e.g. {list(missing[:3])}) are missing "
             "from the reference or the spatial data: the result comes from other data."
         )
-    counts = get_matrix(spatial, layer, what="spatial data")
-    check_counts(counts, what="spatial counts")
-    counts = sparse.csr_matrix(counts)[:, spatial.var_names.get_indexer(genes)]
-    ref_counts = get_matrix(reference, reference_layer, what="reference")
-    check_counts(ref_counts, what="reference counts")
-    ref_counts = sparse.csr_matrix(ref_counts)
-    profiles_all = ref_counts[:, reference.var_names.get_indexer(genes)]
+    # in memory or backed: read in chunks, all genes validated, only the genes used kept
+    counts = read_spot_counts(spatial, layer, spatial.var_names.get_indexer(genes),
+                              what="spatial data")
+    profiles_all = read_spot_counts(reference, reference_layer,
+                                    reference.var_names.get_indexer(genes), what="reference")
     codes = types.get_indexer(labels)
 
-    abundance = ab[types].to_numpy(dtype=np.float64)
+    proportions = np.nan_to_num(props[types].to_numpy(dtype=np.float64))
+    has_counts = np.asarray(counts.sum(axis=1)).ravel() > 0
+    raised = np.zeros(spatial.n_obs, dtype=bool)
     if cells_per_spot is not None:
-        totals = _cells_per_spot(spatial, cells_per_spot)
-        abundance = np.nan_to_num(props[types].to_numpy(dtype=np.float64)) * totals[:, None]
+        totals = check_cells_per_spot(spatial, cells_per_spot)
+        abundance = proportions * totals[:, None]
     else:
-        totals = np.round(np.nan_to_num(abundance).sum(axis=1))
+        abundance, raised = at_least_one_cell(
+            np.maximum(np.nan_to_num(ab[types].to_numpy(dtype=np.float64)), 0.0),
+            proportions, has_counts,
+        )
+        _log_raised(raised, has_counts, ab[types].to_numpy(dtype=np.float64))
 
     logger.info("cell level 1/3: reference %d cells, %d genes", reference.n_obs, len(genes))
     embedding = log_pca(profiles_all, 20, seed=seed)
@@ -271,7 +281,7 @@ def cell_level(
     try:
         w = cell_weights(
             counts, weights, profiles, col_type, emb_cols, signature,
-            np.nan_to_num(abundance), n_candidates=n_candidates, lambda_ridge=lambda_ridge,
+            abundance, n_candidates=n_candidates, lambda_ridge=lambda_ridge,
             lambda_type=lambda_type, lambda_similar=lambda_similar, n_iter=n_iter, tol=tol,
             on_block=bar.update,
         )
@@ -284,13 +294,14 @@ def cell_level(
         shape=(len(col_type), len(types)),
     )
     per_type = np.asarray((w @ to_types).todense())
+    # spots without cell weights (no counts, or no candidates) share their cells by the
+    # type-level proportions, when there are any
+    empty = per_type.sum(axis=1) <= 0
+    per_type[empty] = proportions[empty]
     if cells_per_spot is None:
-        totals = np.round(per_type.sum(axis=1))
+        # every spot with counts holds at least one cell; a spot without counts, none
+        totals = np.where(has_counts, np.maximum(np.round(per_type.sum(axis=1)), 1), 0)
     else:
-        # spots without cell weights (no counts, or no type above min_abundance) share their
-        # known number of cells by the type-level proportions, when there are any
-        empty = per_type.sum(axis=1) <= 0
-        per_type[empty] = np.nan_to_num(props[types].to_numpy(dtype=np.float64))[empty]
         unknown = empty & (per_type.sum(axis=1) <= 0) & (totals > 0)
         if unknown.any():
             logger.warning(
@@ -300,6 +311,16 @@ def cell_level(
     cell_counts = pd.DataFrame(
         _largest_remainder(per_type, totals), index=spatial.obs_names, columns=types
     )
+    if not cell_counts.to_numpy().any():
+        raise InputError(
+            "No cell could be placed in any spot: "
+            + (f"no spot with a cell count in obs[{cells_per_spot!r}] has an estimate of its "
+               "cell types" if cells_per_spot is not None else
+               f"no spot has both counts over the {len(genes)} genes of the type-level fit and "
+               "a type-level estimate")
+            + ". Pass cells_per_spot= (--cells-per-spot on the command line) naming an obs "
+            "column with the number of cells in each spot, and check that the spots have counts."
+        )
     out_uns = {
         "params": {
             "method": "spotlens cell-level Gauss-Seidel", "version": __version__, "key": key,
@@ -308,6 +329,7 @@ def cell_level(
             "lambda_type": lambda_type, "lambda_similar": lambda_similar,
             "lambda_ridge": lambda_ridge, "max_cells": max_cells, "n_iter": n_iter, "tol": tol,
             "seed": seed, "metacells": bool((metacell >= 0).any()),
+            "n_spots_raised_to_one_cell": int(raised.sum()),
             "seconds": round(time.perf_counter() - t0, 3),
         },
         "columns": columns.astype(object),
@@ -323,21 +345,18 @@ def cell_level(
     return None
 
 
-def _cells_per_spot(spatial: AnnData, column: str) -> np.ndarray:
-    if column not in spatial.obs.columns:
-        raise InputError(
-            f"The spatial data has no obs column {column!r} for cells_per_spot; pass the column "
-            "holding the number of cells (or nuclei) per spot, or None to estimate it."
-        )
-    values = spatial.obs[column]
-    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
-        raise InputError(
-            f"obs[{column!r}] must be numeric (cells per spot), got dtype {values.dtype}."
-        )
-    values = values.to_numpy(dtype=np.float64)
-    if not np.all(np.isfinite(values)) or (values < 0).any():
-        raise InputError(f"obs[{column!r}] has negative, NaN or infinite cell counts.")
-    return np.round(values)
+def _log_raised(raised: np.ndarray, has_counts: np.ndarray, abundance: np.ndarray) -> None:
+    """Say how many spots with counts were estimated below one cell and raised to one."""
+    if not raised.any():
+        return
+    n, n_counts = int(raised.sum()), int(has_counts.sum())
+    median = float(np.median(np.nan_to_num(abundance[raised]).sum(axis=1)))
+    # routine for a few spots of a Visium slide; for most spots (beads, bins) worth a warning
+    log = logger.warning if n > n_counts / 2 else logger.info
+    log("%d of %d spots with counts are estimated below one cell (median %.2f cells; beads or "
+        "bins smaller than a cell): each is given one cell, of its most likely type. Pass "
+        "cells_per_spot= (--cells-per-spot) with known numbers of cells to set them.",
+        n, n_counts, median)
 
 
 def assign_cells(
@@ -362,7 +381,8 @@ def assign_cells(
     spatial
         Spatial AnnData after :func:`cell_level`.
     reference
-        The reference used by :func:`cell_level`.
+        The reference used by :func:`cell_level` (may be backed: only the rows or genes
+        needed are read, in chunks).
     key
         ``key_added`` of :func:`cell_level`.
     spatial_key
@@ -444,12 +464,12 @@ def assign_cells(
         source = out_col
 
     coords = np.asarray(spatial.obsm[spatial_key], dtype=np.float64)
-    diameter = _spot_diameter(spatial, coords, spot_diameter)
+    diameter = footprint_diameter(spatial, coords, spot_diameter)
     radius = diameter / 2 * np.sqrt(rng.random(len(source)))
     angle = rng.random(len(source)) * 2 * np.pi
     xy = coords[out_spot] + np.c_[radius * np.cos(angle), radius * np.sin(angle)]
 
-    x = sparse.csr_matrix(get_matrix(reference, reference_layer, what="reference"))[source]
+    x = read_rows(get_matrix(reference, reference_layer, what="reference"), rows=source)
     obs = pd.DataFrame(
         {
             "spot": pd.Categorical(np.asarray(spatial.obs_names)[out_spot]),
@@ -463,21 +483,6 @@ def assign_cells(
     cells.obsm["spatial"] = xy
     cells.uns["spot_diameter"] = float(diameter)
     return cells
-
-
-def _spot_diameter(spatial: AnnData, coords: np.ndarray, given: float | None) -> float:
-    if given is not None:
-        if not given > 0:
-            raise InputError(f"spot_diameter must be > 0, got {given!r}.")
-        return float(given)
-    for lib in (spatial.uns.get("spatial") or {}).values():
-        scale = (lib or {}).get("scalefactors", {}) if isinstance(lib, dict) else {}
-        if "spot_diameter_fullres" in scale:
-            return float(scale["spot_diameter_fullres"])
-    if len(coords) < 2:
-        return 1.0
-    dist, _ = cKDTree(coords).query(coords, k=2)
-    return float(np.median(dist[:, 1]) / 2)
 
 
 def cell_type_expression(
@@ -498,7 +503,8 @@ def cell_type_expression(
     spatial
         Spatial AnnData after :func:`cell_level`.
     reference
-        The reference used by :func:`cell_level`.
+        The reference used by :func:`cell_level` (may be backed: only the rows or genes
+        needed are read, in chunks).
     genes
         Genes of the reference.
     key
@@ -528,8 +534,8 @@ def cell_type_expression(
     metacell = np.asarray(info["metacell"])
     labels = reference.obs[info["params"]["labels_key"]].astype(str)
     types = pd.Index(spatial.obsm[cell_counts_key(key)].columns)
-    x = sparse.csr_matrix(get_matrix(reference, reference_layer, what="reference"))
-    x = x[:, reference.var_names.get_indexer(genes)].astype(np.float64)
+    x = read_rows(get_matrix(reference, reference_layer, what="reference"),
+                  columns=reference.var_names.get_indexer(genes)).astype(np.float64)
     codes = types.get_indexer(labels)
     if (metacell >= 0).any():
         n_meta = w.shape[1]

@@ -57,7 +57,9 @@ def candidate_cells(
     n_candidates
         Cells kept per present type.
     min_abundance
-        Types with fewer cells than this in a spot get no candidates there.
+        Types with fewer cells than this in a spot get no candidates there, except the spot's
+        most abundant type, which always does (when its abundance is > 0): a spot whose
+        abundance is spread thinly over many types still gets candidate cells.
 
     Returns
     -------
@@ -69,7 +71,9 @@ def candidate_cells(
     y = counts.toarray() * weights[None, :]
     s_w = signature * weights[None, :]
     expected = abundance @ s_w
-    present = abundance >= min_abundance
+    present = (abundance >= min_abundance) | (
+        (abundance >= abundance.max(axis=1, keepdims=True, initial=0.0)) & (abundance > 0)
+    )
     spot_ids, cell_ids = [], []
     for k in range(n_types):
         rows = np.flatnonzero(present[:, k])
@@ -98,6 +102,42 @@ def candidate_cells(
     out = np.full((n, int(slot.max()) + 1), -1, dtype=np.int64)
     out[spot_ids, slot] = cell_ids
     return out
+
+
+def at_least_one_cell(
+    abundance: np.ndarray, proportions: np.ndarray, has_counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raise the abundance of spots with counts but fewer than one estimated cell to one cell.
+
+    A bead or bin smaller than a cell (Slide-seq, Visium HD, Stereo-seq) captures part of one
+    or two cells, so its abundance estimated from library sizes is often well below 1. A spot
+    with counts holds at least one cell: its row is rescaled to sum to 1, keeping its
+    composition (``A_i / Σ_k A_ik``; the type-level proportions when ``A_i`` is all 0).
+
+    Parameters
+    ----------
+    abundance
+        ``n_spots × n_types`` estimated cells per type (finite, ≥ 0).
+    proportions
+        ``n_spots × n_types`` type-level proportions (finite, ≥ 0; rows sum to 1 or are 0).
+    has_counts
+        ``n_spots`` flag: the spot has counts over the genes used.
+
+    Returns
+    -------
+    The ``n_spots × n_types`` abundance with those rows rescaled, and the ``n_spots`` flag of
+    the rows that were raised. Spots without counts, or with neither abundance nor
+    proportions, are left as they are.
+    """
+    abundance = np.array(abundance, dtype=np.float64)
+    total = abundance.sum(axis=1)
+    share = proportions.sum(axis=1)
+    raised = has_counts & (total < 1) & ((total > 0) | (share > 0))
+    from_ab = raised & (total > 0)
+    abundance[from_ab] /= total[from_ab, None]
+    from_props = raised & ~(total > 0)
+    abundance[from_props] = proportions[from_props] / share[from_props, None]
+    return abundance, raised
 
 
 def solve_cell_weights(
