@@ -88,6 +88,21 @@ def _genes(value: str):
     return genes
 
 
+def _mpps(value: str | None):
+    """``--mpp``: None, one number (all sections) or a list (one per section)."""
+    if value is None:
+        return None
+    try:
+        values = [float(v) for v in value.split(",")]
+    except ValueError as err:
+        raise InputError(f"--mpp must be µm per pixel, one number or one per section separated "
+                         f"by commas (e.g. 0.5 or 0.5,0.5,0.69), got {value!r}.") from err
+    from ..histology._image import check_mpp
+
+    values = [check_mpp(v, what="--mpp") for v in values]
+    return values[0] if len(values) == 1 else values
+
+
 @histology_app.command("train", context_settings=_MANY, no_args_is_help=True,
                        short_help="Train a model of spot expression from H&E tiles.")
 def train_command(
@@ -111,6 +126,12 @@ def train_command(
     tile_um: Annotated[float | None, typer.Option(
         metavar="µm", show_default=False,
         help="Tile side in µm [default: each section's spot diameter].")] = None,
+    mpp: Annotated[str | None, typer.Option(
+        metavar="µm/px[,µm/px...]", show_default=False,
+        help="µm per pixel of the full-resolution images: one number for all sections or one "
+             "per section, in the order of --sections [default: from a TIFF/SVS or the .h5ad "
+             "(uns['spatial'][...]['scalefactors'|'metadata']['microns_per_pixel']); needed "
+             "where neither records it].")] = None,
     tile_scales: Annotated[str, typer.Option(
         metavar="S1,S2,...",
         help="Tile sides as multiples of --tile-um whose features are put side by side "
@@ -148,8 +169,15 @@ def train_command(
     Early stopping on the last section listed (training on the others), then a refit on all
     sections for the best number of epochs. Re-running with the same OUT resumes.
 
+    Sections are checked before any tile is encoded: a known scale (--mpp where neither the
+    image nor the .h5ad records it), spots on the image, the image matching the section's
+    stored low-resolution copy, and the --genes present.
+
     Example: spotlens histology train --sections C2.h5ad C3.h5ad C4.h5ad C5.h5ad
     --genes top_expressed --tile-um 100 -o her2st_model
+
+    Example (JPEGs of unrecorded scale): spotlens histology train --sections MOB1.h5ad
+    MOB2.h5ad MOB3.h5ad --mpp 4.16 -o mob_model
     """
     with _logging(quiet), _errors():
         from ..histology._pipeline import MODEL_TYPES, train
@@ -160,6 +188,7 @@ def train_command(
                              f"{model_type!r}.")
         _check_device(device)
         gene_arg = _genes(genes)
+        mpp_arg = _mpps(mpp)
         out = _out_dir(out)
         pairs = _sections(ctx, sections, images)
         config = None
@@ -180,7 +209,7 @@ def train_command(
             raise InputError(f"--tile-scales must be numbers separated by commas, got "
                              f"{tile_scales!r}.") from err
         train(pairs, genes=gene_arg, model=model_type, encoder=encoder,
-              encoder_weights=encoder_weights, tile_um=tile_um,
+              encoder_weights=encoder_weights, tile_um=tile_um, mpp=mpp_arg,
               tile_scales=scales, standardize=standardize, out_px=out_px, config=config,
               cache_dir=cache_dir, device=device, seed=seed,
               out=out, resume=resume, progress=progress)

@@ -34,7 +34,7 @@ _LAZY = {
     "TrainConfig": "._train",
     "HistologyModel": "._inference",
     "load_model": "._inference",
-    "load_section": "._pipeline",
+    "load_section": "._sections",
     "predict": "._inference",
     "train": "._pipeline",
 }

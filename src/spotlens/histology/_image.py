@@ -96,9 +96,12 @@ class _PILSource:
         with self._lock:
             if self._array is None:
                 with _open_pil(self.path) as im:
-                    if im.mode not in ("RGB", "L"):
-                        im = im.convert("RGB")
-                    self._array = np.asarray(im)
+                    try:
+                        if im.mode not in ("RGB", "L"):
+                            im = im.convert("RGB")
+                        self._array = np.asarray(im)
+                    except (OSError, SyntaxError, ValueError) as err:
+                        raise _decode_error(self.path, err) from err
             return self._array
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -106,6 +109,14 @@ class _PILSource:
 
     def thumbnail_source(self, factor: int):
         return self, 1.0
+
+
+def _decode_error(path: Path, err: Exception) -> InputError:
+    """The error for an image file whose pixels cannot be decoded (truncated, corrupt)."""
+    return InputError(
+        f"Cannot decode the pixels of {path}: {err}. The file is damaged or incomplete (e.g. "
+        "an interrupted download or copy); copy it again from its source."
+    )
 
 
 def _open_pil(path: Path):

@@ -15,6 +15,7 @@ from anndata import AnnData
 
 from .._validation import InputError
 from ._image import SlideImage, check_mpp, read_image
+from ._image_check import check_section_image
 from ._normalize import standardize_section
 from ._pipeline import (
     _MAX_MPP_RATIO,
@@ -250,7 +251,8 @@ class HistologyModel:
                 "mpp": mpp}
 
     def predict_section(self, adata: AnnData, image, *, mpp: float | None = None,
-                        cache_dir=None, progress: bool = False) -> np.ndarray:
+                        cache_dir=None, progress: bool = False,
+                        check_image: bool = True) -> np.ndarray:
         """Predict expression of every spot of a section from its image.
 
         Parameters
@@ -266,6 +268,10 @@ class HistologyModel:
             Feature cache folder (None = none).
         progress
             Progress bar while encoding.
+        check_image
+            Before encoding, compare the image with the downscaled copy stored in
+            ``adata.uns["spatial"][library_id]["images"]`` (if any) and refuse another
+            section's (:func:`~spotlens.histology._image_check.check_section_image`).
 
         Returns
         -------
@@ -274,8 +280,9 @@ class HistologyModel:
         Raises
         ------
         InputError
-            If the image does not fit the spots (another section, or a downscaled copy), its
-            scale is unknown, it is much coarser than the training scans, or the encoder changed.
+            If the image does not fit the spots (another section, or a downscaled copy), does
+            not match the section's stored image, cannot be decoded (truncated file), its scale
+            is unknown, it is much coarser than the training scans, or the encoder changed.
         """
         image = image if isinstance(image, SlideImage) else read_image(image)
         args = self._tile_args(image, mpp)
@@ -284,6 +291,9 @@ class HistologyModel:
         if tile_um is not None and geometry.mpp is not None:
             self._tile_args(image, geometry.mpp)  # the resolution check with the resolved mpp
         _check_on_image(adata, geometry, image, "spatial")
+        if check_image:
+            name = geometry.library_id or (image.path.stem if image.path else "section")
+            check_section_image(adata, image, section=name, library_id=geometry.library_id)
         feats = self.section_features(adata, image, geometry, cache_dir=cache_dir,
                                       progress=progress)
         return self.predict_features(feats, np.asarray(adata.obsm["spatial"], dtype=float))
@@ -493,7 +503,7 @@ def predict(
     cluster = None
     if client is None:
         pred = model.predict_section(grid, image, mpp=mpp, cache_dir=cache_dir,
-                                     progress=progress)
+                                     progress=progress, check_image=False)  # its own thumbnail
     else:
         from ._distributed import predict_on_cluster
 

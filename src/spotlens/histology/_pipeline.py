@@ -1,10 +1,11 @@
 """Expression from H&E, end to end: AnnData sections and images in, a model folder out.
 
-This is the adapter layer over the array-level pieces: :func:`spot_tiles` cuts tiles,
-:func:`tile_features` (or :func:`colour_features`) turns them into features, the target genes
-come from :func:`select_target_genes` / :func:`section_log_expression`, and the model is an
-:class:`ExpressionModel` (``"attention"``, ``"graph"``) or a :class:`RidgeBaseline`
-(``"ridge"``). A model folder holds
+This is the adapter layer over the array-level pieces: :func:`prepare_sections`
+(``_sections.py``) reads and checks the sections before any tile is encoded, :func:`spot_tiles`
+cuts tiles, :func:`tile_features` (or :func:`colour_features`) turns them into features, the
+target genes come from :func:`select_target_genes` / :func:`section_log_expression`, and the
+model is an :class:`ExpressionModel` (``"attention"``, ``"graph"``) or a
+:class:`RidgeBaseline` (``"ridge"``). A model folder holds
 
 - ``config.json``: encoder, tile geometry (µm, px, µm/px), spot pitch, genes and the rule that
   chose them, training sections, seed, validation metrics, spotlens version;
@@ -25,14 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
-from anndata import AnnData
 
 from .._validation import InputError
-from ._image import SlideImage, check_mpp, read_image
+from ._image import SlideImage, check_mpp
 from ._normalize import standardize_section
 from ._rank import DEFAULT_RANKS, rank_label
-from ._tiles import DEFAULT_TILE_SCALES, _check_on_image, check_tile_scales, tile_geometry
+from ._sections import (  # noqa: F401 (re-exported: load_section, _section_name)
+    GENE_RULES,
+    _choose_genes,
+    _section_name,
+    load_section,
+    prepare_sections,
+)
+from ._tiles import DEFAULT_TILE_SCALES, check_tile_scales
 
 logger = logging.getLogger("spotlens")
 
@@ -40,86 +46,8 @@ FORMAT = "spotlens.histology.model/1"
 CONFIG_FILE = "config.json"
 COLOUR_ENCODER = "colour"
 MODEL_TYPES = ("attention", "graph", "ridge")
-GENE_RULES = ("hvg", "top_expressed")
 PREDICTION_KEY = "histology_prediction"
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".svs")
 _MAX_MPP_RATIO = 2.0  # a scan this much coarser than the training scans is refused
-
-
-# --------------------------------------------------------------------------------------------
-# Reading sections
-# --------------------------------------------------------------------------------------------
-
-
-def load_section(h5ad_path, image_path=None) -> tuple[AnnData, Path]:
-    """Read one section's ``.h5ad`` and find its full-resolution H&E image.
-
-    Parameters
-    ----------
-    h5ad_path
-        ``.h5ad`` with raw counts in ``X`` (``n_spots × n_genes``), spot centres ``(x, y)`` in
-        full-resolution px in ``obsm["spatial"]`` and ``uns["spatial"][library_id]
-        ["scalefactors"]["spot_diameter_fullres"]``.
-    image_path
-        The full-resolution image; None = the one file beside the ``.h5ad`` named
-        ``<stem>_HE*`` with suffix ``.jpg``, ``.jpeg``, ``.png``, ``.tif``, ``.tiff`` or
-        ``.svs`` (e.g. ``C6_HE_fullres.jpg`` beside ``C6.h5ad``).
-
-    Returns
-    -------
-    adata
-        The section.
-    image_path
-        Path of its image.
-
-    Raises
-    ------
-    InputError
-        If the ``.h5ad`` or the given image does not exist, or no / several images match
-        beside the ``.h5ad`` (pass the image explicitly then).
-    """
-    import anndata as ad
-
-    h5ad_path = Path(h5ad_path).expanduser()
-    if not h5ad_path.is_file():
-        raise InputError(f"Section file not found: {h5ad_path}.")
-    if image_path is None:
-        stem = h5ad_path.name[: -len(".h5ad")] if h5ad_path.name.endswith(".h5ad") else (
-            h5ad_path.stem)
-        found = sorted(
-            p for p in h5ad_path.parent.glob(f"{stem}_HE*")
-            if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
-        )
-        if not found:
-            raise InputError(
-                f"No H&E image beside {h5ad_path} (looked for {stem}_HE*"
-                f"{{{','.join(_IMAGE_SUFFIXES)}}}). Pass the full-resolution image explicitly."
-            )
-        if len(found) > 1:
-            raise InputError(
-                f"Several H&E images beside {h5ad_path}: {[p.name for p in found]}. Pass the "
-                "full-resolution one explicitly."
-            )
-        image_path = found[0]
-    image_path = Path(image_path).expanduser()
-    if not image_path.is_file():
-        raise InputError(f"Image file not found: {image_path}.")
-    try:
-        adata = ad.read_h5ad(h5ad_path)
-    except (OSError, KeyError) as err:
-        raise InputError(f"Cannot read {h5ad_path} as an AnnData .h5ad file: {err}") from err
-    return adata, image_path
-
-
-def _section_name(adata: AnnData, image_path: Path, taken: set[str]) -> str:
-    spatial = adata.uns.get("spatial")
-    name = str(next(iter(spatial))) if hasattr(spatial, "keys") and len(spatial) == 1 else (
-        Path(image_path).stem)
-    base, i = name, 1
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    return name
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,30 +134,6 @@ def _spot_pitch_px(coords: np.ndarray) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _choose_genes(genes, adatas: dict[str, AnnData]) -> tuple[list[str], str]:
-    from ._metrics import select_target_genes
-
-    if isinstance(genes, str):
-        if genes not in GENE_RULES:
-            raise InputError(
-                f"genes must be 'hvg', 'top_expressed' or a list of gene names, got {genes!r}."
-            )
-        return list(select_target_genes(adatas)[genes]), genes
-    genes = [str(g) for g in genes]
-    if not genes:
-        raise InputError("The gene list is empty.")
-    if len(set(genes)) != len(genes):
-        raise InputError("The gene list has duplicates.")
-    known = set().union(*(a.var_names for a in adatas.values()))
-    missing = [g for g in genes if g not in known]
-    if missing:
-        raise InputError(
-            f"{len(missing)} of {len(genes)} genes are in none of the training sections, e.g. "
-            f"{missing[:5]}. Check the names (gene symbols as in var_names)."
-        )
-    return genes, "list"
-
-
 def _write_json(obj: dict, path: Path) -> None:
     from ..io import atomic_path
 
@@ -262,6 +166,7 @@ def train(
     encoder: str = "efficientnet-lite0",
     encoder_weights=None,
     tile_um: float | None = None,
+    mpp=None,
     tile_scales=DEFAULT_TILE_SCALES,
     standardize: bool = True,
     out_px: int = 224,
@@ -274,6 +179,13 @@ def train(
     progress: bool = True,
 ) -> Path:
     """Train a model of spot expression from H&E tiles and write it to a folder.
+
+    Before any tile is encoded, every section is checked (:func:`prepare_sections`): its scale
+    in µm per pixel must be known (``mpp``, the image file, or the AnnData), its spots must lie
+    on the image, the image must decode and match the downscaled copy the section stores in
+    ``uns["spatial"][library_id]["images"]`` if any (grey-level Pearson r >= 0.8,
+    :func:`~spotlens.histology._image_check.check_section_image`), and the target genes are
+    chosen (named genes must be in at least one section).
 
     Steps: cut tiles of several sizes around every spot, encode them and put the features side
     by side (:func:`multiscale_features`; cached in ``cache_dir``), z-score them within each
@@ -317,6 +229,13 @@ def train(
         file from there (or from ``load_model(..., encoder_weights=)``).
     tile_um
         Side of the scale-1 tile in µm; None = each section's spot diameter.
+    mpp
+        µm per full-resolution px of the images (µm/px): one number for all sections, or a
+        list with one number (or None) per section. None = what each section records: the
+        image file (TIFF/SVS), ``uns["spatial"][library_id]["scalefactors"]
+        ["microns_per_pixel"]`` or ``["metadata"]["microns_per_pixel"|"microns_per_pixel_est"]``.
+        Overrides those (a value > 10 % off is logged). Required where a section records
+        none (JPEG/PNG without it in the AnnData): the model tiles new images in µm.
     tile_scales
         Tile sides as multiples of the scale-1 tile; features of all are concatenated.
         Default ``(1, 2, 4)``: the spot and two wider fields of view around it.
@@ -351,14 +270,22 @@ def train(
     ``mean_pearson``, ``expression_rank`` (``"10"``, ``"full"``) and ``rank_scores`` (rank
     label -> mean Pearson r), plus ``best_epoch``, ``epochs_run``, ``mse``, ``n_spots`` and
     ``val_pearson_history`` (networks) or ``alpha`` and ``per_section`` (ridge).
+    ``config.json["sections"]`` lists each section's ``name``, ``image``, ``n_spots``, ``mpp``
+    (µm/px), ``mpp_source`` (``"argument"``, ``"image"``, ``"scalefactors"``, ``"metadata"``),
+    ``tile_px`` and ``image_check_r`` (agreement with its stored image, or None).
     With a fine-tuned head, ``config.json["encoder"]`` describes the encoder's trunk and holds
     ``head`` (``dim``, ``channels``, ``cells``, ``base`` encoder name).
 
     Raises
     ------
     InputError
-        No section, a section without coordinates or spot diameter, an image that does not fit
-        its spots (another section or resolution), unknown genes or gene rule, a bad model type,
+        Before any tile is encoded: no section, a section whose µm/px is unknown (pass
+        ``mpp``; ``--mpp`` on the command line), ``mpp`` of the wrong length or not positive, a
+        section without coordinates or spot diameter, an image that does not fit its spots
+        (another section or resolution) or does not match the section's stored image (another
+        section's, e.g. padded to the right size), an image file that cannot be decoded
+        (truncated), gene names in none of the sections (named, with close matches) or an
+        unknown gene rule, a bad model type,
         ``finetune_head=True`` with an encoder other than EfficientNet-Lite0,
         ``encoder_weights`` for colour features or a checkpoint that does not fit the encoder
         (:func:`get_encoder`), ``"ridge"`` with fewer than 2 sections, or a checkpoint in
@@ -368,6 +295,8 @@ def train(
     --------
     >>> pairs = [load_section(f"her2st/{s}.h5ad") for s in ("C2", "C3", "C4", "C5")]
     >>> train(pairs, tile_um=100, out="her2st_model")  # doctest: +SKIP
+    >>> mob = [load_section(f"stutility_mob/MOB{i}.h5ad") for i in (1, 2, 3)]
+    >>> train(mob, mpp=100 / 24.05, out="mob_model")  # 100 µm spots, 24.05 px  # doctest: +SKIP
     """
     from .. import __version__
 
@@ -381,6 +310,11 @@ def train(
     if tile_um is not None:
         tile_um = check_mpp(tile_um, what="tile_um", unit="µm")
     tile_scales = check_tile_scales(tile_scales)
+    _model_dir(out)
+    # everything that can be wrong with the data is refused before a tile is encoded
+    names, data = prepare_sections(sections, mpp=mpp, tile_um=tile_um)
+    logger.info("choosing target genes (%s)", genes if isinstance(genes, str) else "list")
+    gene_list, rule = _choose_genes(genes, {n: data[n]["adata"] for n in names})
     out = _model_dir(out, create=True)
     enc, enc_info = _encoder_info(encoder, device, encoder_weights)
     if config is None:
@@ -391,50 +325,33 @@ def train(
     if model != "ridge":
         enc, enc_info, head = _head_encoder(enc, enc_info, config.finetune_head)
 
-    names: list[str] = []
-    data: dict[str, dict] = {}
-    for pair in sections:
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise InputError("Each section must be an (adata, image_path) pair.")
-        adata, image = pair
-        if not isinstance(adata, AnnData):
-            raise InputError(f"A section is a {type(adata).__name__}, not an AnnData.")
-        image = image if isinstance(image, SlideImage) else read_image(image)
-        if image.path is None:
-            raise InputError("Training images must be files (they key the feature cache).")
-        name = _section_name(adata, image.path, set(names))
-        names.append(name)
+    from ._metrics import section_log_expression
+
+    for name in names:
+        d = data[name]
+        adata, image, geometry = d["adata"], d["image"], d["geometry"]
         logger.info("%s: cutting %d tiles from %s", name, adata.n_obs, image.path.name)
-        geometry = tile_geometry(adata, image=image, tile_um=tile_um)
-        _check_on_image(adata, geometry, image, "spatial")
         feats = _features(image, enc, geometry, out_px, tile_scales, cache_dir=cache_dir,
                           progress=progress)
         if standardize and head is None:  # a fine-tuned head's features: inside the model
             feats = standardize_section(feats)
         coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-        data[name] = {"adata": adata, "image": str(image.path), "features": feats,
-                      "coords": coords, "side_px": geometry.side_px, "mpp": geometry.mpp,
-                      "tile_um": geometry.tile_um, "pitch_px": _spot_pitch_px(coords)}
-
-    logger.info("choosing target genes (%s)", genes if isinstance(genes, str) else "list")
-    gene_list, rule = _choose_genes(genes, {n: data[n]["adata"] for n in names})
-    from ._metrics import section_log_expression
-
-    for name in names:
-        data[name]["y"] = section_log_expression(data[name]["adata"], gene_list)
+        d.update(image=str(image.path), features=feats, coords=coords,
+                 side_px=geometry.side_px, mpp=geometry.mpp, tile_um=geometry.tile_um,
+                 pitch_px=_spot_pitch_px(coords),
+                 y=section_log_expression(adata, gene_list))
 
     mpps = [data[n]["mpp"] for n in names]
-    known = all(m is not None for m in mpps)
     pitch_um = [data[n]["pitch_px"] * data[n]["mpp"] for n in names
-                if known and data[n]["pitch_px"] is not None]
+                if data[n]["pitch_px"] is not None]
     tiles_cfg = {
-        "tile_um": float(np.mean([data[n]["tile_um"] for n in names])) if known else None,
+        "tile_um": float(np.mean([data[n]["tile_um"] for n in names])),
         "tile_um_argument": tile_um,
         "tile_px": float(np.mean([data[n]["side_px"] for n in names])),
         "scales": list(tile_scales),
         "standardize": "section" if standardize or head is not None else "none",
         "out_px": int(out_px),
-        "mpp": float(np.mean(mpps)) if known else None,
+        "mpp": float(np.mean(mpps)),
         "spot_pitch_um": float(np.median(pitch_um)) if pitch_um else None,
         "spot_pitch_px": float(np.median([data[n]["pitch_px"] for n in names
                                           if data[n]["pitch_px"] is not None] or [np.nan])),
@@ -463,7 +380,9 @@ def train(
         "genes": gene_list,
         "gene_rule": rule,
         "sections": [{"name": n, "image": data[n]["image"], "n_spots": len(data[n]["coords"]),
-                      "mpp": data[n]["mpp"], "tile_px": data[n]["side_px"]} for n in names],
+                      "mpp": data[n]["mpp"], "mpp_source": data[n]["geometry"].mpp_source,
+                      "tile_px": data[n]["side_px"],
+                      "image_check_r": data[n]["image_r"]} for n in names],
         "validation": validation,
     }
     _write_json(cfg, out / CONFIG_FILE)

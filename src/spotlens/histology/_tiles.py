@@ -73,6 +73,47 @@ def _library(adata: AnnData, library_id: str | None) -> tuple[str | None, dict]:
     return library_id, (entry if hasattr(entry, "get") else {})
 
 
+def _stored_mpp(image: SlideImage | None, entry: dict, library_id) -> tuple[float | None,
+                                                                          str | None]:
+    """µm/px of a section and where it came from: the image, the scale factors, the metadata."""
+    scalefactors = entry.get("scalefactors", {}) or {}
+    metadata = entry.get("metadata", {}) or {}
+    where = f"adata.uns['spatial'][{library_id!r}]"
+    if image is not None and image.mpp is not None:
+        return image.mpp, "image"
+    if scalefactors.get(_MPP_SCALEFACTOR) is not None:
+        return check_mpp(scalefactors[_MPP_SCALEFACTOR], what=f"{where}['scalefactors']"
+                         f"[{_MPP_SCALEFACTOR!r}]"), "scalefactors"
+    for key in _MPP_METADATA:
+        if metadata.get(key) is not None:
+            return check_mpp(metadata[key], what=f"{where}['metadata'][{key!r}]"), "metadata"
+    return None, None
+
+
+def section_mpp(adata: AnnData, *, image: SlideImage | None = None,
+                library_id: str | None = None) -> tuple[float | None, str | None]:
+    """Return the µm per full-resolution px a section records, and where it was found.
+
+    Looked up as in :func:`tile_geometry` without an ``mpp`` argument: ``image.mpp``, then
+    ``uns["spatial"][library_id]["scalefactors"]["microns_per_pixel"]``, then
+    ``["metadata"]["microns_per_pixel"]`` or ``["metadata"]["microns_per_pixel_est"]``.
+
+    Returns
+    -------
+    mpp
+        µm/px, or None when the section records none.
+    source
+        ``"image"``, ``"scalefactors"``, ``"metadata"`` or None.
+
+    Raises
+    ------
+    InputError
+        If the library is ambiguous or unknown, or a recorded value is not a positive number.
+    """
+    library_id, entry = _library(adata, library_id)
+    return _stored_mpp(image, entry, library_id)
+
+
 def tile_geometry(
     adata: AnnData,
     *,
@@ -126,24 +167,10 @@ def tile_geometry(
         tile_um = check_mpp(tile_um, what="tile_um", unit="µm")
     library_id, entry = _library(adata, library_id)
     scalefactors = entry.get("scalefactors", {}) or {}
-    metadata = entry.get("metadata", {}) or {}
     where = f"adata.uns['spatial'][{library_id!r}]"
-
-    source = None
-    if mpp is not None:
-        source = "argument"
-    elif image is not None and image.mpp is not None:
-        mpp, source = image.mpp, "image"
-    elif scalefactors.get(_MPP_SCALEFACTOR) is not None:
-        mpp = check_mpp(scalefactors[_MPP_SCALEFACTOR], what=f"{where}['scalefactors']"
-                        f"[{_MPP_SCALEFACTOR!r}]")
-        source = "scalefactors"
-    else:
-        for key in _MPP_METADATA:
-            if metadata.get(key) is not None:
-                mpp = check_mpp(metadata[key], what=f"{where}['metadata'][{key!r}]")
-                source = "metadata"
-                break
+    source = "argument" if mpp is not None else None
+    if mpp is None:
+        mpp, source = _stored_mpp(image, entry, library_id)
 
     if tile_um is None:
         if library_id is None:
