@@ -234,3 +234,73 @@ def test_reference_signatures_rejects_log_normalised_reference():
 def test_reference_signatures_rare_type():
     with pytest.raises(InputError, match=r"'B' \(2 cells\), 'C' \(2 cells\)"):
         reference_signatures(_hand_reference(), min_cells_per_type=3)
+
+
+# -- a reference that stays on disk (anndata.read_h5ad(path, backed="r")) ----------------------
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Read the reference 7 cells (of 150 genes) at a time, so it spans many blocks."""
+    from spotlens.pp import _reference_counts
+
+    monkeypatch.setattr(_reference_counts, "CHUNK_VALUES", 150 * 7)
+
+
+def _signature_parts(sig):
+    return sig.signature, sig.states, sig.library_size, sig.n_cells, sig.state_type
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["csr", "dense"])
+def test_backed_reference_gives_the_in_memory_signatures(synthetic, small_blocks, tmp_path,
+                                                          monkeypatch, dense):
+    ref = synthetic.reference
+    if dense:
+        ref.X = ref.X.toarray()
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    # cells_per_state=10 splits the 30-cell types into states: the second (column) pass runs
+    kwargs = {"labels_key": "cell_type", "genes": ref.var_names[5:], "cells_per_state": 10}
+    backed = ad.read_h5ad(tmp_path / "ref.h5ad", backed="r")
+    try:
+        on_disk = reference_signatures(backed, **kwargs)
+    finally:
+        backed.file.close()
+    in_memory = reference_signatures(ref, **kwargs)
+    assert len(in_memory.states) > len(in_memory.signature)
+    for got, want in zip(_signature_parts(on_disk), _signature_parts(in_memory), strict=True):
+        assert got.equals(want)  # identical, not merely close
+    # and the block-wise sums are the one-block sums up to round-off
+    from spotlens.pp import _reference_counts
+
+    monkeypatch.setattr(_reference_counts, "CHUNK_VALUES", 1 << 24)
+    whole = reference_signatures(ref, **kwargs)
+    np.testing.assert_allclose(whole.states.to_numpy(), in_memory.states.to_numpy(), rtol=1e-12)
+
+
+def test_backed_reference_is_checked_with_the_in_memory_message(synthetic, small_blocks,
+                                                                 tmp_path):
+    ref = synthetic.reference
+    ref.X = ref.X.astype(np.float32)
+    ref.X.data[-3] += 0.5  # a fractional count in the last block
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    backed = ad.read_h5ad(tmp_path / "ref.h5ad", backed="r")
+    try:
+        with pytest.raises(InputError, match=r"reference counts holds non-integer values"):
+            reference_signatures(backed, labels_key="cell_type")
+    finally:
+        backed.file.close()
+
+
+def test_deconvolve_with_a_backed_reference_equals_in_memory(synthetic, tmp_path):
+    from spotlens.deconv import deconvolve
+
+    synthetic.reference.write_h5ad(tmp_path / "ref.h5ad")
+    kwargs = {"labels_key": "cell_type", "lambda_ridge": 0.01, "lambda_spatial": 0.1,
+              "n_iter": 5, "progress": False, "inplace": False}
+    backed = ad.read_h5ad(tmp_path / "ref.h5ad", backed="r")
+    try:
+        on_disk = deconvolve(synthetic.spatial, backed, **kwargs)
+    finally:
+        backed.file.close()
+    in_memory = deconvolve(synthetic.spatial, synthetic.reference, **kwargs)
+    pd.testing.assert_frame_equal(on_disk.proportions, in_memory.proportions, check_exact=True)

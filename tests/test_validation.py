@@ -89,6 +89,29 @@ def test_check_counts_message_names_which_input():
         check_counts(np.array([[0.5, 1.0]]), what="reference counts")
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["csr", "dense"])
+def test_check_counts_reads_a_backed_matrix_in_chunks(tmp_path, monkeypatch, dense):
+    """X of an AnnData read with backed="r" is checked like the same matrix in memory (it was
+    refused as "non-numeric values (object)")."""
+    from spotlens import _validation
+
+    monkeypatch.setattr(_validation, "CHUNK_VALUES", 6)  # two rows of 3 genes per chunk
+    counts = np.tile(COUNTS, (4, 1))  # 12 cells × 3 genes
+    bad = counts.copy()
+    bad[9, 2] = 2.5  # in the last chunk
+    for name, x in (("ok", counts), ("bad", bad)):
+        ad.AnnData(x if dense else sparse.csr_matrix(x)).write_h5ad(tmp_path / f"{name}.h5ad")
+    ok = ad.read_h5ad(tmp_path / "ok.h5ad", backed="r")
+    wrong = ad.read_h5ad(tmp_path / "bad.h5ad", backed="r")
+    try:
+        check_counts(ok.X, what="reference counts")  # must not raise
+        with pytest.raises(InputError, match=r"holds non-integer values \(e.g. 2.5\)"):
+            check_counts(wrong.X, what="reference counts")
+    finally:
+        ok.file.close()
+        wrong.file.close()
+
+
 # ---------------------------------------------------------------- labels
 
 
@@ -117,6 +140,29 @@ def test_check_labels_nan_counts_the_unlabelled_cells():
     a = _adata(5, cell_type=["A", None, "B", np.nan, "B"])
     with pytest.raises(InputError, match=r"^2 reference cells have no label \(NaN\)"):
         check_labels(a, "cell_type", min_cells_per_type=1)
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "None", "", "  ", "NA", "null"])
+@pytest.mark.parametrize("categorical", [False, True])
+def test_check_labels_text_that_means_missing_is_a_missing_label(text, categorical):
+    """A label written as "nan" (e.g. after astype(str) or a CSV round trip) is not a type."""
+    values = ["A", text, "B", "A", text, "B"]
+    a = _adata(6, cell_type=pd.Categorical(values) if categorical else values)
+    with pytest.raises(InputError, match=(
+        rf"^2 reference cells have no label in obs\['cell_type'\] \(2 '{text}'\).*"
+        r"Drop those cells.*or give them their cell type")):
+        check_labels(a, "cell_type", min_cells_per_type=1)
+
+
+def test_check_labels_counts_nan_and_text_together():
+    a = _adata(6, cell_type=["A", "nan", "B", np.nan, "None", "B"])
+    with pytest.raises(InputError, match=r"^3 reference cells have no label .*\(1 NaN, "):
+        check_labels(a, "cell_type", min_cells_per_type=1)
+
+
+def test_check_labels_keeps_types_that_merely_contain_nan():
+    a = _adata(4, cell_type=["Nanog+", "Nanog+", "Non-neuronal", "Non-neuronal"])
+    assert set(check_labels(a, "cell_type", min_cells_per_type=1)) == {"Nanog+", "Non-neuronal"}
 
 
 def test_check_labels_rare_type_names_type_and_count():
@@ -187,6 +233,42 @@ def test_check_unique_names_duplicate_obs_and_var():
     message = r"duplicate gene names, e.g. \['g'\].*var_names_make_unique"
     with pytest.raises(InputError, match=message):
         check_unique_names(b, what="reference", obs_name="cell")
+
+
+def test_repeated_gene_names_message_counts_them_and_gives_both_fixes():
+    b = _adata(3, 5)
+    b.var_names = ["g", "g", "h", "h", "k"]
+    with pytest.raises(InputError, match=(
+        r"duplicate gene names, e\.g\. \['g', 'h'\] \(2 repeated\); genes are matched by "
+        r"name.*Sum the repeated columns into one gene.*var_names_make_unique")):
+        check_unique_names(b, what="reference", obs_name="cell")
+
+
+@pytest.mark.parametrize("side", ["spatial", "reference"])
+def test_deconvolve_refuses_repeated_gene_names_naming_them(synthetic, side):
+    from spotlens.deconv import deconvolve
+
+    adata = getattr(synthetic, side)
+    names = list(adata.var_names)
+    names[3] = names[2]
+    adata.var_names = names
+    what = "spatial data" if side == "spatial" else "reference"
+    with pytest.raises(InputError, match=(
+        rf"The {what} has duplicate gene names, e\.g\. \['{names[2]}'\] \(1 repeated\).*"
+        r"var_names_make_unique")):
+        deconvolve(synthetic.spatial, synthetic.reference, labels_key="cell_type",
+                   progress=False)
+
+
+def test_deconvolve_refuses_labels_written_as_nan(synthetic):
+    from spotlens.deconv import deconvolve
+
+    labels = synthetic.reference.obs["cell_type"].astype(str).to_numpy().copy()
+    labels[[0, 5, 9]] = "nan"
+    synthetic.reference.obs["cell_type"] = labels
+    with pytest.raises(InputError, match=r"^3 reference cells have no label .*\(3 'nan'\)"):
+        deconvolve(synthetic.spatial, synthetic.reference, labels_key="cell_type",
+                   progress=False)
 
 
 def test_check_not_empty():

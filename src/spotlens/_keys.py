@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 DEFAULT_METHOD = "spotlens"
 SPATIAL_KEY = "spatial"
 CONNECTIVITIES_KEY = "spatial_connectivities"
@@ -32,3 +34,33 @@ def fit_score_key(key_added: str) -> str:
 def poorly_fit_key(key_added: str) -> str:
     """Return ``obs`` key flagging spots far outside what the reference explains."""
     return f"{key_added}_poorly_fit"
+
+
+#: ``uns`` key of the table that :func:`spotlens.io.write_h5ad` writes when it stores names
+#: under :func:`storage_name` (columns ``where``, ``stored``, ``name``), so readers restore them.
+STORED_NAMES_KEY = "spotlens_stored_names"
+
+_STORED_ESCAPE = re.compile("%(25|2F)")
+
+
+def storage_name(name: str) -> str:
+    """Return ``name`` as an h5ad file can hold it as a key: ``/`` → ``%2F``, ``%`` → ``%25``.
+
+    anndata stores ``obsm``/``uns`` keys and DataFrame column names as HDF5 names, where ``/``
+    separates groups (anndata's next release refuses it). This percent-encoding is reversible
+    (:func:`name_from_storage`) and leaves names without ``/`` or ``%`` unchanged. Only storage
+    uses it: labels in memory, tables and plots keep the user's names (``"T/NK"``).
+
+    Examples
+    --------
+    >>> storage_name("Microglia/Macrophage")
+    'Microglia%2FMacrophage'
+    >>> name_from_storage(storage_name("CD4+/CD8- 5%"))
+    'CD4+/CD8- 5%'
+    """
+    return name.replace("%", "%25").replace("/", "%2F")
+
+
+def name_from_storage(stored: str) -> str:
+    """Return the name that :func:`storage_name` encoded as ``stored``."""
+    return _STORED_ESCAPE.sub(lambda m: "%" if m.group(1) == "25" else "/", stored)

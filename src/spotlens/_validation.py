@@ -5,7 +5,7 @@ Every error names the problem and the fix; none of these helpers modifies its in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -15,6 +15,14 @@ from scipy import sparse
 
 class InputError(ValueError):
     """Bad user input; the message names the problem and the fix."""
+
+
+#: Values (non-zeros of a sparse matrix, entries of a dense one) read and checked per chunk.
+CHUNK_VALUES = 1 << 24
+
+#: Label text that means "no label" (compared after ``str.strip().lower()``): what pandas,
+#: R and spreadsheets write for a missing value, and what ``astype(str)`` makes of NaN/None.
+MISSING_LABEL_TEXT = frozenset({"", "nan", "none", "null", "na", "n/a", "<na>", "#n/a"})
 
 
 def get_matrix(adata: AnnData, layer: str | None, *, what: str):
@@ -47,16 +55,118 @@ def check_not_empty(adata: AnnData, *, what: str, obs_name: str) -> None:
 
 
 def check_unique_names(adata: AnnData, *, what: str, obs_name: str) -> None:
-    """Raise if observation or gene names repeat."""
-    axes = (("obs", adata.obs_names, obs_name), ("var", adata.var_names, "gene"))
-    for axis, names, label in axes:
-        if not names.is_unique:
-            dup = names[names.duplicated()].unique()[:5].tolist()
-            fix = f"adata.{axis}_names_make_unique()"
-            raise InputError(
-                f"The {what} has duplicate {label} names, e.g. {dup}. Make them unique first, "
-                f"e.g. with {fix}."
-            )
+    """Raise if observation or gene names repeat.
+
+    Genes are matched between datasets by name, so a repeated gene name cannot be matched to
+    one column; renaming repeats silently would leave the renamed copies out of the fit.
+
+    Raises
+    ------
+    InputError
+        Names repeat; the message lists up to five of them, how many there are, and the fix.
+    """
+    if not adata.obs_names.is_unique:
+        names = adata.obs_names
+        dup = names[names.duplicated()].unique()
+        raise InputError(
+            f"The {what} has duplicate {obs_name} names, e.g. {dup[:5].tolist()} "
+            f"({len(dup)} repeated). Make them unique first, e.g. with "
+            "adata.obs_names_make_unique()."
+        )
+    if not adata.var_names.is_unique:
+        names = adata.var_names
+        dup = names[names.duplicated()].unique()
+        raise InputError(
+            f"The {what} has duplicate gene names, e.g. {dup[:5].tolist()} ({len(dup)} "
+            "repeated); genes are matched by name, so each name must be one column. Sum the "
+            "repeated columns into one gene, or rename them with adata.var_names_make_unique() "
+            "(the copies become NAME-1, NAME-2, ... and are used only where the other dataset "
+            "has the same names)."
+        )
+
+
+def row_blocks(matrix, *, chunk_values: int | None = None) -> Iterator[tuple[int, object]]:
+    """Yield ``(start, block)``: consecutive blocks of rows of an ``n_obs × n_genes`` matrix.
+
+    Each block holds ``max(1, chunk_values // n_genes)`` rows whatever the storage, so an
+    in-memory matrix and the same matrix on disk are cut at the same rows (and sums over the
+    blocks agree to the last bit). A block is a CSR matrix (sparse input, in memory or backed)
+    or a NumPy array (dense input), in the stored dtype; no block is validated or converted.
+
+    Parameters
+    ----------
+    matrix
+        SciPy sparse (any format), a NumPy array, or a matrix that stays on disk and supports
+        row slicing (``matrix[start:stop]``): ``X`` of an AnnData read with ``backed="r"``
+        (``anndata`` CSR/CSC dataset) or an ``h5py`` dataset.
+    chunk_values
+        Values per block, counting every entry of a row (``n_genes``) even when sparse;
+        ``None`` takes :data:`CHUNK_VALUES` (``2**24``).
+    """
+    chunk_values = CHUNK_VALUES if chunk_values is None else chunk_values
+    n, n_genes = matrix.shape
+    step = max(1, chunk_values // max(1, n_genes))
+    if sparse.issparse(matrix):
+        matrix = sparse.csr_matrix(matrix)  # no copy when it already is CSR
+    for start in range(0, n, step):
+        block = matrix[start : start + step]
+        yield start, (sparse.csr_matrix(block) if sparse.issparse(block) else np.asarray(block))
+
+
+def is_backed(matrix) -> bool:
+    """Whether ``matrix`` is a 2-D matrix read from disk on demand (not NumPy, not SciPy)."""
+    shape = getattr(matrix, "shape", None)
+    return (
+        not sparse.issparse(matrix)
+        and not isinstance(matrix, np.ndarray)
+        and shape is not None
+        and len(shape) == 2
+        and hasattr(matrix, "__getitem__")
+    )
+
+
+class CountCheck:
+    """:func:`check_counts` over chunks of values, with the message of one whole-matrix check.
+
+    Non-finite values are gathered and the minimum and the most fractional value tracked, so
+    the error names the total number of NaN/inf, the global minimum and the worst value, as
+    one call on the whole matrix would. Feed it with :meth:`add`, then call :meth:`finish`.
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+        self.non_finite: list[np.ndarray] = []
+        self.low = np.inf
+        self.worst, self.worst_frac = None, 1e-3
+
+    def add(self, values) -> None:
+        """Check one chunk; raise at once only on non-numeric values."""
+        values = np.asarray(values).ravel()
+        if values.size == 0:
+            return
+        if not np.issubdtype(values.dtype, np.number):
+            check_counts(values[:1], what=self.what)  # raises: non-numeric
+        finite = np.isfinite(values)
+        if not finite.all():
+            self.non_finite.append(values[~finite])
+            values = values[finite]
+        if values.size == 0:
+            return
+        self.low = min(self.low, float(values.min()))
+        if not np.issubdtype(values.dtype, np.integer):
+            frac = np.abs(values - np.round(values))
+            at = int(np.argmax(frac))
+            if frac[at] > self.worst_frac:
+                self.worst, self.worst_frac = values[at : at + 1].copy(), float(frac[at])
+
+    def finish(self) -> None:
+        """Raise :class:`InputError` as :func:`check_counts` would on the whole matrix."""
+        if self.non_finite:
+            check_counts(np.concatenate(self.non_finite), what=self.what)
+        if self.low < 0:
+            check_counts(np.array([self.low]), what=self.what)
+        if self.worst is not None:
+            check_counts(self.worst, what=self.what)
 
 
 def _values(matrix) -> np.ndarray:
@@ -71,8 +181,22 @@ def _values(matrix) -> np.ndarray:
 def check_counts(matrix, *, what: str) -> None:
     """Raise unless ``matrix`` holds finite, non-negative, integer-valued counts.
 
-    Normalised or log-transformed input is the common mistake this catches.
+    Normalised or log-transformed input is the common mistake this catches. A matrix that
+    stays on disk (``X`` of an AnnData read with ``backed="r"``) is read in chunks of rows
+    (:func:`row_blocks`), never whole, and gets the same message as one in memory.
+
+    Raises
+    ------
+    InputError
+        Non-numeric, NaN/infinite, negative or non-integer values (more than 1e-3 off an
+        integer); the message gives the number of NaN/inf, the minimum, or an example value.
     """
+    if is_backed(matrix):
+        check = CountCheck(what)
+        for _, block in row_blocks(matrix):
+            check.add(block.data if sparse.issparse(block) else block)
+        check.finish()
+        return
     values = _values(matrix)
     if not np.issubdtype(values.dtype, np.number):
         raise InputError(f"The {what} holds non-numeric values ({values.dtype}); expected counts.")
@@ -104,7 +228,20 @@ def check_counts(matrix, *, what: str) -> None:
 def check_labels(
     reference: AnnData, labels_key: str, *, min_cells_per_type: int
 ) -> pd.Series:
-    """Return the cell-type labels as strings, raising on missing, NaN or too-rare types."""
+    """Return the cell-type labels as strings, raising on missing, NaN or too-rare types.
+
+    A label is missing when it is NaN/None or text that means missing: empty or blank, or
+    (any case) ``"nan"``, ``"none"``, ``"null"``, ``"na"``, ``"n/a"``, ``"<na>"``, ``"#n/a"``
+    (:data:`MISSING_LABEL_TEXT`) — what a CSV export, R or ``astype(str)`` leaves where a label
+    was missing. Such cells would otherwise form a cell type of their own.
+
+    Raises
+    ------
+    InputError
+        ``labels_key`` is not an ``obs`` column; some cells have a missing label (the message
+        counts them and shows the texts found); fewer than two cell types; a type with fewer
+        than ``min_cells_per_type`` cells.
+    """
     if labels_key not in reference.obs.columns:
         have = ", ".join(map(repr, reference.obs.columns[:10])) or "none"
         raise InputError(
@@ -112,13 +249,30 @@ def check_labels(
             "Pass labels_key= naming the column of cell-type labels."
         )
     labels = reference.obs[labels_key]
-    missing = labels.isna()
-    if missing.any():
+    is_nan = labels.isna().to_numpy()
+    text = labels.astype(str)
+    as_text = ~is_nan & text.str.strip().str.lower().isin(MISSING_LABEL_TEXT).to_numpy()
+    if as_text.any():
+        found = text[as_text].value_counts()
+        listed = ([f"{int(is_nan.sum())} NaN"] if is_nan.any() else []) + [
+            f"{int(n)} {value!r}" for value, n in found.items()
+        ]
+        column = f"reference.obs[{labels_key!r}]"
+        keep = f"~{column}.isin({found.index.tolist()})"
+        keep += f" & {column}.notna()" if is_nan.any() else ""
         raise InputError(
-            f"{int(missing.sum())} reference cells have no label (NaN) in obs[{labels_key!r}]. "
+            f"{int(is_nan.sum() + as_text.sum())} reference cells have no label in "
+            f"obs[{labels_key!r}] ({', '.join(listed)}): text such as 'nan', 'None' or '' "
+            "means a missing label, and those cells would form a cell type of their own. Drop "
+            f"those cells (e.g. reference = reference[{keep}].copy()) or give them their cell "
+            "type."
+        )
+    if is_nan.any():
+        raise InputError(
+            f"{int(is_nan.sum())} reference cells have no label (NaN) in obs[{labels_key!r}]. "
             "Drop them or give them a label before deconvolution."
         )
-    labels = labels.astype(str)
+    labels = text
     counts = labels.value_counts()
     if len(counts) < 2:
         raise InputError(

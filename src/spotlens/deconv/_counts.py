@@ -11,54 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
-from .._validation import check_counts
-
-#: Values (non-zeros of a sparse matrix, entries of a dense one) read and checked per chunk.
-CHUNK_VALUES = 1 << 24
-
-
-class _CountCheck:
-    """:func:`~spotlens._validation.check_counts` over chunks, with the whole-matrix message.
-
-    Non-finite values are gathered and the minimum and the most fractional value tracked, so
-    the error names the total number of NaN/inf, the global minimum and the worst value, as
-    one call on the whole matrix would.
-    """
-
-    def __init__(self, what: str):
-        self.what = what
-        self.non_finite: list[np.ndarray] = []
-        self.low = np.inf
-        self.worst, self.worst_frac = None, 1e-3
-
-    def add(self, values: np.ndarray) -> None:
-        values = np.asarray(values).ravel()
-        if values.size == 0:
-            return
-        if not np.issubdtype(values.dtype, np.number):
-            check_counts(values[:1], what=self.what)  # raises: non-numeric
-        finite = np.isfinite(values)
-        if not finite.all():
-            self.non_finite.append(values[~finite])
-            values = values[finite]
-        if values.size == 0:
-            return
-        self.low = min(self.low, float(values.min()))
-        if not np.issubdtype(values.dtype, np.integer):
-            frac = np.abs(values - np.round(values))
-            at = int(np.argmax(frac))
-            if frac[at] > self.worst_frac:
-                self.worst, self.worst_frac = values[at : at + 1].copy(), float(frac[at])
-
-    def finish(self) -> None:
-        """Raise :class:`~spotlens._validation.InputError` as ``check_counts`` would."""
-        if self.non_finite:
-            check_counts(np.concatenate(self.non_finite), what=self.what)
-        if self.low < 0:
-            check_counts(np.array([self.low]), what=self.what)
-        if self.worst is not None:
-            check_counts(self.worst, what=self.what)
-
+from .._validation import CHUNK_VALUES, CountCheck
 
 def read_counts(matrix, columns: np.ndarray, *, what: str = "spatial counts") -> sparse.csr_matrix:
     """Raw counts of the columns ``columns``, validated, read in chunks of rows.
@@ -87,7 +40,7 @@ def read_counts(matrix, columns: np.ndarray, *, what: str = "spatial counts") ->
         genes are checked, not only ``columns``).
     """
     columns = np.asarray(columns, dtype=np.int64)
-    check = _CountCheck(what)
+    check = CountCheck(what)
     n, n_genes = matrix.shape
     if sparse.issparse(matrix):
         m = sparse.csr_matrix(matrix)  # no copy when it already is CSR

@@ -13,13 +13,13 @@ from scipy import sparse
 
 from .._validation import (
     InputError,
-    check_counts,
     check_labels,
     check_not_empty,
     check_unique_names,
     get_matrix,
 )
 from ._embedding import log_pca
+from ._reference_counts import finish_sums, group_sums, read_columns, reference_statistics
 from ._states import cell_states
 
 logger = logging.getLogger("spotlens")
@@ -91,22 +91,11 @@ def signature_kernel(
     -----
     One sparse indicator product, no loop over cells: cost O(nnz(counts)).
     Cells with zero counts contribute a zero profile and their library size.
+    :func:`reference_signatures` accumulates the same sums over blocks of rows
+    (:func:`~spotlens.pp._reference_counts.group_sums`), so a reference on disk is never read
+    whole.
     """
-    counts = sparse.csr_matrix(counts, dtype=np.float64)
-    n_cells_total = counts.shape[0]
-    lib = np.asarray(counts.sum(axis=1)).ravel()
-    inv = np.divide(1.0, lib, out=np.zeros_like(lib), where=lib > 0)
-    norm = sparse.diags(inv) @ counts
-    onehot = sparse.csr_matrix(
-        (np.ones(n_cells_total), (codes, np.arange(n_cells_total))), shape=(n_types, n_cells_total)
-    )
-    n_cells = np.asarray(onehot.sum(axis=1)).ravel()
-    denom = np.maximum(n_cells, 1)[:, None]
-    mean_norm = np.asarray((onehot @ norm).todense()) / denom
-    mean_sq = np.asarray((onehot @ norm.multiply(norm)).todense()) / denom
-    var_norm = np.maximum(mean_sq - mean_norm**2, 0.0)
-    library_size = (onehot @ lib) / denom.ravel()
-    return mean_norm, var_norm, library_size, n_cells
+    return finish_sums(*group_sums(counts, codes, n_types)[:4])
 
 
 def shrink_profiles(
@@ -235,7 +224,10 @@ def reference_signatures(
     Parameters
     ----------
     reference
-        ``n_cells × n_genes`` AnnData with raw counts in ``X`` or ``layers[layer]``.
+        ``n_cells × n_genes`` AnnData with raw counts in ``X`` or ``layers[layer]``. It may be
+        backed (``anndata.read_h5ad(path, backed="r")``): the counts are then read from disk in
+        blocks of rows (at most ``2**24`` values each), twice with cell states (all genes, then
+        the informative ones), with results identical to the same reference in memory.
     labels_key
         ``obs`` column holding the cell types.
     layer
@@ -272,8 +264,9 @@ def reference_signatures(
     Raises
     ------
     InputError
-        Empty reference, duplicate names, missing or NaN labels, a type with fewer than
-        ``min_cells_per_type`` cells, counts that are not raw integers, or genes not found.
+        Empty reference, duplicate cell or gene names, missing labels (NaN, or text such as
+        ``"nan"``/``"None"``/``""``), a type with fewer than ``min_cells_per_type`` cells,
+        counts that are not raw integers, or genes not found.
 
     References
     ----------
@@ -293,11 +286,12 @@ def reference_signatures(
     check_unique_names(reference, what="reference", obs_name="cell")
     labels = check_labels(reference, labels_key, min_cells_per_type=min_cells_per_type)
     counts = get_matrix(reference, layer, what="reference")
-    check_counts(counts, what="reference counts")
     all_genes = reference.var_names
     types = pd.Index(sorted(labels.unique()))
     codes = types.get_indexer(labels)
-    mean_norm, var_norm, lib, n_cells = signature_kernel(counts, codes, len(types))
+    mean_norm, var_norm, lib, n_cells, cell_lib = reference_statistics(
+        counts, codes, len(types), what="reference counts"
+    )
     if genes is not None:
         genes = pd.Index(genes)
         idx = all_genes.get_indexer(genes)
@@ -328,14 +322,16 @@ def reference_signatures(
     signature = pd.DataFrame(mean_norm[:, cols] * lib[:, None], index=types, columns=kept)
     states, state_type = signature, pd.Series(types, index=types, name="cell_type")
     if cells_per_state is not None and n_cells.max() >= 2 * cells_per_state:
-        ref_cols = reference.var_names.get_indexer(kept)
-        embedding = log_pca(sparse.csr_matrix(counts)[:, ref_cols], 20, seed=seed)
+        kept_counts = read_columns(counts, reference.var_names.get_indexer(kept))
+        embedding = log_pca(kept_counts, 20, seed=seed)
         state_codes, owner = cell_states(
             embedding, codes, len(types), cells_per_state=cells_per_state,
             max_states_per_type=max_states_per_type, seed=seed,
         )
-        s_mean, _, s_lib, s_cells = signature_kernel(counts, state_codes, len(owner))
-        s_mean = s_mean[:, reference.var_names.get_indexer(kept)]
+        # profiles over the informative genes, normalised by each cell's library (all genes)
+        s_mean, _, s_lib, s_cells = finish_sums(
+            *group_sums(kept_counts, state_codes, len(owner), lib=cell_lib)[:4]
+        )
         if shrink:
             # a state towards its own (shrunk) type; a type's only state is that type
             type_mean = mean_norm[owner][:, cols]
