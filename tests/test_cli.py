@@ -130,7 +130,8 @@ def test_help_describes_commands_and_options():
     assert "deconvolve" in top.stdout and "demo" in top.stdout
     sub = run("deconvolve", "--help")
     for option in ("--spatial", "--reference", "--labels-key", "--out", "--lambda-ridge",
-                   "--no-attention", "--device", "--n-iter"):
+                   "--no-attention", "--device", "--n-iter", "--overwrite",
+                   "--min-cells-per-type", "--n-genes-per-type"):
         assert option in sub.stdout
 
 
@@ -208,7 +209,7 @@ def test_cells_per_spot_column_sets_the_cells_placed(data, tmp_path):
 @pytest.mark.parametrize(
     ("column", "values", "message"),
     [
-        ("nope", None, "The spatial data has no obs column 'nope' for cells_per_spot"),
+        ("nope", None, "The spatial data has no obs column 'nope' for --cells-per-spot"),
         ("label", "text", "obs['label'] must be numeric"),
         ("n_nuclei", -1, "obs['n_nuclei'] has negative, NaN or infinite cell counts"),
     ],
@@ -227,7 +228,7 @@ def test_bad_cells_per_spot_exits_2_before_fitting(data, tmp_path, column, value
     assert len(errors) == 1 and message in errors[0]
     assert "Traceback" not in result.output
     assert "stage 1/5" not in result.stderr  # refused before the type-level fit
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # the folder it created is removed again
 
 
 def test_cell_level_options_need_cell_level(data, tmp_path):
@@ -305,3 +306,106 @@ def test_deconvolve_likelihood_flag(data, tmp_path):
               "--likelihood", "nb", *FAST)
     assert bad.exit_code == 2
     assert "nb" in bad.output
+
+
+# --- errors in the command line's terms --------------------------------------------------------
+
+
+def error_line(result) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def test_label_error_names_the_flag_not_the_keyword(data, tmp_path):
+    spatial, reference = data
+    result = run("deconvolve", "-s", spatial, "-r", reference, "-o", tmp_path / "out",
+                 "--labels-key", "celltype", *FAST)
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert "Pass --labels-key naming the column" in line
+    assert "labels_key" not in line
+
+
+def test_min_cells_per_type_has_a_flag_and_errors_name_it(data, tmp_path):
+    spatial, reference = data  # 25 reference cells of each type
+    result = run("deconvolve", "-s", spatial, "-r", reference, "-o", tmp_path / "out",
+                 "--min-cells-per-type", "30", *FAST)
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert "fewer than 30 reference cells" in line and "lower --min-cells-per-type" in line
+    assert "min_cells_per_type" not in line
+    missing = run("deconvolve", "-s", spatial, "-r", reference, "-o", tmp_path / "out",
+                  "--reference-layer", "counts", *FAST)
+    assert "Leave out --reference-layer to use X" in error_line(missing)
+
+
+def test_counts_in_raw_are_read_with_layer_raw(data, tmp_path):
+    spatial, reference = data
+    st = ad.read_h5ad(spatial)
+    counts = st.X.copy()
+    st.raw = st.copy()
+    st.X = np.log1p(np.asarray(st.X.todense() if sparse.issparse(st.X) else st.X) / 7.0)
+    st.write_h5ad(tmp_path / "normalised.h5ad")
+
+    refused = run("deconvolve", "-s", tmp_path / "normalised.h5ad", "-r", reference,
+                  "-o", tmp_path / "out", *FAST)
+    assert refused.exit_code == 2
+    line = error_line(refused)
+    assert "--layer counts" in line and "--layer raw" in line  # a route the CLI has
+    assert "layer=" not in line and "adata.raw" not in line
+
+    result = run("deconvolve", "-s", tmp_path / "normalised.h5ad", "-r", reference,
+                 "-o", tmp_path / "out", "--layer", "raw", "-q", *FAST)
+    assert result.exit_code == 0, result.output
+    written = ad.read_h5ad(tmp_path / "out" / "spatial.h5ad")
+    np.testing.assert_array_equal(sparse.csr_matrix(written.X).toarray(),
+                                  sparse.csr_matrix(counts).toarray())
+    assert "proportions_spotlens" in written.obsm
+
+    no_raw = run("deconvolve", "-s", spatial, "-r", reference, "-o", tmp_path / "out2",
+                 "--reference-layer", "raw", *FAST)
+    assert no_raw.exit_code == 2
+    assert "--reference-layer raw reads the counts held in .raw, but the reference has no " \
+           ".raw" in error_line(no_raw)
+
+
+def test_cli_message_rewrites_parameters_as_the_commands_flags():
+    import typer
+
+    from spotlens.cli._messages import cli_message
+
+    command = typer.main.get_command(app).commands["deconvolve"]
+    cases = {
+        "Pass labels_key= naming the column.": "Pass --labels-key naming the column.",
+        "The spatial data has no layer 'x'. Pass layer=None to use X.":
+            "The spatial data has no layer 'x'. Leave out --layer to use X.",
+        "The reference counts holds non-integer values: pass the raw counts, e.g. "
+        "layer='counts', or adata.raw.to_adata().":
+            "The reference counts holds non-integer values: pass the raw counts, e.g. "
+            "--reference-layer counts, or --reference-layer raw (the counts in .raw).",
+        "likelihood='poisson' runs on the CPU only; use device='cpu' without client=, or "
+        "likelihood='gaussian' on a GPU.":
+            "--likelihood poisson runs on the CPU only; use --device cpu, or "
+            "--likelihood gaussian on a GPU.",
+        "Use more shared genes, or n_genes_per_type=None to keep every expressed gene.":
+            "Use more shared genes, or --n-genes-per-type all to keep every expressed gene.",
+        "use_attention=False is slower; leave bin_size=None.":
+            "--no-attention is slower; leave out --bin-size.",
+        "Pass cells_per_spot= (--cells-per-spot on the command line) naming a column.":
+            "Pass --cells-per-spot naming a column.",
+        # left alone: quoted names, attributes, parameters without a flag, plain words
+        "obs['labels_key'] is empty; pass key= naming its key_added; the layer holds X.":
+            "obs['labels_key'] is empty; pass key= naming its key_added; the layer holds X.",
+        "raise n_iter or tol=1e-05": "raise --n-iter or tol=1e-05",
+    }
+    for api, cli in cases.items():
+        assert cli_message(api, command) == cli
+    assert cli_message("Pass labels_key=.", None) == "Pass labels_key=."  # no command running
+
+
+def test_input_error_is_importable_from_the_package():
+    from spotlens import InputError
+    from spotlens._validation import InputError as Defined
+
+    assert InputError is Defined and issubclass(InputError, ValueError)

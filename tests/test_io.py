@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -434,6 +435,114 @@ def test_cli_deconvolve_reads_visium_hd(tmp_path, osmfish_block):
     table = pd.read_csv(tmp_path / "out" / "proportions.csv", index_col=0)
     assert table.index[0].startswith("s_016um_") and len(table) == st.n_obs
     np.testing.assert_allclose(table.sum(axis=1), 1.0, atol=1e-6)
-    res = CliRunner().invoke(app, [*base, "--bin-size", "4", "-o", str(tmp_path / "out")])
+    # a fresh folder: the CLI refuses to write over an earlier run's results
+    res = CliRunner().invoke(app, [*base, "--bin-size", "4", "-o", str(tmp_path / "out4")])
     assert res.exit_code == 2
     assert "error:" in res.output and "8 µm (square_008um), 16 µm" in res.output
+
+
+# -- repeated gene names (issue 13, point 5) and names with '/' --------------------------------
+
+
+def _with_repeated_gene(tmp_path, *, spatial: bool) -> Path:
+    """An .h5ad whose genes 'Actb' and 'Mbp' each occur twice (as in 10x matrices)."""
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(
+        sparse.csr_matrix(rng.poisson(2.0, size=(6, 5)).astype(np.float32)),
+        obs=pd.DataFrame({"cell_type": list("aaabbb")}, index=[f"c{i}" for i in range(6)]),
+    )
+    adata.var_names = ["Gapdh", "Actb", "Actb", "Mbp", "Mbp"]
+    if spatial:
+        adata.obsm["spatial"] = rng.uniform(0, 100, size=(6, 2))
+    path = tmp_path / ("st.h5ad" if spatial else "ref.h5ad")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Variable names are not unique")
+        adata.write_h5ad(path)
+    return path
+
+
+@pytest.mark.parametrize("spatial", [True, False], ids=["read_spatial", "read_reference"])
+def test_repeated_gene_names_are_renamed_with_a_warning_naming_them(tmp_path, caplog, spatial):
+    path = _with_repeated_gene(tmp_path, spatial=spatial)
+    read = sio.read_spatial if spatial else sio.read_reference
+    with caplog.at_level(logging.WARNING, logger="spotlens"):
+        adata = read(path)
+    assert list(adata.var_names) == ["Gapdh", "Actb", "Actb-1", "Mbp", "Mbp-1"]
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, "the renaming must not be silent"
+    text = warned[0].getMessage()
+    assert "Actb" in text and "Mbp" in text and "2 gene names occur more than once" in text
+    assert "NAME-1" in text and "sum the repeated columns" in text
+
+
+def test_cli_warns_about_renamed_genes(tmp_path, osmfish_block):
+    """The CLI reads through the same readers: a repeated gene is reported, not dropped
+    silently, even with -q."""
+    from typer.testing import CliRunner
+
+    from spotlens.cli import app
+
+    st, ref = osmfish_block
+    st = st.copy()
+    names = list(st.var_names)
+    names[1] = names[0]
+    st.var_names = names
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Variable names are not unique")
+        st.write_h5ad(tmp_path / "st.h5ad")
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    res = CliRunner().invoke(app, [
+        "deconvolve", "-s", str(tmp_path / "st.h5ad"), "-r", str(tmp_path / "ref.h5ad"),
+        "--lambda-ridge", "0.01", "--lambda-spatial", "0.1", "--n-iter", "3", "--no-progress",
+        "-q", "-o", str(tmp_path / "out"),
+    ])
+    assert res.exit_code == 0, res.output
+    assert "warning:" in res.output and f"e.g. {names[0]}" in res.output
+
+
+def test_storage_names_are_reversible():
+    from spotlens._keys import name_from_storage, storage_name
+
+    for name in ["Microglia/Macrophage", "T/NK/ILC", "CD4+ 5%", "a%2Fb", "%25/", "plain"]:
+        stored = storage_name(name)
+        assert "/" not in stored and name_from_storage(stored) == name
+    assert storage_name("plain") == "plain"
+
+
+def test_cell_types_with_slash_round_trip_without_warning(tmp_path, osmfish_block, caplog):
+    """'Microglia/Macrophage' stays the label in memory and after reading back; the h5ad file
+    holds no '/' key, so anndata's next release (which refuses them) writes it too."""
+
+    from spotlens.deconv import deconvolve
+
+    st, ref = osmfish_block
+    st, ref = st.copy(), ref.copy()
+    ref.obs["cell_type"] = ref.obs["cell_type"].cat.rename_categories(
+        {"Microglia-Macrophage": "Microglia/Macrophage"})
+    deconvolve(st, ref, labels_key="cell_type", lambda_ridge=0.01, lambda_spatial=0.1,
+               n_iter=5, progress=False)
+    key = "proportions_spotlens"
+    props = st.obsm[key]
+    assert "Microglia/Macrophage" in props.columns  # the user's label, not a storage name
+    st.uns["by_type"] = {"Microglia/Macrophage": {"T/NK": 1}, "plain": 2}
+    path = tmp_path / "st.h5ad"
+    caplog.clear()
+    with warnings.catch_warnings(), ad.settings.override(disallow_forward_slash_in_h5ad=True), \
+            caplog.at_level(logging.INFO, logger="spotlens"):
+        warnings.simplefilter("error")  # FutureWarning included
+        sio.write_h5ad(st, path)
+        back = sio.read_spatial(path)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert st.obsm[key] is props and "Microglia/Macrophage" in props.columns  # caller untouched
+    pd.testing.assert_frame_equal(back.obsm[key], props)
+    pd.testing.assert_frame_equal(back.obsm["abundance_spotlens"], st.obsm["abundance_spotlens"])
+    assert list(back.uns[key]["cell_types"]) == list(props.columns)
+    assert back.uns["by_type"] == {"Microglia/Macrophage": {"T/NK": 1}, "plain": 2}
+    assert "spotlens_stored_names" not in back.uns
+    with h5py.File(path, "r") as f:  # no nested group 'Microglia' holding 'Macrophage'
+        assert "Microglia" not in f[f"obsm/{key}"]
+        assert "Microglia%2FMacrophage" in f[f"obsm/{key}"]
+    # plain anndata sees the storage names and the table that maps them back
+    plain = ad.read_h5ad(path)
+    assert "Microglia%2FMacrophage" in plain.obsm[key].columns
+    assert "Microglia/Macrophage" in set(plain.uns["spotlens_stored_names"]["name"])

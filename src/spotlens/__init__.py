@@ -1,6 +1,7 @@
 """spotlens: cell-type deconvolution and histology-based expression for spatial transcriptomics.
 
 Sub-packages are imported lazily, so ``import spotlens`` is cheap and never imports torch.
+Bad input raises :class:`spotlens.InputError` (a ``ValueError``) naming the problem and the fix.
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ __version__ = "0.1.0"
 
 _SUBMODULES = ("cli", "datasets", "deconv", "histology", "io", "pl", "pp")
 
-__all__ = [*_SUBMODULES, "__version__"]
+__all__ = [*_SUBMODULES, "InputError", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import cli, datasets, deconv, histology, io, pl, pp  # noqa: F401
+    from ._validation import InputError  # noqa: F401
 
 
 def __getattr__(name: str):
+    if name == "InputError":  # ``from spotlens import InputError``, loaded on first use
+        from ._validation import InputError
+
+        globals()[name] = InputError
+        return InputError
     if name in _SUBMODULES:
         module = importlib.import_module(f".{name}", __name__)
         globals()[name] = module

@@ -13,6 +13,8 @@ import typer
 
 from .._backend import BackendError
 from .._validation import InputError
+from ._messages import cli_message
+from ._outputs import OverwriteOption, output_folder
 
 logger = logging.getLogger("spotlens")
 
@@ -21,6 +23,9 @@ EXIT_FAILURE = 1
 PROPORTIONS_KEY = "proportions_spotlens"
 CELL_WEIGHTS_KEY = "cell_weights_spotlens"
 CELL_COUNTS_KEY = "cell_counts_spotlens"
+#: Every file 'deconvolve' and 'demo' write (besides the manifest); without a manifest, any of
+#: them in the output folder marks an earlier run's results.
+OUTPUTS = ("spatial.h5ad", "proportions.csv", "proportions.png", "cells.h5ad", "cells.png")
 
 app = typer.Typer(
     name="spotlens",
@@ -30,7 +35,9 @@ app = typer.Typer(
         "Each command writes OUT/spatial.h5ad (input plus results), OUT/proportions.csv "
         "(spots × cell types, rows sum to 1) and OUT/proportions.png (one map per cell type); "
         "with --cell-level also OUT/cells.h5ad (reference cells placed in the spots) and "
-        "OUT/cells.png (their map)."
+        "OUT/cells.png (their map). OUT/spotlens_run.json, written last, records the "
+        "version, inputs, options and files of the run, with \"complete\": true once it has "
+        "finished. A folder with another run's results is refused unless --overwrite."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -51,6 +58,18 @@ def _penalty(value: str) -> float | str:
     return number
 
 
+def _genes_per_type(value: str) -> int | None:
+    if value.strip().lower() == "all":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise typer.BadParameter(f"expected a positive integer or 'all', got {value!r}.")
+    return number
+
+
 def _likelihood(value: str) -> str:
     if value not in ("auto", "poisson", "gaussian"):
         raise typer.BadParameter(f"expected 'auto', 'poisson' or 'gaussian', got {value!r}.")
@@ -68,7 +87,8 @@ def _version(value: bool) -> None:
 OutOption = Annotated[
     Path,
     typer.Option("--out", "-o", metavar="DIR", show_default=False,
-                 help="Output folder (created if missing; files in it are replaced)."),
+                 help="Output folder (created if missing). A folder with another run's "
+                      "results is refused unless --overwrite."),
 ]
 DeviceOption = Annotated[
     str,
@@ -117,9 +137,11 @@ def deconvolve_command(
         "cell_type"
     ),
     layer: Annotated[str | None, typer.Option(
-        help="Layer of the spatial data with raw counts [default: X].", show_default=False)] = None,
+        help="Layer of the spatial data with raw counts; 'raw' for counts held in .raw (then "
+             "OUT/spatial.h5ad holds them in X) [default: X].", show_default=False)] = None,
     reference_layer: Annotated[str | None, typer.Option(
-        help="Layer of the reference with raw counts [default: X].", show_default=False)] = None,
+        help="Layer of the reference with raw counts; 'raw' for counts held in .raw "
+             "[default: X].", show_default=False)] = None,
     spatial_key: Annotated[str, typer.Option(
         help="obsm key of the spot coordinates (n_spots × 2).")] = "spatial",
     library_key: Annotated[str | None, typer.Option(
@@ -144,6 +166,13 @@ def deconvolve_command(
     device: DeviceOption = "cpu",
     seed: SeedOption = 0,
     n_iter: Annotated[int, typer.Option(min=1, help="Maximum solver sweeps.")] = 200,
+    min_cells_per_type: Annotated[int, typer.Option(
+        min=1, metavar="INT",
+        help="Reference cell types with fewer cells are refused (their signatures would be "
+             "noise): drop or merge them, or lower this.")] = 5,
+    n_genes_per_type: Annotated[str, typer.Option(
+        parser=_genes_per_type, metavar="INT|all",
+        help="Informative genes kept per cell type; 'all' keeps every expressed gene.")] = "200",
     cell_level: CellLevelOption = False,
     cells_per_spot: Annotated[str | None, typer.Option(
         metavar="COLUMN",
@@ -154,6 +183,7 @@ def deconvolve_command(
         min=1, metavar="INT",
         help="With --cell-level: candidate reference cells per cell type and spot "
              "[default: 10].", show_default=False)] = None,
+    overwrite: OverwriteOption = False,
     progress: ProgressOption = True,
     quiet: QuietOption = False,
 ) -> None:
@@ -162,12 +192,13 @@ def deconvolve_command(
     Reads the spatial data and the reference, runs spotlens.deconv.deconvolve and writes
     OUT/spatial.h5ad, OUT/proportions.csv and OUT/proportions.png. With --cell-level it then
     runs spotlens.deconv.cell_level and assign_cells and also writes OUT/cells.h5ad and
-    OUT/cells.png. Bad input prints "error: ..." and exits with code 2.
+    OUT/cells.png. Last comes OUT/spotlens_run.json, the record of the run. Bad input prints
+    "error: ..." and exits with code 2; a folder with another run's results needs --overwrite.
 
     Example: spotlens deconvolve -s outs -r ref.h5ad -o out --cell-level
     Visium HD: spotlens deconvolve -s outs --bin-size 8 -r ref.h5ad -o out
     """
-    with _logging(quiet), _errors():
+    with _logging(quiet), _errors(cli_terms=True):
         from ..deconv import deconvolve
         from ..io import read_reference, read_spatial
 
@@ -175,30 +206,37 @@ def deconvolve_command(
         if not cell_level and (cells_per_spot is not None or n_candidates is not None):
             raise InputError("--cells-per-spot and --n-candidates apply to the cell-level step; "
                              "add --cell-level.")
-        out = _out_dir(out)
-        logger.info("reading spatial data %s", spatial)
-        st = read_spatial(spatial, spatial_key=spatial_key, bin_size=bin_size)
-        if cells_per_spot is not None:  # fail before the long type-level fit
-            _check_cells_per_spot(st, cells_per_spot)
-        logger.info("reading reference %s", reference)
-        ref = read_reference(reference, labels_key=labels_key)
-        deconvolve(
-            st, ref, labels_key=labels_key, layer=layer, reference_layer=reference_layer,
-            spatial_key=spatial_key, library_key=library_key, k_neighbors=k_neighbors,
-            lambda_ridge=lambda_ridge, lambda_spatial=lambda_spatial, use_attention=attention,
-            likelihood=likelihood, device=device, seed=seed, n_iter=n_iter,
-            key_added=PROPORTIONS_KEY, inplace=True,
-            progress=progress,
-        )
-        cells = None
-        if cell_level:
-            cells = _cell_level(
+        with output_folder(out, known=OUTPUTS, overwrite=overwrite) as run:
+            logger.info("reading spatial data %s", spatial)
+            st = read_spatial(spatial, spatial_key=spatial_key, bin_size=bin_size)
+            run.add_input("spatial", spatial, adata=st)
+            st, layer = _counts_in_raw(st, layer, what="spatial data", flag="--layer")
+            if cells_per_spot is not None:  # fail before the long type-level fit
+                _check_cells_per_spot(st, cells_per_spot)
+            logger.info("reading reference %s", reference)
+            ref = read_reference(reference, labels_key=labels_key)
+            run.add_input("reference", reference, adata=ref)
+            ref, reference_layer = _counts_in_raw(ref, reference_layer, what="reference",
+                                                  flag="--reference-layer")
+            deconvolve(
                 st, ref, labels_key=labels_key, layer=layer, reference_layer=reference_layer,
-                spatial_key=spatial_key, cells_per_spot=cells_per_spot,
-                n_candidates=10 if n_candidates is None else n_candidates, seed=seed,
+                spatial_key=spatial_key, library_key=library_key, k_neighbors=k_neighbors,
+                lambda_ridge=lambda_ridge, lambda_spatial=lambda_spatial,
+                use_attention=attention, likelihood=likelihood, device=device, seed=seed,
+                n_iter=n_iter, min_cells_per_type=min_cells_per_type,
+                n_genes_per_type=n_genes_per_type, key_added=PROPORTIONS_KEY, inplace=True,
                 progress=progress,
             )
-        _write_outputs(st, out, spatial_key=spatial_key, cells=cells)
+            cells = None
+            if cell_level:
+                cells = _cell_level(
+                    st, ref, labels_key=labels_key, layer=layer,
+                    reference_layer=reference_layer, spatial_key=spatial_key,
+                    cells_per_spot=cells_per_spot,
+                    n_candidates=10 if n_candidates is None else n_candidates, seed=seed,
+                    progress=progress,
+                )
+            _write_outputs(run, st, spatial_key=spatial_key, cells=cells)
 
 
 @app.command("demo", short_help="Run the bundled example and score it against the truth.")
@@ -207,6 +245,7 @@ def demo_command(
     device: DeviceOption = "cpu",
     seed: SeedOption = 0,
     cell_level: CellLevelOption = False,
+    overwrite: OverwriteOption = False,
     progress: ProgressOption = True,
     quiet: QuietOption = False,
 ) -> None:
@@ -219,7 +258,7 @@ def demo_command(
 
     Example: spotlens demo -o demo_output --cell-level
     """
-    with _logging(quiet), _errors():
+    with _logging(quiet), _errors(cli_terms=True):
         from .._metrics import accuracy
         from ..deconv import deconvolve
 
@@ -229,18 +268,20 @@ def demo_command(
         except ImportError as err:
             typer.echo(f"error: the bundled example is not available ({err}).", err=True)
             raise typer.Exit(EXIT_FAILURE) from None
-        out = _out_dir(out)
-        logger.info("loading the bundled osmFISH cortex example")
-        st, ref = osmfish_cortex()
-        deconvolve(st, ref, labels_key="cell_type", device=device, seed=seed,
-                   key_added=PROPORTIONS_KEY, inplace=True, progress=progress)
-        cells = None
-        if cell_level:
-            cells = _cell_level(st, ref, labels_key="cell_type", layer=None,
-                                reference_layer=None, spatial_key="spatial",
-                                cells_per_spot=None, n_candidates=10, seed=seed,
-                                progress=progress)
-        _write_outputs(st, out, spatial_key="spatial", cells=cells)
+        with output_folder(out, known=OUTPUTS, overwrite=overwrite) as run:
+            logger.info("loading the bundled osmFISH cortex example")
+            st, ref = osmfish_cortex()
+            run.add_input("spatial", adata=st, dataset="osmfish_cortex")
+            run.add_input("reference", adata=ref, dataset="osmfish_cortex")
+            deconvolve(st, ref, labels_key="cell_type", device=device, seed=seed,
+                       key_added=PROPORTIONS_KEY, inplace=True, progress=progress)
+            cells = None
+            if cell_level:
+                cells = _cell_level(st, ref, labels_key="cell_type", layer=None,
+                                    reference_layer=None, spatial_key="spatial",
+                                    cells_per_spot=None, n_candidates=10, seed=seed,
+                                    progress=progress)
+            _write_outputs(run, st, spatial_key="spatial", cells=cells)
         scores = accuracy(st.obsm[PROPORTIONS_KEY], st.obsm["true_proportions"])
         typer.echo(_accuracy_table(scores))
         if cell_level:
@@ -302,27 +343,48 @@ def _cell_level(st, ref, *, labels_key: str, layer: str | None, reference_layer:
                         reference_layer=reference_layer, seed=seed)
 
 
-def _write_outputs(st, out: Path, *, spatial_key: str, cells=None) -> None:
+def _write_outputs(run, st, *, spatial_key: str, cells=None) -> None:
+    """Write the results through ``run`` (an :class:`OutputRun`), then its complete manifest."""
     from ..io import save_figure, write_csv, write_h5ad
     from ..pl import cells as cell_map
     from ..pl import proportions
 
-    logger.info("writing %s", out)
-    names = ("spatial.h5ad", "proportions.csv", "proportions.png")
-    if cells is not None:
-        names += ("cells.h5ad", "cells.png")
-    paths = {name: out / name for name in names}
-    write_h5ad(st, paths["spatial.h5ad"])
+    logger.info("writing %s", run.folder)
+    run.start_writing(OUTPUTS if cells is not None else OUTPUTS[:3])
+    run.write("spatial.h5ad", lambda path: write_h5ad(st, path))
     table = st.obsm[PROPORTIONS_KEY].copy()
     table.index.name = "spot"
-    write_csv(table, paths["proportions.csv"])
+    run.write("proportions.csv", lambda path: write_csv(table, path))
     fig = proportions(st, key=PROPORTIONS_KEY, spatial_key=spatial_key)
-    save_figure(fig, paths["proportions.png"])
+    run.write("proportions.png", lambda path: save_figure(fig, path))
     if cells is not None:
-        write_h5ad(cells, paths["cells.h5ad"])
-        save_figure(cell_map(cells, st, spatial_key=spatial_key), paths["cells.png"])
-    for path in paths.values():
+        run.write("cells.h5ad", lambda path: write_h5ad(cells, path))
+        fig = cell_map(cells, st, spatial_key=spatial_key)
+        run.write("cells.png", lambda path: save_figure(fig, path))
+    manifest = run.finish()
+    for path in [*run.written, manifest]:
         typer.echo(f"wrote {path}")
+
+
+def _counts_in_raw(adata, layer: str | None, *, what: str, flag: str):
+    """``(adata, layer)`` to pass on; ``--layer raw`` (no layer named 'raw') reads ``.raw``.
+
+    The library reads counts from ``X`` or a layer; counts kept in ``.raw`` (often with more
+    genes than ``X``) are read by making ``adata.raw`` the object: its counts in ``X``, with
+    ``obs``, ``obsm`` and ``uns`` of ``adata``.
+    """
+    if layer != "raw" or layer in adata.layers:
+        return adata, layer
+    if adata.raw is None:
+        have = ", ".join(map(repr, adata.layers.keys())) or "none"
+        raise InputError(
+            f"{flag} raw reads the counts held in .raw, but the {what} has no .raw (layers: "
+            f"{have}). Pass {flag} with the layer that holds raw counts, or leave it out to use "
+            "X."
+        )
+    logger.info("%s raw: using the counts in .raw of the %s (%d genes)", flag, what,
+                adata.raw.n_vars)
+    return adata.raw.to_adata(), None
 
 
 def _check_cells_per_spot(st, column: str) -> None:
@@ -341,6 +403,7 @@ def _check_device(device: str) -> None:
 
 
 def _out_dir(out: Path) -> Path:
+    """Create ``out``; superseded by :func:`._outputs.output_folder` (kept for histology)."""
     out = out.expanduser()
     if out.exists() and not out.is_dir():
         raise InputError(f"The output path {out} is a file; pass a folder with -o.")
@@ -352,12 +415,17 @@ def _out_dir(out: Path) -> Path:
 
 
 @contextmanager
-def _errors() -> Iterator[None]:
-    """Turn bad input into a one-line message and exit code 2; a failed read/write into code 1."""
+def _errors(*, cli_terms: bool = False) -> Iterator[None]:
+    """Turn bad input into a one-line message and exit code 2; a failed read/write into code 1.
+
+    With ``cli_terms`` the library's parameter names in the message become the running
+    command's flags (``labels_key=`` -> ``--labels-key``, see :func:`._messages.cli_message`).
+    """
     try:
         yield
     except (InputError, BackendError) as err:
-        typer.echo(f"error: {' '.join(str(err).split())}", err=True)
+        message = " ".join(str(err).split())
+        typer.echo(f"error: {cli_message(message) if cli_terms else message}", err=True)
         raise typer.Exit(EXIT_INPUT) from None
     except OSError as err:
         where = f"{err.filename}: " if err.filename else ""
@@ -368,8 +436,8 @@ def _errors() -> Iterator[None]:
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        if record.levelno >= logging.WARNING:
-            return text.replace(" ", f" {record.levelname.lower()}: ", 1)
+        if record.levelno >= logging.WARNING:  # advice in flags, as in the errors
+            return cli_message(text).replace(" ", f" {record.levelname.lower()}: ", 1)
         return text
 
 

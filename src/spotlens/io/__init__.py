@@ -9,8 +9,9 @@ half-written file. No analysis happens here.
 """
 
 from ._read import read_reference, read_spatial
-from ._write import atomic_path, save_figure, write_csv, write_h5ad
+from ._write import atomic_path, save_figure, temporary_files, write_csv, write_h5ad
 
 __all__ = [
-    "atomic_path", "read_reference", "read_spatial", "save_figure", "write_csv", "write_h5ad",
+    "atomic_path", "read_reference", "read_spatial", "save_figure", "temporary_files",
+    "write_csv", "write_h5ad",
 ]

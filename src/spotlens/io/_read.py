@@ -17,6 +17,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._validation import InputError, check_coordinates, check_labels
+from ._names import restore_names
 
 logger = logging.getLogger("spotlens")
 
@@ -48,8 +49,12 @@ def read_spatial(
     (``filtered_feature_bc_matrix.h5`` and ``spatial/tissue_positions.parquet``), through
     :func:`scanpy.read_10x_h5` and :func:`pandas.read_parquet` (pyarrow).
 
-    Counts are kept raw (no normalisation). Repeated gene names are made unique by appending
-    ``-1``, ``-2``, ... (:meth:`anndata.AnnData.var_names_make_unique`), with a logged note.
+    Counts are kept raw (no normalisation). Repeated gene names (10x matrices repeat a few
+    symbols) are made unique by appending ``-1``, ``-2``, ...
+    (:meth:`anndata.AnnData.var_names_make_unique`) with a logged warning that names them: the
+    first copy keeps the name, the renamed copies match only a dataset with the same names.
+    :func:`spotlens.deconv.deconvolve` itself refuses repeated gene names. Names holding ``/``
+    that :func:`spotlens.io.write_h5ad` stored encoded are restored.
 
     Parameters
     ----------
@@ -172,13 +177,16 @@ def read_reference(path: str | PathLike, *, labels_key: str | None = None) -> An
 
     Returns
     -------
-    ``n_cells × n_genes`` AnnData as stored, with repeated gene names made unique (logged).
+    ``n_cells × n_genes`` AnnData as stored, with repeated gene names made unique (NAME-1,
+    NAME-2, ..., with a logged warning naming them; the first copy keeps the name) and names
+    holding ``/`` that :func:`spotlens.io.write_h5ad` stored encoded restored.
 
     Raises
     ------
     InputError
         ``path`` does not exist, is not an ``.h5ad`` file or cannot be read; ``labels_key`` is
-        given and missing, has NaN labels or a single cell type.
+        given and missing, has missing labels (NaN, or text such as ``"nan"``, ``"None"``,
+        ``""``) or a single cell type.
 
     Examples
     --------
@@ -211,24 +219,38 @@ def _read_h5ad(path: Path, *, what: str) -> AnnData:
 
     try:
         with warnings.catch_warnings():
-            # repeated gene names are fixed (and logged) right after reading
+            # repeated gene names are fixed (and reported) right after reading
             warnings.filterwarnings("ignore", message="Variable names are not unique")
-            return anndata.read_h5ad(path)
+            adata = anndata.read_h5ad(path)
     except (OSError, KeyError, ValueError, TypeError) as err:
         raise InputError(
             f"Could not read the {what} {path} as an .h5ad file ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else 'no details'}). Is the file complete?"
         ) from err
+    restore_names(adata)  # names with '/' that spotlens.io.write_h5ad stored encoded
+    return adata
 
 
 def _make_var_names_unique(adata: AnnData, path: Path) -> None:
+    """Rename repeated gene names NAME-1, NAME-2, ... and say so in a logged warning.
+
+    10x count matrices repeat some gene symbols (one per gene id); deconvolution matches genes
+    by name, so it refuses repeats (:func:`~spotlens._validation.check_unique_names`). Here the
+    first copy keeps the name, so it is matched as before; the renamed copies match only a
+    dataset with the same renamed copies. The warning names the genes so that nothing is
+    dropped silently.
+    """
     if adata.var_names.is_unique:
         return
     repeated = adata.var_names[adata.var_names.duplicated(keep=False)].unique()
+    n_copies = int(adata.var_names.duplicated().sum())
     adata.var_names_make_unique()
-    logger.info(
-        "%s: %d gene names occur more than once (e.g. %s); made unique by appending -1, -2, ...",
-        path.name, len(repeated), ", ".join(map(str, repeated[:5])),
+    logger.warning(
+        "%s: %d gene names occur more than once (e.g. %s); the %d repeats were renamed NAME-1, "
+        "NAME-2, ... and are used only where the other dataset has the same names (otherwise "
+        "only the first copy is). To keep all their counts, sum the repeated columns into one "
+        "gene before reading, or read the file with anndata and aggregate them.",
+        path.name, len(repeated), ", ".join(map(str, repeated[:5])), n_copies,
     )
 
 

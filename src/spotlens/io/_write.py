@@ -6,8 +6,8 @@ import functools
 import io
 import logging
 import os
+import re
 import tempfile
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from os import PathLike
@@ -19,8 +19,37 @@ import pandas as pd
 from anndata import AnnData
 
 from .._validation import InputError
+from ._names import escape_names
 
 logger = logging.getLogger("spotlens")
+
+
+#: Names of the temporary files an interrupted writer leaves behind: ``.<name>.<8 random
+#: characters>.tmp`` from :func:`atomic_path` (:func:`tempfile.mkstemp`) and ``.<name>.tmp-<pid>``
+#: from the histology checkpoint writer. Keep in step with both.
+TEMPORARY_NAME = re.compile(r"^\.(?P<target>.+)\.(?:[a-z0-9_]{8}\.tmp|tmp-\d+)$")
+
+
+def temporary_files(folder: str | PathLike) -> list[Path]:
+    """The temporary files of interrupted atomic writes in ``folder`` (not in sub-folders).
+
+    A run killed while writing (``kill -9``, power loss) cannot remove the temporary file of
+    :func:`atomic_path`; it stays beside the outputs as a hidden ``.<name>.<random>.tmp``.
+
+    Parameters
+    ----------
+    folder
+        Folder to look in; a missing folder has none.
+
+    Returns
+    -------
+    The paths, sorted by name; only regular files whose names match :data:`TEMPORARY_NAME`.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if TEMPORARY_NAME.match(p.name) and p.is_file() and not p.is_symlink())
 
 
 @contextmanager
@@ -85,8 +114,13 @@ def write_h5ad(
     caller's object is untouched. ``uns`` entries anndata cannot store are converted in the copy:
     tuples and sets become arrays, ``pandas.Series`` one-column DataFrames, non-string keys and
     column names strings, object arrays with non-string items and other objects (paths, dates)
-    their ``str``; each lossy conversion is logged. The result of
-    :func:`spotlens.deconv.deconvolve` round-trips unchanged.
+    their ``str``; each lossy conversion is logged. Names that hold ``/`` (cell types such as
+    ``"T/NK"`` as columns of ``obsm["proportions_spotlens"]``, keys of ``obsm``/``uns``, ...)
+    are stored with ``/`` written ``%2F`` (:func:`spotlens._keys.storage_name`; ``/`` would make
+    nested HDF5 groups, which anndata's next release refuses), each change recorded in
+    ``uns["spotlens_stored_names"]``; :func:`spotlens.io.read_spatial` and
+    :func:`spotlens.io.read_reference` restore the original names. The result of
+    :func:`spotlens.deconv.deconvolve` round-trips unchanged through those readers.
 
     Parameters
     ----------
@@ -115,16 +149,7 @@ def write_h5ad(
             "Load it first with adata.to_memory()."
         )
     copy = _shallow_copy(adata)
-    slashed = _names_with_slash(copy)
-    if slashed:
-        logger.warning(
-            "write_h5ad: names with '/' are stored as nested HDF5 groups, which anndata says its "
-            "next release will refuse: %s. Rename them (e.g. 'T/NK' -> 'T-NK') to keep the data "
-            "writable.",
-            ", ".join(slashed[:5]),
-        )
-    with atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Forward slashes", category=FutureWarning)
+    with atomic_path(path) as tmp:
         copy.write_h5ad(tmp, compression=compression)
 
 
@@ -188,42 +213,23 @@ def _shallow_copy(adata: AnnData) -> AnnData:
     raw = None
     if adata.raw is not None:
         raw = {"X": adata.raw.X, "var": adata.raw.var.copy(), "varm": dict(adata.raw.varm)}
-    return AnnData(
-        X=adata.X,
-        obs=adata.obs.copy(),
-        var=adata.var.copy(),
-        uns=_writable(dict(adata.uns), "uns"),
-        obsm=dict(adata.obsm),
-        varm=dict(adata.varm),
-        obsp=dict(adata.obsp),
-        varp=dict(adata.varp),
-        layers=dict(adata.layers),
-        raw=raw,
-    )
-
-
-def _names_with_slash(adata: AnnData) -> list[str]:
-    """Keys and DataFrame column names that contain ``/`` (reported as ``where: name``)."""
-    found = [f"{attr}[{name!r}]" for attr in ("obs", "var")
-             for name in getattr(adata, attr).columns if "/" in str(name)]
-    for attr in ("obsm", "varm", "obsp", "varp", "layers"):
-        for key, value in getattr(adata, attr).items():
-            if "/" in key:
-                found.append(f"{attr} key {key!r}")
-            if isinstance(value, pd.DataFrame):
-                found += [f"{attr}[{key!r}] column {c!r}" for c in value.columns if "/" in str(c)]
-
-    def walk(mapping: Mapping, where: str) -> None:
-        for key, value in mapping.items():
-            if "/" in key:
-                found.append(f"{where} key {key!r}")
-            if isinstance(value, Mapping):
-                walk(value, f"{where}[{key!r}]")
-            elif isinstance(value, pd.DataFrame):
-                found.extend(f"{where}[{key!r}] column {c!r}" for c in value.columns if "/" in c)
-
-    walk(adata.uns, "uns")
-    return found
+    parts, escaped = escape_names({
+        "obs": adata.obs.copy(),
+        "var": adata.var.copy(),
+        "uns": _writable(dict(adata.uns), "uns"),
+        "obsm": dict(adata.obsm),
+        "varm": dict(adata.varm),
+        "obsp": dict(adata.obsp),
+        "varp": dict(adata.varp),
+        "layers": dict(adata.layers),
+    })
+    if escaped:
+        logger.info(
+            "write_h5ad: %d names hold '/', which h5ad keys cannot (e.g. %s); stored with '/' as "
+            "'%%2F' and restored by spotlens.io.read_spatial / read_reference",
+            len(escaped), ", ".join(map(repr, list(dict.fromkeys(escaped))[:3])),
+        )
+    return AnnData(X=adata.X, raw=raw, **parts)
 
 
 _SCALARS = (str, bytes, bool, int, float, np.bool_, np.integer, np.floating, np.str_, np.bytes_)
