@@ -303,14 +303,15 @@ def test_cli_train_evaluate_predict(data, tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "p" / "predicted.h5ad").is_file()
     assert (tmp_path / "p" / f"{gene}.png").is_file()
-    # bad input: one line "error: ..." and exit code 2
+    # bad input: one line "error: ..." and exit code 2 (and no new output folder)
     res = runner.invoke(app, ["histology", "predict", "-m", str(model), "-i",
-                              str(folder / "S4_HE.png"), "-q", "-o", str(tmp_path / "p")])
+                              str(folder / "S4_HE.png"), "-q", "-o", str(tmp_path / "p2")])
     assert res.exit_code == 2 and "error:" in res.output and "--mpp" in res.output
     res = runner.invoke(app, ["histology", "predict", "-m", str(model), "-i",
                               str(folder / "S4_HE.png"), "--mpp", "1", "-q",
-                              "--plot-genes", "ERBB2", "-o", str(tmp_path / "p")])
+                              "--plot-genes", "ERBB2", "-o", str(tmp_path / "p2")])
     assert res.exit_code == 2 and "not among the model's" in res.output
+    assert not (tmp_path / "p2").exists()
     res = runner.invoke(app, ["histology", "train", "--sections", str(tmp_path / "x.h5ad"),
                               "-q", "-o", str(tmp_path / "m2")])
     assert res.exit_code == 2 and "error: Section file not found" in res.output
@@ -321,9 +322,9 @@ def test_cli_train_evaluate_predict(data, tmp_path):
     res = runner.invoke(app, ["histology", "train", "--sections", str(folder / "S1.h5ad"),
                               str(folder / "S2.h5ad"), "--tile-scales", "1,1", "-q",
                               "-o", str(tmp_path / "m4")])
-    assert res.exit_code == 2 and "tile_scales has repeats" in res.output
+    assert res.exit_code == 2 and "--tile-scales has repeats" in res.output
     for bad, message in [("x", "--expression-rank must be 'auto', 'full' or a positive"),
-                         ("0", "expression_rank must be a positive integer")]:
+                         ("0", "--expression-rank must be a positive integer")]:
         res = runner.invoke(app, ["histology", "train", "--sections", str(folder / "S1.h5ad"),
                                   str(folder / "S2.h5ad"), "--expression-rank", bad, "-q",
                                   "-o", str(tmp_path / "m5")])
@@ -332,6 +333,7 @@ def test_cli_train_evaluate_predict(data, tmp_path):
                               str(folder / "S2.h5ad"), "--encoder", "colour", "--finetune-head",
                               "-q", "-o", str(tmp_path / "m6")])
     assert res.exit_code == 2 and "'colour' has none to fine-tune" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "p"]  # no failed run's
 
 
 # -- real data (optional) ------------------------------------------------------------------------

@@ -1,8 +1,18 @@
-"""``spotlens histology train|evaluate|predict``: expression from H&E on the command line."""
+"""``spotlens histology train|evaluate|predict``: expression from H&E on the command line.
+
+Each command writes its folder through :func:`._outputs.output_folder`, as ``deconvolve``
+does: ``OUT/spotlens_run.json`` is written last with ``"complete": true``, a folder holding
+another run's results is refused without ``--overwrite``, and the library's errors name the
+command's flags (``tile_scales`` -> ``--tile-scales``).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -16,10 +26,18 @@ from ._app import (
     _check_device,
     _errors,
     _logging,
-    _out_dir,
 )
+from ._outputs import MANIFEST_NAME, OverwriteOption, output_folder
 
 logger = logging.getLogger("spotlens")
+
+#: Files 'train' writes (see spotlens.histology._pipeline); without a manifest, any of them in
+#: OUT marks an earlier run's model, which --resume continues.
+TRAIN_OUTPUTS = ("config.json", "model.pt", "model.npz", "checkpoint.pt", "checkpoint-final.pt",
+                 "checkpoint.json")
+EVALUATE_OUTPUTS = ("evaluation.csv", "pearson_per_gene.csv")
+#: Besides OUT/<gene>.png for each --plot-genes (listed in the manifest).
+PREDICT_OUTPUTS = ("predicted.h5ad",)
 
 histology_app = typer.Typer(
     name="histology",
@@ -58,7 +76,8 @@ ModelOption = Annotated[Path, typer.Option(
     "--model", "-m", metavar="DIR", show_default=False, help="Model folder written by 'train'.")]
 
 
-def _sections(ctx: typer.Context, sections: list[Path], images: list[Path] | None):
+def _sections(ctx: typer.Context, sections: list[Path], images: list[Path] | None, run=None):
+    """Read the sections (and find their images); record them as inputs of ``run``."""
     from ..histology._pipeline import load_section
 
     extra = [a for a in ctx.args]
@@ -74,7 +93,11 @@ def _sections(ctx: typer.Context, sections: list[Path], images: list[Path] | Non
     pairs = []
     for i, path in enumerate(paths):
         logger.info("reading %s", path)
-        pairs.append(load_section(path, images[i] if images else None))
+        adata, image = load_section(path, images[i] if images else None)
+        if run is not None:
+            run.add_input(f"section_{i + 1}", path, adata=adata)
+            run.add_input(f"image_{i + 1}", image)
+        pairs.append((adata, image))
     return pairs
 
 
@@ -108,8 +131,10 @@ def _mpps(value: str | None):
 def train_command(
     ctx: typer.Context,
     sections: SectionsOption,
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", show_default=False,
-                                      help="Model folder (created if missing).")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", metavar="DIR", show_default=False,
+        help="Model folder (created if missing). A folder with another run's results is "
+             "refused unless --overwrite; an interrupted training run there is resumed.")],
     images: ImagesOption = None,
     model_type: Annotated[str, typer.Option(
         "--model-type", metavar="attention|graph|ridge",
@@ -159,15 +184,19 @@ def train_command(
     device: DeviceOption = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of initialisation and dropout.")] = 0,
     resume: Annotated[bool, typer.Option(
-        "--resume/--no-resume", help="Continue an interrupted run from OUT/checkpoint*.pt.")
+        "--resume/--no-resume",
+        help="Continue an interrupted (unfinished) run in OUT from OUT/checkpoint*.pt; "
+             "--no-resume removes its files and starts over.")
     ] = True,
+    overwrite: OverwriteOption = False,
     progress: ProgressOption = True,
     quiet: QuietOption = False,
 ) -> None:
     """Train on sections with expression and H&E; write OUT/config.json and OUT/model.pt.
 
     Early stopping on the last section listed (training on the others), then a refit on all
-    sections for the best number of epochs. Re-running with the same OUT resumes.
+    sections for the best number of epochs. OUT/spotlens_run.json, written last, records the
+    run. Re-running into OUT resumes an interrupted run; a finished one needs --overwrite.
 
     Sections are checked before any tile is encoded: a known scale (--mpp where neither the
     image nor the .h5ad records it), spots on the image, the image matching the section's
@@ -179,7 +208,7 @@ def train_command(
     Example (JPEGs of unrecorded scale): spotlens histology train --sections MOB1.h5ad
     MOB2.h5ad MOB3.h5ad --mpp 4.16 -o mob_model
     """
-    with _logging(quiet), _errors():
+    with _logging(quiet), _errors(cli_terms=True):
         from ..histology._pipeline import MODEL_TYPES, train
         from ..histology._train import TrainConfig
 
@@ -189,8 +218,6 @@ def train_command(
         _check_device(device)
         gene_arg = _genes(genes)
         mpp_arg = _mpps(mpp)
-        out = _out_dir(out)
-        pairs = _sections(ctx, sections, images)
         config = None
         if model_type != "ridge":
             rank = expression_rank.strip().lower()
@@ -208,12 +235,25 @@ def train_command(
         except ValueError as err:
             raise InputError(f"--tile-scales must be numbers separated by commas, got "
                              f"{tile_scales!r}.") from err
-        train(pairs, genes=gene_arg, model=model_type, encoder=encoder,
-              encoder_weights=encoder_weights, tile_um=tile_um, mpp=mpp_arg,
-              tile_scales=scales, standardize=standardize, out_px=out_px, config=config,
-              cache_dir=cache_dir, device=device, seed=seed,
-              out=out, resume=resume, progress=progress)
-        typer.echo(f"wrote {out / 'config.json'}")
+        planned = (["config.json", "model.npz"] if model_type == "ridge" else
+                   ["config.json", "model.pt", "checkpoint.pt", "checkpoint-final.pt",
+                    "checkpoint.json"])
+        with _undone_if_empty(out), output_folder(out, known=TRAIN_OUTPUTS, overwrite=overwrite,
+                                                  keep_unfinished=resume) as run:
+            pairs = _sections(ctx, sections, images, run)
+            # clears an earlier run's files (--overwrite, or unfinished with --no-resume) before
+            # train() reads checkpoints; train() checks the sections, genes and encoder first
+            run.start_writing(planned)
+            train(pairs, genes=gene_arg, model=model_type, encoder=encoder,
+                  encoder_weights=encoder_weights, tile_um=tile_um, mpp=mpp_arg,
+                  tile_scales=scales, standardize=standardize, out_px=out_px, config=config,
+                  cache_dir=cache_dir, device=device, seed=seed,
+                  out=run.folder, resume=resume, progress=progress)
+            # the model is every planned file there, those kept from a resumed run included
+            run.record(*(p for p in map(run.path, planned) if p.is_file()))
+            run.record_changed()
+            manifest = run.finish()
+        _echo_written(run, manifest)
 
 
 @histology_app.command("evaluate", context_settings=_MANY, no_args_is_help=True,
@@ -225,10 +265,13 @@ def evaluate_command(
     images: ImagesOption = None,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", metavar="DIR", show_default=False,
-        help="Also write DIR/evaluation.csv and DIR/pearson_per_gene.csv.")] = None,
+        help="Also write DIR/evaluation.csv, DIR/pearson_per_gene.csv and "
+             "DIR/spotlens_run.json (created if missing; a folder with another run's results "
+             "is refused unless --overwrite).")] = None,
     encoder_weights: MovedWeightsOption = None,
     cache_dir: CacheOption = None,
     device: DeviceOption = "cpu",
+    overwrite: OverwriteOption = False,
     progress: ProgressOption = True,
     quiet: QuietOption = False,
 ) -> None:
@@ -239,25 +282,36 @@ def evaluate_command(
 
     Example: spotlens histology evaluate --model her2st_model --sections C6.h5ad B4.h5ad
     """
-    with _logging(quiet), _errors():
+    with _logging(quiet), _errors(cli_terms=True):
         import pandas as pd
 
         from ..histology._inference import evaluate, load_model
 
         _check_device(device)
-        pairs = _sections(ctx, sections, images)
-        fitted = load_model(model, device=device, encoder_weights=encoder_weights)
-        table = evaluate(fitted, pairs, cache_dir=cache_dir, device=device, progress=progress)
-        typer.echo(table.to_string(float_format=lambda v: f"{v:.3f}"))
-        if out is not None:
+        if overwrite and out is None:
+            raise InputError("--overwrite replaces the files of an earlier run in the folder "
+                             "given with --out; add --out DIR.")
+        folder = nullcontext() if out is None else output_folder(
+            out, known=EVALUATE_OUTPUTS, overwrite=overwrite)
+        with folder as run:
+            pairs = _sections(ctx, sections, images, run)
+            if run is not None:
+                run.add_input("model", model)
+            fitted = load_model(model, device=device, encoder_weights=encoder_weights)
+            table = evaluate(fitted, pairs, cache_dir=cache_dir, device=device,
+                             progress=progress)
+            typer.echo(table.to_string(float_format=lambda v: f"{v:.3f}"))
+            if run is None:
+                return
             from ..io import write_csv
 
-            out = _out_dir(out)
-            write_csv(table, out / "evaluation.csv")
             per_gene = pd.DataFrame(table.attrs["per_gene"])
             per_gene.index.name = "gene"
-            write_csv(per_gene, out / "pearson_per_gene.csv")
-            typer.echo(f"wrote {out / 'evaluation.csv'}\nwrote {out / 'pearson_per_gene.csv'}")
+            run.start_writing(EVALUATE_OUTPUTS)
+            run.write("evaluation.csv", lambda path: write_csv(table, path))
+            run.write("pearson_per_gene.csv", lambda path: write_csv(per_gene, path))
+            manifest = run.finish()
+        _echo_written(run, manifest)
 
 
 @histology_app.command("predict", no_args_is_help=True,
@@ -266,8 +320,10 @@ def predict_command(
     model: ModelOption,
     image: Annotated[Path, typer.Option("--image", "-i", metavar="IMAGE", show_default=False,
                                         help="Full-resolution H&E image.")],
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", show_default=False,
-                                      help="Output folder (created if missing).")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", metavar="DIR", show_default=False,
+        help="Output folder (created if missing). A folder with another run's results is "
+             "refused unless --overwrite.")],
     mpp: Annotated[float | None, typer.Option(
         metavar="µm/px", show_default=False,
         help="µm per pixel of the image [default: from a TIFF/SVS; JPEG/PNG need it].")] = None,
@@ -281,6 +337,7 @@ def predict_command(
     encoder_weights: MovedWeightsOption = None,
     cache_dir: CacheOption = None,
     device: DeviceOption = "cpu",
+    overwrite: OverwriteOption = False,
     progress: ProgressOption = True,
     quiet: QuietOption = False,
 ) -> None:
@@ -288,35 +345,84 @@ def predict_command(
 
     X holds predicted log-normalised expression; obsm['spatial'] the spot centres in
     full-resolution px; uns['spatial'] a thumbnail and scale factors (sc.pl.spatial works).
+    OUT/spotlens_run.json, written last, records the run.
 
     Example: spotlens histology predict -m her2st_model -i C6_HE_fullres.jpg --mpp 0.684
     -o C6_pred --plot-genes ERBB2
     """
-    with _logging(quiet), _errors():
+    with _logging(quiet), _errors(cli_terms=True):
         from ..histology._inference import load_model, predict
         from ..io import save_figure, write_h5ad
         from ..pl import overlay
 
         _check_device(device)
-        fitted = load_model(model, device=device, encoder_weights=encoder_weights)
-        genes = [g.strip() for g in (plot_genes or "").split(",") if g.strip()]
-        unknown = [g for g in genes if g not in fitted.genes]
-        if unknown:
-            raise InputError(f"--plot-genes {unknown} are not among the model's "
-                             f"{len(fitted.genes)} genes (e.g. {fitted.genes[:5]}).")
-        out = _out_dir(out)
-        result = predict(fitted, image, mpp=mpp, spacing_um=spacing_um, cache_dir=cache_dir,
-                         device=device, progress=progress)
-        paths = [out / "predicted.h5ad"]
-        write_h5ad(result, paths[0])
-        for gene in genes:
-            path = out / f"{_safe(gene)}.png"
-            fig = overlay(result, [gene], label="predicted log-normalised expression")
-            save_figure(fig, path)
-            paths.append(path)
-        for path in paths:
-            typer.echo(f"wrote {path}")
+        with output_folder(out, known=PREDICT_OUTPUTS, overwrite=overwrite) as run:
+            run.add_input("model", model)
+            run.add_input("image", image)
+            fitted = load_model(model, device=device, encoder_weights=encoder_weights)
+            genes = list(dict.fromkeys(g.strip() for g in (plot_genes or "").split(",")
+                                       if g.strip()))
+            unknown = [g for g in genes if g not in fitted.genes]
+            if unknown:
+                raise InputError(f"--plot-genes {unknown} are not among the model's "
+                                 f"{len(fitted.genes)} genes (e.g. {fitted.genes[:5]}).")
+            pngs = {f"{_safe(gene)}.png": gene for gene in genes}
+            if len(pngs) < len(genes):
+                raise InputError(f"--plot-genes {genes} give the same file name twice once "
+                                 "characters other than letters, digits, '-', '_' and '.' "
+                                 "become '_'; plot those genes in separate runs.")
+            result = predict(fitted, image, mpp=mpp, spacing_um=spacing_um,
+                             cache_dir=cache_dir, device=device, progress=progress)
+            run.start_writing([*PREDICT_OUTPUTS, *pngs])
+            run.write("predicted.h5ad", lambda path: write_h5ad(result, path))
+            for name, gene in pngs.items():
+                fig = overlay(result, [gene], label="predicted log-normalised expression")
+                run.write(name, lambda path, fig=fig: save_figure(fig, path))
+            manifest = run.finish()
+        _echo_written(run, manifest)
 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _echo_written(run, manifest: Path) -> None:
+    for path in [*run.written, manifest]:
+        typer.echo(f"wrote {path}")
+
+
+@contextmanager
+def _undone_if_empty(out: Path) -> Iterator[None]:
+    """Remove ``out`` again when a run that created it fails having written only its manifest.
+
+    ``train`` checks the sections, genes and encoder only once called, after
+    :meth:`~._outputs.OutputRun.start_writing` (which must clear an earlier run's checkpoints
+    before ``train`` reads them); a run refused there leaves no new folder, as a failing
+    ``deconvolve`` does. A folder that existed, or that holds anything else (checkpoints to
+    resume from), is left with its manifest marking the run as failed.
+    """
+    out = out.expanduser()
+    missing = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        if missing and _only_own_manifest(out):
+            (out / MANIFEST_NAME).unlink(missing_ok=True)
+            for folder in missing:
+                try:
+                    folder.rmdir()  # only ever succeeds on an empty folder
+                except OSError:
+                    break
+        raise
+
+
+def _only_own_manifest(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but the unfinished manifest of this process."""
+    try:
+        if [p.name for p in folder.iterdir()] != [MANIFEST_NAME]:
+            return False
+        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(manifest, dict) and manifest.get("complete") is False
+            and manifest.get("pid") == os.getpid() and not manifest.get("files"))

@@ -29,8 +29,10 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-#: API parameter names whose command-line option has another name.
-ALIASES = {"use_attention": "attention"}
+#: API parameter names whose command-line option has another name. ``model=`` of
+#: ``histology.train`` is the architecture (``--model-type``); ``--model`` of ``histology
+#: evaluate|predict`` is the model folder, ``model_dir`` of the API.
+ALIASES = {"use_attention": "attention", "model": "model_type", "model_dir": "model"}
 
 #: How an option spells the API's ``None`` when it has a word for it (else: leave it out).
 NONE_SPELLING = {"n_genes_per_type": "all"}
