@@ -126,7 +126,7 @@ def test_cross_validation_smooths_noisy_smooth_tissue_and_not_a_mosaic():
 def test_deconvolve_records_the_likelihood_and_rejects_bad_values(synthetic):
     st, ref = synthetic.spatial, synthetic.reference
     auto = deconvolve(st, ref, inplace=False, progress=False)
-    assert auto.uns["params"]["likelihood"] == "poisson"
+    assert auto.uns["params"]["likelihood"] == "quasi_poisson"
     np.testing.assert_allclose(auto.proportions.sum(axis=1), 1.0)
     truth = synthetic.true_proportions.loc[st.obs_names, auto.proportions.columns].to_numpy()
     assert np.corrcoef(auto.proportions.to_numpy().ravel(), truth.ravel())[0, 1] > 0.9
@@ -182,3 +182,82 @@ def test_auto_choices_follow_the_slide_size(synthetic, monkeypatch):
     assert forced.fit_score.notna().all()
     with pytest.raises(InputError, match="fit_quality must be"):
         deconvolve(st, ref, fit_quality="yes", progress=False)
+
+
+# --- quasi-Poisson data term (gene weights from the dispersion) -----------------------------
+
+
+def _scattered_problem(n_spots=300, n_genes=60, n_types=4, depth=2000.0, seed=3):
+    """Counts with gene-wise extra-Poisson scatter: a gamma factor per spot and gene whose
+    spread differs by gene (half the genes Poisson, half widely scattered)."""
+    rng = np.random.default_rng(seed)
+    s_bar = rng.gamma(0.5, 1.0, size=(n_types, n_genes))
+    s_bar /= s_bar.sum(axis=1, keepdims=True)
+    x = rng.dirichlet(np.full(n_types, 0.7), size=n_spots)
+    phi = np.where(np.arange(n_genes) % 2 == 0, 0.0, 0.6)
+    mean = depth * x @ s_bar
+    gamma = rng.gamma(1.0 / np.maximum(phi, 1e-9), np.maximum(phi, 1e-9), size=mean.shape)
+    counts = rng.poisson(mean * np.where(phi > 0, gamma, 1.0)).astype(np.float64)
+    return sparse.csr_matrix(counts), s_bar, x, phi
+
+
+def test_weighted_fit_matches_an_independent_fit_and_never_increases():
+    counts, s_bar, _, _ = _scattered_problem(n_spots=6, seed=4)
+    weight = np.linspace(0.05, 1.0, s_bar.shape[1])
+    problem = CountProblem.from_counts(counts, s_bar, weight)
+    res = solve_counts(problem, n_iter=3000, tol=1e-13)
+    assert (np.diff(res.objective) <= 1e-9 * abs(res.objective[0])).all()
+    y = counts.toarray()
+    for i in range(6):
+        n_i = problem.library[i]
+
+        def nll(v, i=i, n_i=n_i):
+            mu = n_i * (v @ s_bar)
+            return float((weight * (mu - y[i] * np.log(np.maximum(mu, 1e-300)))).sum())
+
+        oracle = optimize.minimize(nll, np.full(4, 0.25), method="L-BFGS-B",
+                                   bounds=[(0, None)] * 4, options={"ftol": 1e-15, "gtol": 1e-10})
+        assert nll(res.x[i]) <= oracle.fun + 1e-7 * abs(oracle.fun)
+        np.testing.assert_allclose(res.x[i], oracle.x, atol=3e-3)
+
+
+def test_equal_weights_give_the_poisson_fit():
+    problem, _ = _problem(n_spots=30, seed=5)
+    weighted = CountProblem.from_counts(problem.counts, problem.s_bar, np.full(40, 0.3))
+    a = solve_counts(problem, n_iter=500, tol=1e-12).x
+    b = solve_counts(weighted, n_iter=500, tol=1e-12).x
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+    # the penalties' scale follows the weights, so a unit-free penalty means the same
+    assert weighted.scale == pytest.approx(0.3 * problem.scale)
+
+
+def test_gene_dispersion_separates_scattered_genes_and_shrinks_sparse_ones():
+    from spotlens.deconv._dispersion import gene_dispersion
+
+    counts, s_bar, x, phi = _scattered_problem()
+    lib = np.asarray(counts.sum(axis=1)).ravel()
+    truth = lib[:, None] * (x @ s_bar)
+    est = gene_dispersion(counts, lambda lo, hi: truth[lo:hi])
+    scattered, plain = est[phi > 0], est[phi == 0]
+    assert np.median(scattered) > 0.35 and np.median(plain) < 0.05
+    assert scattered.min() > plain.max()
+    # at very low depth the raw estimates are noise: shrinkage pulls them together
+    thin = counts.multiply(0.02).tocsr()
+    thin.data = np.random.default_rng(0).poisson(thin.data).astype(np.float64)
+    low = gene_dispersion(thin, lambda lo, hi: 0.02 * truth[lo:hi])
+    assert np.std(low) < np.std(est)
+
+
+def test_dispersion_weights_fit_scattered_data_better_than_poisson():
+    """On counts whose genes scatter unevenly, down-weighting the scattered genes helps."""
+    from spotlens.deconv._poisson import with_dispersion
+
+    counts, s_bar, x, phi = _scattered_problem(n_spots=400, seed=6)
+    plain = CountProblem.from_counts(counts, s_bar)
+    weighted, start = with_dispersion(plain, owner=None)
+    assert np.median(weighted.weight[phi > 0]) < 0.5 * np.median(weighted.weight[phi == 0])
+    assert (start > 0).all()
+    po = solve_counts(plain, n_iter=2000, tol=1e-10).x
+    qp = solve_counts(weighted, x0=start, n_iter=2000, tol=1e-10).x
+    err = [np.abs(v / v.sum(1, keepdims=True) - x).mean() for v in (po, qp)]
+    assert err[1] < 0.9 * err[0]

@@ -312,6 +312,28 @@ def test_deterministic_by_seed(reference):
     assert not a.obsm["cell_counts_true"].equals(c.obsm["cell_counts_true"])
 
 
+def test_platform_effect_scales_genes_and_keeps_truth(reference):
+    kw = {"n_spots": 400, "regions": ("uniform", "dominant"), "seed": 21}
+    plain, ref_plain = pseudo_spots(reference, **kw)
+    shifted, ref_shifted = pseudo_spots(reference, platform_effect=0.8, **kw)
+    # same cells, same truth, same reference half: only the counts differ
+    pd.testing.assert_frame_equal(plain.obsm["cell_counts_true"], shifted.obsm["cell_counts_true"])
+    assert list(ref_plain.obs_names) == list(ref_shifted.obs_names)
+    assert (plain.var["platform_effect_true"] == 1.0).all()
+    factor = shifted.var["platform_effect_true"].to_numpy()
+    assert factor.min() > 0 and np.log(factor).std() > 0.4  # σ = 0.8, 80 genes
+    # each gene's total moves by its factor (Poisson noise over 400 spots is small)
+    before = np.asarray(plain.X.sum(axis=0)).ravel()
+    after = np.asarray(shifted.X.sum(axis=0)).ravel()
+    big = before > 200
+    ratio = after[big] / before[big]
+    np.testing.assert_allclose(np.log(ratio), np.log(factor[big]), atol=0.25)
+    # the total depth is kept on average, and the counts are still integers
+    assert 0.8 < after.sum() / before.sum() < 1.25
+    np.testing.assert_array_equal(shifted.X.data, np.round(shifted.X.data))
+    assert shifted.uns["pseudo_spots"]["params"]["platform_effect"] == 0.8
+
+
 def test_input_is_not_modified(reference):
     reference.layers["counts"] = reference.X.copy()
     reference.X = reference.X.multiply(0.5).tocsr()  # X not counts: must read the layer
@@ -380,6 +402,8 @@ def test_fresh_seed_is_recorded(reference):
         ({"n_spots": 3}, r"n_spots=3 is fewer than the 4 regions"),
         ({"n_spots": 10.5}, r"n_spots must be an integer"),
         ({"layer": "raw"}, r"no layer 'raw'"),
+        ({"platform_effect": -0.5}, r"platform_effect must be a finite number ≥ 0"),
+        ({"platform_effect": "big"}, r"platform_effect"),
     ],
 )
 def test_bad_arguments(reference, kwargs, match):

@@ -6,9 +6,10 @@ half of a real reference, the method gets the other half) from the small real re
 
 - lymph node (spacexr Visium vignette, 11 types × 30 cells): 1,000 spots at native depth; 5,000
   spots; 1,000 spots thinned to a median of 400 UMI; 1,000 spots with Monocytes left out of
-  the reference (present in spots, absent from the reference);
+  the reference (present in spots, absent from the reference); 1,000 spots whose genes the
+  spatial assay captures differently (``platform_effect=0.7``: a log-normal factor per gene);
 - cerebellum (Slide-seq reference, 19 types × 25 cells) and hippocampus (17 types × 30 cells):
-  1,000 spots each.
+  1,000 spots each; the cerebellum also with the platform effect.
 
 For each case ``spatial.h5ad``, ``reference.h5ad`` and ``truth.csv`` are written once into the
 cache folder (reused when present), spotlens runs in this process
@@ -60,6 +61,12 @@ CASES: dict[str, tuple[str, str, dict]] = {
                                                   exclude_from_reference=("Monocytes",))),
     "cerebellum_1000": ("spacexr_cerebellum_slideseq", "cerebellum, 1,000 spots",
                         dict(n_spots=1000)),
+    # the real pairs show gene-wise capture differences of 2-25x between the assays
+    "lymph_1000_platform": (LYMPH, "lymph node, 1,000 spots, 3,000 UMI, platform effect σ 0.7",
+                            dict(n_spots=1000, library_size=3000, platform_effect=0.7)),
+    "cerebellum_1000_platform": ("spacexr_cerebellum_slideseq",
+                                 "cerebellum, 1,000 spots, platform effect σ 0.7",
+                                 dict(n_spots=1000, platform_effect=0.7)),
     "hippocampus_1000": ("spacexr_hippocampus_visium", "hippocampus, 1,000 spots",
                          dict(n_spots=1000)),
 }
@@ -195,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         n_spots = len(truth)
         results = {
             "spotlens": run_spotlens(sp, rf, args.labels_key),
+            # the plain count likelihood (the default before the gene weights)
+            "spotlens (poisson)": run_spotlens(sp, rf, args.labels_key, likelihood="poisson"),
             # the least-squares data term (the default before the count likelihood)
             "spotlens (least squares)": run_spotlens(sp, rf, args.labels_key,
                                                      likelihood="gaussian"),

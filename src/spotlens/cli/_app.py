@@ -71,8 +71,10 @@ def _genes_per_type(value: str) -> int | None:
 
 
 def _likelihood(value: str) -> str:
-    if value not in ("auto", "poisson", "gaussian"):
-        raise typer.BadParameter(f"expected 'auto', 'poisson' or 'gaussian', got {value!r}.")
+    if value not in ("auto", "quasi_poisson", "poisson", "gaussian"):
+        raise typer.BadParameter(
+            f"expected 'auto', 'quasi_poisson', 'poisson' or 'gaussian', got {value!r}."
+        )
     return value
 
 
@@ -160,9 +162,11 @@ def deconvolve_command(
         help="Weight graph edges by expression similarity; --no-attention uses distance only.")
     ] = True,
     likelihood: Annotated[str, typer.Option(
-        parser=_likelihood, metavar="auto|poisson|gaussian",
-        help="Data term: 'poisson' (count likelihood), 'gaussian' (weighted least squares), or "
-             "'auto': poisson on the CPU on slides of at most 5,000 spots.")] = "auto",
+        parser=_likelihood, metavar="auto|quasi_poisson|poisson|gaussian",
+        help="Data term: 'poisson' (count likelihood), 'quasi_poisson' (the same with genes "
+             "that scatter more than Poisson down-weighted), 'gaussian' (weighted least "
+             "squares), or 'auto': quasi_poisson on the CPU on slides of at most 5,000 "
+             "spots.")] = "auto",
     device: DeviceOption = "cpu",
     seed: SeedOption = 0,
     n_iter: Annotated[int, typer.Option(min=1, help="Maximum solver sweeps.")] = 200,

@@ -202,6 +202,20 @@ def pick_cells(counts: np.ndarray, pool_size: int, rng: np.random.Generator) -> 
     return picks
 
 
+def _platform(
+    x: sparse.csr_matrix, gene_totals: np.ndarray, sigma: float, rng: np.random.Generator
+) -> tuple[sparse.csr_matrix, np.ndarray]:
+    """Gene-wise capture factors ``f`` (mean total kept) and ``Poisson(f_g · x_sg)`` counts."""
+    factor = np.exp(rng.normal(0.0, sigma, size=x.shape[1]))
+    total = float(gene_totals.sum())
+    if total > 0:
+        factor *= total / float(gene_totals @ factor)
+    data = rng.poisson(x.data * factor[x.indices]).astype(x.dtype)
+    out = sparse.csr_matrix((data, x.indices.copy(), x.indptr.copy()), shape=x.shape)
+    out.eliminate_zeros()
+    return out, factor
+
+
 def thin_counts(
     x: sparse.csr_matrix, target: np.ndarray, rng: np.random.Generator
 ) -> sparse.csr_matrix:
@@ -310,6 +324,7 @@ def pseudo_spots(
     library_size: float | None = None,
     reference_fraction: float = 0.5,
     exclude_from_reference: Sequence[str] = (),
+    platform_effect: float = 0.0,
     seed: int | None = 0,
 ) -> tuple[AnnData, AnnData]:
     """Simulate spots by summing real reference cells, in regions of known composition pattern.
@@ -335,6 +350,12 @@ def pseudo_spots(
     ``library_size``, each spot is then binomially thinned to a target
     ``library_size · exp(N(0, 0.3²))`` counts, and left as it is when it has fewer counts than
     its target (never upsampled).
+
+    With ``platform_effect = σ > 0`` the spatial assay captures each gene differently from the
+    single-cell one, as real pairs do (RCTD fits this gene-wise factor: Cable et al. 2022,
+    doi:10.1038/s41587-021-00830-w): each gene gets a factor ``f_g = exp(N(0, σ²))``, scaled so
+    that the simulation cells' total counts stay the same on average, and each spot's summed
+    count ``y_g`` is replaced by a draw from ``Poisson(f_g · y_g)`` before the thinning.
 
     Parameters
     ----------
@@ -365,6 +386,11 @@ def pseudo_spots(
         Cell types left out of the returned reference but still present in the spots (a type
         the reference lacks). Their split is the same as without exclusion, so the spots do not
         depend on this argument.
+    platform_effect
+        Standard deviation ``σ`` (natural log) of the gene-wise capture factor of the spatial
+        assay; 0 (the default) leaves the counts as the cells hold them. Real single-cell /
+        spatial pairs show gene-wise factors of 2–25×; ``σ = 0.7`` puts 95 % of the factors
+        within 4× either way.
     seed
         Seed of all randomness (``numpy.random.SeedSequence``); ``None`` draws fresh entropy,
         recorded in ``uns["pseudo_spots"]["params"]["seed"]``. The spots do not depend on
@@ -385,6 +411,8 @@ def pseudo_spots(
           type; ``proportions_true == cell_counts_true / n_cells``.
         - ``obs["n_cells"]``: int64 cells in the spot, within ``cells_per_spot``.
         - ``obs["region"]``: categorical region name (its kind, numbered if it repeats).
+        - ``var["platform_effect_true"]``: the factor ``f_g`` of each gene (1 without
+          ``platform_effect``).
         - ``uns["pseudo_spots"]``: ``"params"`` (every argument, and the model constants),
           ``"region_priors"`` (a dict ``{"index": regions, "columns": types,
           "data": n_regions × n_types}``; ``pd.DataFrame(**d)`` rebuilds it),
@@ -409,7 +437,7 @@ def pseudo_spots(
         ≥ the number of regions; an empty ``regions`` or an unknown kind; ``cells_per_spot``
         not an integer pair with ``1 ≤ min ≤ max``; ``library_size`` not ``None`` or a positive
         number; ``reference_fraction`` outside ``(0, 1)``; ``exclude_from_reference`` naming
-        an unknown type or every type.
+        an unknown type or every type; ``platform_effect`` negative or not a number.
 
     Examples
     --------
@@ -449,6 +477,7 @@ def pseudo_spots(
     low, high = _check_cells_per_spot(cells_per_spot)
     if library_size is not None:
         library_size = _check_number("library_size", library_size, positive=True)
+    sigma = _check_number("platform_effect", platform_effect, positive=False)
     fraction = reference_fraction
     if (
         isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.number))
@@ -476,7 +505,8 @@ def pseudo_spots(
         )
 
     root = np.random.SeedSequence(seed)
-    s_split, s_layout, s_priors, s_cells, s_pick, s_thin = root.spawn(6)
+    # the first six streams are those of the release without platform_effect (spawn is by index)
+    s_split, s_layout, s_priors, s_cells, s_pick, s_thin, s_platform = root.spawn(7)
     codes = types.get_indexer(labels)
     n_types = len(types)
     x = sparse.csr_matrix(counts, dtype=np.float32, copy=True)
@@ -519,6 +549,10 @@ def pseudo_spots(
         (np.ones(rows.size, dtype=np.float32), (rows, cols)), shape=(n_spots, sim.size)
     )  # repeated (spot, cell) pairs are summed
     spot_x = sparse.csr_matrix(membership @ x[sim])
+    factor = np.ones(x.shape[1])
+    if sigma > 0:
+        spot_x, factor = _platform(spot_x, np.asarray(x[sim].sum(axis=0)).ravel(), sigma,
+                                   np.random.default_rng(s_platform))
     if library_size is not None:
         rng = np.random.default_rng(s_thin)
         target = library_size * np.exp(rng.normal(0.0, LIBRARY_LOG_SD, size=n_spots))
@@ -540,6 +574,7 @@ def pseudo_spots(
         var=reference.var.copy(),
     )
     spatial.var_names = reference.var_names.astype(str)
+    spatial.var["platform_effect_true"] = factor
     spatial.obsm["spatial"] = coords
     spatial.obsm["proportions_true"] = truth_counts.div(n_cells, axis=0)
     spatial.obsm["cell_counts_true"] = truth_counts
@@ -549,7 +584,7 @@ def pseudo_spots(
             "labels_key": labels_key, "layer": layer,
             "n_spots": n_spots, "regions": np.array(regions),
             "cells_per_spot": np.array([low, high]),
-            "library_size": library_size,
+            "library_size": library_size, "platform_effect": sigma,
             "reference_fraction": fraction, "exclude_from_reference": np.array(excluded, dtype=str),
             "spacing_um": SPACING_UM, "spot_concentration": SPOT_CONCENTRATION,
             "library_log_sd": LIBRARY_LOG_SD,

@@ -24,6 +24,8 @@ from .._keys import (
 from .._validation import (
     InputError,
     check_coordinates,
+    check_counts,
+    check_labels,
     check_not_empty,
     check_shared_genes,
     check_unique_names,
@@ -35,7 +37,7 @@ from ._fit_quality import spot_fit_quality
 from ._graph import attention, color_graph, default_alpha, edge_weights, expression_embedding, knn
 from ._model import Problem, cross_validate, fit, spatial_window
 from ._params import check_params
-from ._poisson import CountProblem, cv_counts, fit_counts
+from ._poisson import CountProblem, cv_counts, fit_counts, with_dispersion
 from ._ops import get_ops
 from ._tiled import check_tiling, fit_tiled
 
@@ -43,6 +45,8 @@ logger = logging.getLogger("spotlens")
 
 RIDGE_GRID = (0.0, 1e-3, 1e-2, 1e-1)
 SPATIAL_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
+#: Spots whose counts are checked before the reference is processed (all are checked later).
+_HEAD_SPOTS = 2000
 #: Largest slide on which likelihood="auto" fits the count likelihood (a standard Visium
 #: capture area has at most 4,992 spots); above it, least squares keeps million-bin slides fast.
 COUNT_MAX_SPOTS = 5_000
@@ -152,7 +156,7 @@ def deconvolve(
     cv_folds: int = 2,
     cv_max_spots: int = 5_000,
     gene_weights: Literal["poisson", "none"] = "poisson",
-    likelihood: Literal["auto", "poisson", "gaussian"] = "auto",
+    likelihood: Literal["auto", "quasi_poisson", "poisson", "gaussian"] = "auto",
     fit_quality: bool | Literal["auto"] = "auto",
     n_genes_per_type: int | None = 200,
     min_cells_per_type: int = 5,
@@ -251,14 +255,19 @@ def deconvolve(
         size), solved by majorisation–minimisation (the objective never increases; see
         ``spotlens.deconv._poisson``): each gene's residual is weighed by its expected count
         in that spot, the right noise model for sparse spots and for spots dominated by one
-        type. ``"gaussian"``: weighted least squares on library-normalised expression with
-        ``gene_weights`` (block Gauss–Seidel; runs on GPU and Dask). ``"auto"``: ``"poisson"``
-        on the CPU without ``client``, else ``"gaussian"`` (the count likelihood has no GPU or
-        Dask path yet) and on slides of at most 5,000 spots (a whole standard Visium capture
-        area; it costs several times a least-squares fit, which keeps Visium HD slides of
-        millions of bins fast). The penalties are relative to each data term's curvature, so a fixed
-        ``lambda_spatial`` does not mean the same under both; the chosen one is in
-        ``uns[key_added]["params"]["likelihood"]``.
+        type. ``"quasi_poisson"``: the same with a weight per gene, ``w_g = 1 / (1 + φ_g μ̄_g)``,
+        where ``φ_g`` is the gene's negative binomial dispersion around a first Poisson fit
+        (moment estimate, shrunk across genes) and ``μ̄_g`` its typical expected count: genes
+        that scatter more than Poisson — those the single-cell and spatial assays capture
+        differently (the platform effect), or whose reference profile is noisy — weigh less;
+        it costs one extra fit. ``"gaussian"``: weighted least squares on library-normalised
+        expression with ``gene_weights`` (block Gauss–Seidel; runs on GPU and Dask).
+        ``"auto"``: ``"quasi_poisson"`` on the CPU without ``client`` and on slides of at most
+        5,000 spots (a whole standard Visium capture area), else ``"gaussian"`` (the count
+        likelihoods have no GPU or Dask path yet, and cost several times a least-squares fit,
+        which keeps Visium HD slides of millions of bins fast). The penalties are relative to
+        each data term's curvature, so a fixed ``lambda_spatial`` does not mean the same under
+        each; the one used is in ``uns[key_added]["params"]["likelihood"]``.
     fit_quality
         Score how well the fit explains each spot and flag spots far outside what the
         reference explains (``obs`` keys below). ``"auto"``: on slides of at most 20,000
@@ -370,15 +379,16 @@ def deconvolve(
     client = check_tiling(client, tile_size, halo_hops)
     if likelihood == "auto":
         likelihood = (
-            "poisson"
+            "quasi_poisson"
             if client is None and backend.name == "numpy" and spatial.n_obs <= COUNT_MAX_SPOTS
             else "gaussian"
         )
-    elif likelihood == "poisson" and (client is not None or backend.name != "numpy"):
+    elif likelihood != "gaussian" and (client is not None or backend.name != "numpy"):
         raise InputError(
-            "likelihood='poisson' runs on the CPU on one machine only; use device='cpu' "
+            f"likelihood={likelihood!r} runs on the CPU on one machine only; use device='cpu' "
             "without client=, or likelihood='gaussian' on a GPU or a Dask cluster."
         )
+    counts_model = likelihood != "gaussian"
     check_not_empty(spatial, what="spatial data", obs_name="spots")
     check_not_empty(reference, what="reference", obs_name="cells")
     check_unique_names(spatial, what="spatial data", obs_name="spot")
@@ -394,6 +404,10 @@ def deconvolve(
             raise InputError(f"obs[{library_key!r}] has missing section labels.")
         sections = pd.factorize(spatial.obs[library_key])[0]
     y_all = get_matrix(spatial, layer, what="spatial data")  # read in chunks below
+    # cheap checks before the reference is processed (which can take minutes on a large one):
+    # a normalised spatial file is refused from its first spots, and the labels are looked at
+    check_counts(y_all[: min(spatial.n_obs, _HEAD_SPOTS)], what="spatial counts")
+    check_labels(reference, labels_key, min_cells_per_type=1)
 
     logger.info("stage 1/5 signatures: reference %d cells × %d genes", *reference.shape)
     n_types_guess = reference.obs[labels_key].nunique() if labels_key in reference.obs else 2
@@ -430,11 +444,14 @@ def deconvolve(
     # smooth cell-type composition, not states: Tr(P Xᵀ L X) with P = M Mᵀ
     metric = None if len(state_type) == len(types) else (to_types @ to_types.T).toarray()
     problem = Problem.from_counts(y, weights, s_w) if likelihood == "gaussian" else None
-    count_problem = (
-        CountProblem.from_counts(y, sig.states.to_numpy() / mean_lib)
-        if likelihood == "poisson" else None
-    )
     owner = None if len(state_type) == len(types) else state_type
+    count_problem = (
+        CountProblem.from_counts(y, sig.states.to_numpy() / mean_lib) if counts_model else None
+    )
+    x_start = None
+    if likelihood == "quasi_poisson":
+        logger.info("gene weights from the dispersion around a first Poisson fit")
+        count_problem, x_start = with_dispersion(count_problem, owner=owner, tol=max(tol, 1e-4))
 
     logger.info("stage 2/5 graph: %d spots, k=%d, attention=%s", len(coords), k_neighbors,
                 use_attention)
@@ -458,9 +475,10 @@ def deconvolve(
             colors_cv = color_graph(w_cv, seed=seed)
         else:
             w_cv, colors_cv = w, colors
-    if likelihood == "poisson" and (lambda_ridge == "auto" or lambda_spatial == "auto"):
+    if counts_model and (lambda_ridge == "auto" or lambda_spatial == "auto"):
         lambda_ridge, lambda_spatial, cv_table = cv_counts(
-            y[window], count_problem.s_bar, w_cv, owner=owner,
+            y[window], count_problem.s_bar, w_cv, owner=owner, weight=count_problem.weight,
+            x0=None if x_start is None else x_start[window],
             sections=None if sections is None else sections[window], lambda_ridge=lambda_ridge,
             lambda_spatial=lambda_spatial, cv_folds=cv_folds, seed=seed, n_iter=n_iter,
             tol=tol, progress=progress,
@@ -488,11 +506,11 @@ def deconvolve(
                                temperature=attention_temperature)))
     )
     tiles = None
-    if likelihood == "poisson":
+    if counts_model:
         x_states, history, n_sweeps, converged, w = fit_counts(
             count_problem, w, owner=owner, sections=sections, lambda_ridge=float(lambda_ridge),
             lambda_spatial=float(lambda_spatial), n_iter=n_iter, tol=tol, progress=progress,
-            attention_update=update,
+            attention_update=update, x0=x_start,
         )
     elif client is None:
         x_states, history, n_sweeps, converged, w = fit(

@@ -38,9 +38,10 @@ def check_params(**p) -> None:
         raise InputError(f"alpha must be > 0 or None (automatic), got {alpha!r}.")
     if p["fit_quality"] not in ("auto", True, False):
         raise InputError(f"fit_quality must be True, False or 'auto', got {p['fit_quality']!r}.")
-    if p["likelihood"] not in ("auto", "poisson", "gaussian"):
+    if p["likelihood"] not in ("auto", "quasi_poisson", "poisson", "gaussian"):
         raise InputError(
-            f"likelihood must be 'auto', 'poisson' or 'gaussian', got {p['likelihood']!r}."
+            "likelihood must be 'auto', 'quasi_poisson', 'poisson' or 'gaussian', got "
+            f"{p['likelihood']!r}."
         )
     if p["gene_weights"] not in ("poisson", "none"):
         raise InputError(f"gene_weights must be 'poisson' or 'none', got {p['gene_weights']!r}.")
