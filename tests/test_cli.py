@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import sys
 import types
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -17,7 +16,6 @@ from typer.testing import CliRunner
 from spotlens._metrics import accuracy
 from spotlens.cli import app
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "spacexr_cerebellum_slideseq"
 OUTPUTS = ("spatial.h5ad", "proportions.csv", "proportions.png")
 # fixed penalties and few sweeps keep a run to about a second
 FAST = ["--lambda-ridge", "0.01", "--lambda-spatial", "0.3", "--n-iter", "20", "--no-progress"]
@@ -25,11 +23,10 @@ FAST = ["--lambda-ridge", "0.01", "--lambda-spatial", "0.3", "--n-iter", "20", "
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def data():
-    if not (DATA / "spatial.h5ad").exists():
-        pytest.skip(f"real test data not found at {DATA}")
-    return DATA / "spatial.h5ad", DATA / "sc_reference.h5ad"
+@pytest.fixture
+def data(bundled_files):
+    """Paths of the bundled osmFISH part (conftest.py): 100 spots, 11 types of 25 cells."""
+    return bundled_files
 
 
 def run(*args):
@@ -102,14 +99,10 @@ def test_bad_penalty_is_a_usage_error(tmp_path):
 
 
 def test_demo_prints_accuracy_of_what_it_wrote(data, tmp_path, monkeypatch):
-    """The demo on a small stand-in for the bundled example (the real one takes a minute)."""
+    """The demo on a part of the bundled example and its truth (the whole one takes longer)."""
     spatial, reference = data
     st, ref = ad.read_h5ad(spatial), ad.read_h5ad(reference)
-    cell_types = sorted(ref.obs["cell_type"].unique())
-    rng = np.random.default_rng(0)
-    truth = pd.DataFrame(rng.dirichlet(np.ones(len(cell_types)), st.n_obs), index=st.obs_names,
-                         columns=cell_types)
-    st.obsm["true_proportions"] = truth
+    truth = st.obsm["true_proportions"].copy()
     fake = types.ModuleType("spotlens.datasets")
     fake.osmfish_cortex = lambda: (st, ref)
     monkeypatch.setitem(sys.modules, "spotlens.datasets", fake)
@@ -388,6 +381,10 @@ def test_cli_message_rewrites_parameters_as_the_commands_flags():
         "likelihood='gaussian' on a GPU.":
             "--likelihood poisson runs on the CPU only; use --device cpu, or "
             "--likelihood gaussian on a GPU.",
+        "Pass cells_per_spot= (CLI: --cells-per-spot COLUMN) naming a column.":
+            "Pass --cells-per-spot naming a column.",
+        "Pass cells_per_spot= (--cells-per-spot, a column of obs).":
+            "Pass --cells-per-spot (a column of obs).",
         "Use more shared genes, or n_genes_per_type=None to keep every expressed gene.":
             "Use more shared genes, or --n-genes-per-type all to keep every expressed gene.",
         "use_attention=False is slower; leave bin_size=None.":

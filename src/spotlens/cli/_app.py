@@ -406,18 +406,6 @@ def _check_device(device: str) -> None:
         raise InputError(str(err)) from err
 
 
-def _out_dir(out: Path) -> Path:
-    """Create ``out``; superseded by :func:`._outputs.output_folder` (kept for histology)."""
-    out = out.expanduser()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"The output path {out} is a file; pass a folder with -o.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"Cannot create the output folder {out} ({err.strerror}).") from err
-    return out
-
-
 @contextmanager
 def _errors(*, cli_terms: bool = False) -> Iterator[None]:
     """Turn bad input into a one-line message and exit code 2; a failed read/write into code 1.

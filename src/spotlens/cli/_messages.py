@@ -35,7 +35,7 @@ from typing import Any
 ALIASES = {"use_attention": "attention", "model": "model_type", "model_dir": "model"}
 
 #: How an option spells the API's ``None`` when it has a word for it (else: leave it out).
-NONE_SPELLING = {"n_genes_per_type": "all"}
+NONE_SPELLING = {"n_genes_per_type": "all", "expression_rank": "full"}
 
 _VALUE = r"""'[^']*'|"[^"]*"|None|True|False|-?\d+(?:\.\d+)?(?:e-?\d+)?"""
 _NAME = re.compile(
@@ -44,7 +44,10 @@ _NAME = re.compile(
 )
 _LEAVE = re.compile(r"\b(?P<verb>[Pp]ass|[Ll]eave|[Uu]se|[Ss]et)\s+"
                     r"(?P<name>[a-z][a-z0-9_]*)=None\b")
-_ECHO = re.compile(r"\s*\((?P<flag>--[a-z0-9-]+)(?: on the command line)?\)")
+_ECHO = re.compile(
+    r"\s*\((?:CLI:\s*)?(?P<flag>--[a-z0-9-]+)(?:\s+[A-Z]+)?(?: on the command line)?\)"
+)
+_ECHO_LEAD = re.compile(r"\((?P<flag>--[a-z0-9-]+),\s*")
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,8 @@ def cli_message(message: str, command: Any = None) -> str:
         text = re.sub(r"\s+without client=", "", text)
     # "--cells-per-spot (--cells-per-spot on the command line)" -> "--cells-per-spot"
     text = _ECHO.sub(lambda m: "" if text.count(m["flag"]) > 1 else m[0], text)
+    # "pass --mpp (--mpp, µm per px)" -> "pass --mpp (µm per px)"
+    text = _ECHO_LEAD.sub(lambda m: "(" if text.count(m["flag"]) > 1 else m[0], text)
     return text.replace(" or None to ", " or leave the option out to ")
 
 
