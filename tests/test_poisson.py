@@ -166,6 +166,19 @@ def test_deconvolve_flags_spots_of_a_type_the_reference_lacks():
     assert "threshold" in spatial.uns[key]["fit_quality"]
 
 
+def test_auto_keeps_poisson_on_a_targeted_panel(synthetic, monkeypatch):
+    """Quasi-Poisson needs many genes to estimate their dispersions; a small panel keeps Poisson."""
+    import spotlens.deconv._api as api
+
+    st, ref = synthetic.spatial, synthetic.reference
+    res = deconvolve(st, ref, inplace=False, progress=False, fit_quality=False)
+    n_genes = len(res.uns["genes"])
+    assert res.uns["params"]["likelihood"] == "quasi_poisson"
+    monkeypatch.setattr(api, "QUASI_MIN_GENES", n_genes + 1)
+    res = deconvolve(st, ref, inplace=False, progress=False, fit_quality=False)
+    assert res.uns["params"]["likelihood"] == "poisson"
+
+
 def test_auto_choices_follow_the_slide_size(synthetic, monkeypatch):
     import spotlens.deconv._api as api
 

@@ -47,6 +47,10 @@ RIDGE_GRID = (0.0, 1e-3, 1e-2, 1e-1)
 SPATIAL_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
 #: Spots whose counts are checked before the reference is processed (all are checked later).
 _HEAD_SPOTS = 2000
+#: Fewest genes on which likelihood="auto" weighs genes by their dispersion (quasi-Poisson): it
+#: shrinks each gene's dispersion towards the others', which needs many genes, and a targeted
+#: panel of a few dozen chosen markers has no gene to spare (Poisson there).
+QUASI_MIN_GENES = 100
 #: Largest slide on which likelihood="auto" fits the count likelihood (a standard Visium
 #: capture area has at most 4,992 spots); above it, least squares keeps million-bin slides fast.
 COUNT_MAX_SPOTS = 5_000
@@ -263,7 +267,9 @@ def deconvolve(
         it costs one extra fit. ``"gaussian"``: weighted least squares on library-normalised
         expression with ``gene_weights`` (block Gauss–Seidel; runs on GPU and Dask).
         ``"auto"``: ``"quasi_poisson"`` on the CPU without ``client`` and on slides of at most
-        5,000 spots (a whole standard Visium capture area), else ``"gaussian"`` (the count
+        5,000 spots (a whole standard Visium capture area) when at least 100 genes are used
+        (``"poisson"`` on a targeted panel of fewer genes: too few to estimate and shrink their
+        dispersions, and each one a chosen marker), else ``"gaussian"`` (the count
         likelihoods have no GPU or Dask path yet, and cost several times a least-squares fit,
         which keeps Visium HD slides of millions of bins fast). The penalties are relative to
         each data term's curvature, so a fixed ``lambda_spatial`` does not mean the same under
@@ -377,7 +383,8 @@ def deconvolve(
     )
     backend = resolve_device(device)
     client = check_tiling(client, tile_size, halo_hops)
-    if likelihood == "auto":
+    auto_likelihood = likelihood == "auto"
+    if auto_likelihood:
         likelihood = (
             "quasi_poisson"
             if client is None and backend.name == "numpy" and spatial.n_obs <= COUNT_MAX_SPOTS
@@ -449,6 +456,8 @@ def deconvolve(
         CountProblem.from_counts(y, sig.states.to_numpy() / mean_lib) if counts_model else None
     )
     x_start = None
+    if auto_likelihood and likelihood == "quasi_poisson" and len(genes) < QUASI_MIN_GENES:
+        likelihood = "poisson"  # a targeted panel: too few genes to estimate their dispersion
     if likelihood == "quasi_poisson":
         logger.info("gene weights from the dispersion around a first Poisson fit")
         count_problem, x_start = with_dispersion(count_problem, owner=owner, tol=max(tol, 1e-4))
