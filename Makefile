@@ -1,11 +1,11 @@
-# spotlens developer tasks: `make test`, `make demo`.
+# spotlens developer tasks: `make test`, `make test-fast`, `make demo`.
 # The virtual environment is rebuilt only when pyproject.toml changes (stamp file).
 
 PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-fast clean
 
 venv: $(STAMP)
 
@@ -18,11 +18,17 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -e ".[test,torch,histology]"
 	touch $@
 
+# --overwrite: a second `make demo` replaces the first one's files (only those) in demo_output/
 demo: $(STAMP)
-	$(VENV)/bin/spotlens demo -o demo_output
+	$(VENV)/bin/spotlens demo -o demo_output --overwrite
 
+# the whole suite (what CI runs: .ci/run calls `make test`)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# everything but the tests marked slow (pyproject.toml), for quick checks while developing
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) demo_output

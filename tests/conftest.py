@@ -1,7 +1,10 @@
-"""Shared fixtures: a small real Slide-seq pair and a synthetic pair with known proportions.
+"""Shared fixtures: a small part of the bundled real example and a synthetic pair with truth.
 
-Real data are read once per session and handed to each test as a copy, so no test can leak a
-mutation into another. The synthetic factory returns the ground truth it simulated from.
+The real pair is cut from the osmFISH cortex example shipped inside the package
+(:func:`spotlens.datasets.osmfish_cortex`), so every contract test runs in a fresh clone; only
+tests of real-data results need ``../shared/data`` and skip, saying why, without it. Real data
+are read once per session and handed to each test as a copy, so no test can leak a mutation
+into another. The synthetic factory returns the ground truth it simulated from.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import pandas as pd
 import pytest
 from scipy import sparse
 
-REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "spacexr_cerebellum_slideseq"
+#: The part of the bundled osmFISH example the contract tests run on (see ``bundled_part``).
+BUNDLED_SPOTS = 100
+BUNDLED_CELLS_PER_TYPE = 25
 
 
 @dataclass(frozen=True)
@@ -141,23 +146,60 @@ def make_pair():
     return make_synthetic
 
 
-@pytest.fixture(scope="session")
-def _real_session() -> tuple[ad.AnnData, ad.AnnData]:
-    if not REAL_DIR.is_dir():
-        pytest.skip(f"real test data not found at {REAL_DIR} (needs the shared/data checkout)")
-    spatial = ad.read_h5ad(REAL_DIR / "spatial.h5ad")
-    reference = ad.read_h5ad(REAL_DIR / "sc_reference.h5ad")
+def bundled_part(
+    n_spots: int = BUNDLED_SPOTS, cells_per_type: int = BUNDLED_CELLS_PER_TYPE, seed: int = 0
+) -> tuple[ad.AnnData, ad.AnnData]:
+    """A contiguous patch of the bundled osmFISH cortex and a stratified sample of its cells.
+
+    The ``n_spots`` pseudo-spots nearest the section's median position (neighbours of each
+    other, so the spot graph is that of a real slide) and ``cells_per_type`` reference cells of
+    each of the 11 coarse types drawn without replacement with ``seed``: small enough that a fit
+    with fixed penalties takes under a second, real enough to carry real sparsity, depth and
+    type overlap. Keys are those of :func:`spotlens.datasets.osmfish_cortex` (raw counts in
+    ``X``, µm in ``obsm["spatial"]``, ``obs["cell_type"]``, ground truth in
+    ``obsm["true_proportions"]``); every spot has counts.
+    """
+    from spotlens.datasets import osmfish_cortex
+
+    spatial, reference = osmfish_cortex()
+    xy = np.asarray(spatial.obsm["spatial"])
+    near = np.argsort(np.linalg.norm(xy - np.median(xy, axis=0), axis=1), kind="stable")
+    spatial = spatial[np.sort(near[:n_spots])].copy()
+    rng = np.random.default_rng(seed)
+    labels = reference.obs["cell_type"]
+    cells = [rng.choice(np.flatnonzero((labels == t).to_numpy()), cells_per_type, replace=False)
+             for t in labels.cat.categories]
+    reference = reference[np.sort(np.concatenate(cells))].copy()
     return spatial, reference
 
 
-@pytest.fixture
-def real(_real_session) -> tuple[ad.AnnData, ad.AnnData]:
-    """Fresh copies of the Slide-seq cerebellum pair.
+@pytest.fixture(scope="session")
+def _bundled_session() -> tuple[ad.AnnData, ad.AnnData]:
+    return bundled_part()
 
-    Spatial: 100 beads × 378 genes; reference: 475 cells × 384 genes, 19 types of 25 cells.
+
+@pytest.fixture
+def bundled(_bundled_session) -> tuple[ad.AnnData, ad.AnnData]:
+    """Fresh copies of the real pair the contract tests use (see ``bundled_part``).
+
+    Spatial: 100 osmFISH pseudo-spots × 33 genes (raw counts, 103–2,503 per spot); reference:
+    275 cells × 33 genes, 11 types of 25 cells in ``obs["cell_type"]``.
     """
-    spatial, reference = _real_session
+    spatial, reference = _bundled_session
     return spatial.copy(), reference.copy()
+
+
+@pytest.fixture(scope="session")
+def bundled_files(_bundled_session, tmp_path_factory) -> tuple[Path, Path]:
+    """The same pair written once as ``spatial.h5ad`` and ``sc_reference.h5ad``, for the CLI.
+
+    Read-only for tests: a test that needs a changed file writes its own copy.
+    """
+    folder = tmp_path_factory.mktemp("bundled_part")
+    spatial, reference = _bundled_session
+    spatial.write_h5ad(folder / "spatial.h5ad")
+    reference.write_h5ad(folder / "sc_reference.h5ad")
+    return folder / "spatial.h5ad", folder / "sc_reference.h5ad"
 
 
 def _local_client(*, processes: bool):

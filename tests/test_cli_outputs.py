@@ -1,7 +1,8 @@
 """Output folders of the command line: one run per folder, a manifest written last, clean-up.
 
-Each test runs ``spotlens deconvolve`` in-process on the small real Slide-seq pair (about a
-second a run with fixed penalties) and inspects the folder it leaves.
+Each test runs ``spotlens deconvolve`` in-process on a part of the bundled osmFISH example
+(``bundled_files`` in conftest.py; about a second a run with fixed penalties) and inspects the
+folder it leaves.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typer.testing import CliRunner
 
 from spotlens.cli import app
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "spacexr_cerebellum_slideseq"
 OUTPUTS = ("spatial.h5ad", "proportions.csv", "proportions.png")
 MANIFEST = "spotlens_run.json"
 FAST = ["--lambda-ridge", "0.01", "--lambda-spatial", "0.3", "--n-iter", "20", "--no-progress"]
@@ -27,11 +27,9 @@ FAST = ["--lambda-ridge", "0.01", "--lambda-spatial", "0.3", "--n-iter", "20", "
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def data():
-    if not (DATA / "spatial.h5ad").exists():
-        pytest.skip(f"real test data not found at {DATA}")
-    return DATA / "spatial.h5ad", DATA / "sc_reference.h5ad"
+@pytest.fixture
+def data(bundled_files):
+    return bundled_files
 
 
 def deconvolve(data, out, *args):
@@ -136,7 +134,7 @@ def test_a_killed_runs_leftovers_are_cleaned_by_the_next_run(data, tmp_path):
     assert not tmp.exists()
     assert not (out / "cells.png").exists()  # the killed run's output, not this run's
     assert (out / "notes.txt").read_text() == "mine"
-    assert ad.read_h5ad(out / "spatial.h5ad").n_obs == 100  # the new one
+    assert ad.read_h5ad(out / "spatial.h5ad").n_obs == ad.read_h5ad(data[0]).n_obs  # the new one
     assert manifest(out)["complete"] is True
     assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUTS, MANIFEST, "notes.txt"])
 

@@ -106,6 +106,7 @@ def test_halo_is_what_makes_tiles_agree(pair, client, single):
     assert _max_diff(cut.proportions, single.proportions) > 100 * MATCH
 
 
+@pytest.mark.slow
 def test_attention_reestimated_between_rounds(pair, client):
     """Attention is refitted from all spots' proportions (a global PCA) between tile rounds."""
     spatial, reference = pair

@@ -164,6 +164,7 @@ def lymph_missing_plasma():
     return (*fitted(y, s), s, spatial.obsm["proportions_true"]["B_Plasma"].to_numpy())
 
 
+@pytest.mark.slow
 def test_lymph_node_spots_of_a_missing_type_stand_out(lymph_missing_plasma):
     """B_Plasma left out of the reference: plasma cells are dominated by immunoglobulin
     transcripts (IGKC, IGHG*, JCHAIN) that no other type of this reference expresses at that

@@ -38,8 +38,10 @@ GENES = ["Pcp4", "Nrgn", "Penk", "Apod", "Mbp", "Fabp7"]
 REGION_UM = 1000.0  # 240 px: a dozen regions on the crop
 TOL = 1e-4  # float32
 
-pytestmark = pytest.mark.skipif(not (MOB / "MOB3_HE.jpg").is_file(),
-                                reason=f"MOB data not found at {MOB}")
+# slow: the module trains two models on MOB1 before its first test (~1 min in all)
+pytestmark = [pytest.mark.skipif(not (MOB / "MOB3_HE.jpg").is_file(),
+                                 reason=f"MOB data not found at {MOB}"),
+              pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

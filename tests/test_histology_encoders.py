@@ -153,6 +153,7 @@ def test_resnet50_architecture_matches_torchvision_names_and_size():
     assert tuple(state["fc.weight"].shape) == (1000, 2048)
 
 
+@pytest.mark.slow
 def test_resnet50_loads_checkpoint_strictly_and_reproduces_features(resnet_checkpoint, tmp_path):
     path, state, net = resnet_checkpoint
     enc = get_encoder("resnet50", weights=path, input_size=64)

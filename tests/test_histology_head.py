@@ -35,6 +35,7 @@ def tiles():
     return np.repeat(np.repeat(base, 4, axis=1), 4, axis=2)  # 112 px, structure at 4 px
 
 
+@pytest.mark.slow
 def test_pretrained_head_with_folded_batch_norm_reproduces_the_encoder(effnet, tiles):
     """Unpooled trunk maps + the folded head = EfficientNet-Lite0's own 1280 features."""
     trunk, head = pre_head_encoder(effnet, pool=1)
@@ -94,6 +95,7 @@ def real_maps(effnet):
                          Section("C2b", maps[30:], xy[30:], y[30:])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "epochs", "bar"), [("attention", 150, 0.8), ("graph", 30, 0.3)])
 def test_fine_tuned_head_learns_real_tiles_and_round_trips(kind, epochs, bar, real_maps,
                                                            tmp_path):

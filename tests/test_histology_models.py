@@ -76,6 +76,7 @@ def test_graph_attention_weights_are_a_softmax_over_neighbours():
 
 # the graph model decodes through neighbour averaging (GCN), so per-spot noise in the features
 # is partly lost: it is held to a lower bar than the attention model; untrained models give ~0
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "bar"), [("attention", 0.6), ("graph", 0.4)])
 def test_models_learn_a_planted_relation(kind, bar):
     train = [_synthetic(seed=1, name="a"), _synthetic(seed=2, name="b")]
@@ -88,6 +89,7 @@ def test_models_learn_a_planted_relation(kind, bar):
     assert np.mean(r) > bar
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HER2ST.exists(), reason="shared her2st data folder is absent")
 def test_attention_model_overfits_a_tiny_real_subset():
     import anndata as ad
@@ -124,6 +126,7 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+@pytest.mark.slow
 def test_training_resumes_from_its_checkpoint(tmp_path):
     train = [_synthetic(seed=1, name="a"), _synthetic(seed=2, name="b")]
     val = _synthetic(seed=4, name="v")
@@ -138,6 +141,7 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
     assert [h["epoch"] for h in second.history] == list(range(1, 31))
 
 
+@pytest.mark.slow
 def test_validation_keeps_the_best_epoch():
     train = [_synthetic(seed=1, name="a")]
     val = _synthetic(seed=5, name="v")

@@ -82,6 +82,7 @@ def _network_sections():
     return {k: Section(k, xs[k].astype(np.float32), grid, ys[k].astype(np.float32)) for k in xs}
 
 
+@pytest.mark.slow
 def test_network_rank_is_chosen_on_validation_and_survives_save_load(tmp_path):
     secs = _network_sections()
     from spotlens.histology._train import ExpressionModel, Section, TrainConfig

@@ -198,7 +198,7 @@ def test_cli_train_takes_mpp(data, tmp_path):
     assert res.exit_code == 0, res.output
     cfg = json.loads((tmp_path / "model" / "config.json").read_text())
     assert cfg["tiles"]["mpp"] == pytest.approx(1.0)
-    res = runner.invoke(app, [*args, "--mpp", "1,2", "--no-resume"])
+    res = runner.invoke(app, [*args, "--mpp", "1,2", "--overwrite"])  # a finished run
     assert res.exit_code == 0, res.output
     cfg = json.loads((tmp_path / "model" / "config.json").read_text())
     assert [s["mpp"] for s in cfg["sections"]] == [1.0, 2.0]
@@ -240,6 +240,7 @@ def test_threshold_separates_own_and_other_images_mob():
     assert max(other) < MIN_IMAGE_R < min(own)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (HER2ST / "C6_HE_fullres.jpg").is_file(),
                     reason=f"her2st data not found at {HER2ST}")
 def test_threshold_separates_own_and_other_images_her2st():

@@ -18,8 +18,6 @@ from scipy import sparse
 import spotlens.io as sio
 from spotlens._validation import InputError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "spacexr_cerebellum_slideseq"
-
 # spot barcode -> (pxl_row_in_fullres, pxl_col_in_fullres), i.e. (y, x)
 PIXELS = {"AAAC-1": (100, 2000), "AAAG-1": (150, 2050), "AACT-1": (200, 2100)}
 GENES = ["Gapdh", "Actb", "Actb", "Mbp"]  # a repeated symbol, as in real 10x references
@@ -152,13 +150,11 @@ def test_reference_labels_are_checked_on_read(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def deconvolved():
-    if not (DATA / "spatial.h5ad").exists():
-        pytest.skip(f"real test data not found at {DATA}")
+def deconvolved(_bundled_session):
+    """The bundled osmFISH part (conftest.py), deconvolved."""
     from spotlens.deconv import deconvolve
 
-    st = ad.read_h5ad(DATA / "spatial.h5ad")
-    ref = ad.read_h5ad(DATA / "sc_reference.h5ad")
+    st, ref = (adata.copy() for adata in _bundled_session)
     # 'auto' penalties so that uns holds the cross-validation table
     deconvolve(st, ref, labels_key="cell_type", n_iter=20, progress=False)
     return st

@@ -79,7 +79,8 @@ def test_no_graph_edge_links_two_sections(two_sections):
     ("use_attention", "likelihood", "atol"),
     # least squares to 1e-6; the count likelihood's MM steps approach coordinates near 0
     # slowly, so it agrees to its solver precision (measured 3e-4)
-    [(False, "gaussian", 1e-6), (True, "gaussian", 1e-6), (True, "poisson", 1e-3)],
+    [(False, "gaussian", 1e-6), (True, "gaussian", 1e-6),
+     pytest.param(True, "poisson", 1e-3, marks=pytest.mark.slow)],
 )
 def test_fitting_sections_together_equals_fitting_them_apart(
     two_sections, use_attention, likelihood, atol
