@@ -304,3 +304,31 @@ def test_deconvolve_with_a_backed_reference_equals_in_memory(synthetic, tmp_path
         backed.file.close()
     in_memory = deconvolve(synthetic.spatial, synthetic.reference, **kwargs)
     pd.testing.assert_frame_equal(on_disk.proportions, in_memory.proportions, check_exact=True)
+
+
+def test_dense_float64_reference_is_not_copied_whole(monkeypatch):
+    """A large dense reference is read in blocks: extra memory follows the block, not the
+    reference (blocks made small here so that a test-sized reference spans many)."""
+    import tracemalloc
+
+    import spotlens.pp._reference_counts as reading
+
+    monkeypatch.setattr(reading, "CHUNK_VALUES", 1 << 17)
+
+    rng = np.random.default_rng(0)
+    n_cells, n_genes = 6000, 400
+    labels = np.repeat([f"t{k}" for k in range(6)], n_cells // 6)
+    profile = rng.gamma(0.5, 1.0, size=(6, n_genes))
+    x = rng.poisson(profile[np.repeat(np.arange(6), n_cells // 6)] * 3).astype(np.float64)
+    ref = ad.AnnData(X=x, obs=pd.DataFrame({"cell_type": labels},
+                                           index=[f"c{i}" for i in range(n_cells)]),
+                     var=pd.DataFrame(index=[f"g{g}" for g in range(n_genes)]))
+    size = x.nbytes  # 19 MB
+    reference_signatures(ref, genes=ref.var_names[:50])  # warm up imports and caches
+    tracemalloc.start()
+    try:
+        reference_signatures(ref, cells_per_state=None)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.6 * size, f"peak {peak / 1e6:.1f} MB for a {size / 1e6:.1f} MB reference"

@@ -51,6 +51,8 @@ _HEAD_SPOTS = 2000
 #: shrinks each gene's dispersion towards the others', which needs many genes, and a targeted
 #: panel of a few dozen chosen markers has no gene to spare (Poisson there).
 QUASI_MIN_GENES = 100
+#: Stopping tolerance of the first (Poisson) fit that the quasi-Poisson gene weights come from.
+FIRST_FIT_TOL = 1e-4
 #: Largest slide on which likelihood="auto" fits the count likelihood (a standard Visium
 #: capture area has at most 4,992 spots); above it, least squares keeps million-bin slides fast.
 COUNT_MAX_SPOTS = 5_000
@@ -460,7 +462,8 @@ def deconvolve(
         likelihood = "poisson"  # a targeted panel: too few genes to estimate their dispersion
     if likelihood == "quasi_poisson":
         logger.info("gene weights from the dispersion around a first Poisson fit")
-        count_problem, x_start = with_dispersion(count_problem, owner=owner, tol=max(tol, 1e-4))
+        count_problem, x_start = with_dispersion(count_problem, owner=owner,
+                                                 tol=max(tol, FIRST_FIT_TOL))
 
     logger.info("stage 2/5 graph: %d spots, k=%d, attention=%s", len(coords), k_neighbors,
                 use_attention)
