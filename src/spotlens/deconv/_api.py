@@ -52,7 +52,7 @@ _HEAD_SPOTS = 2000
 #: panel of a few dozen chosen markers has no gene to spare (Poisson there).
 QUASI_MIN_GENES = 100
 #: Stopping tolerance of the first (Poisson) fit that the quasi-Poisson gene weights come from.
-FIRST_FIT_TOL = 1e-4
+FIRST_FIT_TOL = 1e-3
 #: Largest slide on which likelihood="auto" fits the count likelihood (a standard Visium
 #: capture area has at most 4,992 spots); above it, least squares keeps million-bin slides fast.
 COUNT_MAX_SPOTS = 5_000
