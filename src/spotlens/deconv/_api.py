@@ -34,8 +34,8 @@ from .._validation import (
 from ..pp import reference_signatures
 from ._counts import read_counts
 from ._fit_quality import spot_fit_quality
-from ._graph import attention, color_graph, default_alpha, edge_weights, expression_embedding, knn
-from ._model import Problem, cross_validate, fit, spatial_window
+from ._graph import color_graph, default_alpha, edge_weights, knn, section_attention
+from ._model import Problem, cross_validate, fit, poisson_gene_weights, spatial_window
 from ._params import check_params
 from ._poisson import CountProblem, cv_counts, fit_counts, with_dispersion
 from ._ops import get_ops
@@ -95,51 +95,6 @@ class DeconvolutionResult:
     fit_score: pd.Series | None = None
     poorly_fit: pd.Series | None = None
     uns: dict = field(default_factory=dict)
-
-
-def _gene_weights(signature: np.ndarray, how: str) -> np.ndarray:
-    """Poisson weights ``1/sqrt(m_g)``, ``m`` the mean of the unit-sum type profiles.
-
-    Under Poisson sampling the variance of a spot's normalised expression of gene g is
-    proportional to its expected value, whose prior mean is ``m_g``. Floored at the 5 % quantile
-    so that near-silent genes do not dominate.
-    """
-    g = signature.shape[1]
-    if how == "none":
-        return np.ones(g)
-    profiles = signature / signature.sum(axis=1, keepdims=True)
-    mean = profiles.mean(axis=0)
-    positive = mean[mean > 0]
-    floor = np.quantile(positive, 0.05) if positive.size else 1.0
-    return 1.0 / np.sqrt(np.maximum(mean, floor))
-
-
-def _section_attention(
-    values, idx: np.ndarray, sections: np.ndarray | None, *, n_comps: int, seed: int,
-    temperature: float,
-) -> np.ndarray:
-    """Attention over each spot's neighbours, on a PCA embedding fitted to each section alone.
-
-    ``values`` is ``n_spots × n_features`` (counts, or proportions when attention is
-    re-estimated). The graph never links two sections, and each section's embedding (centring,
-    components, scale) comes from its own spots only, so a section's attention does not depend
-    on which other sections share the AnnData: fitting sections together equals fitting them
-    apart. Returns ``n_spots × k`` weights (see :func:`attention`).
-    """
-    if sections is None:
-        return attention(expression_embedding(values, n_comps, seed=seed), idx, temperature)
-    out = np.zeros(idx.shape)
-    local = np.zeros(len(sections), dtype=np.int64)
-    for code in np.unique(sections):
-        members = np.flatnonzero(sections == code)
-        if len(members) < 2:  # no neighbour, no attention
-            continue
-        local[members] = np.arange(len(members))
-        neighbours = idx[members]
-        neighbours = np.where(neighbours >= 0, local[np.maximum(neighbours, 0)], -1)
-        embedding = expression_embedding(values[members], n_comps, seed=seed)
-        out[members] = attention(embedding, neighbours, temperature)
-    return out
 
 
 def deconvolve(
@@ -442,7 +397,7 @@ def deconvolve(
         raise InputError(
             "Every spot has zero counts over the genes shared with the reference; nothing to fit."
         )
-    weights = _gene_weights(sig.signature.to_numpy(), gene_weights)
+    weights = poisson_gene_weights(sig.signature.to_numpy(), gene_weights)
     mean_lib = float(sig.library_size.mean())
     s_w = sig.states.to_numpy() * weights[None, :] / mean_lib
     state_type = types.get_indexer(sig.state_type)
@@ -471,7 +426,7 @@ def deconvolve(
     alpha_used = default_alpha(dist) if alpha is None else float(alpha)
     attn = None
     if use_attention:
-        attn = _section_attention(y, idx, sections, n_comps=n_comps, seed=seed,
+        attn = section_attention(y, idx, sections, n_comps=n_comps, seed=seed,
                                   temperature=attention_temperature)
     w = edge_weights(dist, idx, alpha_used, attn)
     colors = color_graph(w, seed=seed)
@@ -514,7 +469,7 @@ def deconvolve(
         None if not (use_attention and attention_update_every) else
         (attention_update_every, lambda xx: edge_weights(
             dist, idx, alpha_used,
-            _section_attention(xx, idx, sections, n_comps=n_comps, seed=seed,
+            section_attention(xx, idx, sections, n_comps=n_comps, seed=seed,
                                temperature=attention_temperature)))
     )
     tiles = None

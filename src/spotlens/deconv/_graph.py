@@ -228,3 +228,31 @@ def color_graph(adjacency: sparse.csr_matrix, seed: int = 0) -> list[np.ndarray]
     order = np.argsort(color, kind="stable")
     bounds = np.flatnonzero(np.diff(color[order])) + 1
     return np.split(order, bounds)
+
+
+def section_attention(
+    values, idx: np.ndarray, sections: np.ndarray | None, *, n_comps: int, seed: int,
+    temperature: float,
+) -> np.ndarray:
+    """Attention over each spot's neighbours, on a PCA embedding fitted to each section alone.
+
+    ``values`` is ``n_spots × n_features`` (counts, or proportions when attention is
+    re-estimated). The graph never links two sections, and each section's embedding (centring,
+    components, scale) comes from its own spots only, so a section's attention does not depend
+    on which other sections share the AnnData: fitting sections together equals fitting them
+    apart. Returns ``n_spots × k`` weights (see :func:`attention`).
+    """
+    if sections is None:
+        return attention(expression_embedding(values, n_comps, seed=seed), idx, temperature)
+    out = np.zeros(idx.shape)
+    local = np.zeros(len(sections), dtype=np.int64)
+    for code in np.unique(sections):
+        members = np.flatnonzero(sections == code)
+        if len(members) < 2:  # no neighbour, no attention
+            continue
+        local[members] = np.arange(len(members))
+        neighbours = idx[members]
+        neighbours = np.where(neighbours >= 0, local[np.maximum(neighbours, 0)], -1)
+        embedding = expression_embedding(values[members], n_comps, seed=seed)
+        out[members] = attention(embedding, neighbours, temperature)
+    return out

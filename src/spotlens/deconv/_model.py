@@ -364,3 +364,20 @@ def cross_validate(
         candidates = candidates[candidates.lambda_spatial > 0]
     best = candidates.loc[candidates.error.idxmin()]
     return best_r, float(best.lambda_spatial), table
+
+
+def poisson_gene_weights(signature: np.ndarray, how: str) -> np.ndarray:
+    """Poisson weights ``1/sqrt(m_g)``, ``m`` the mean of the unit-sum type profiles.
+
+    Under Poisson sampling the variance of a spot's normalised expression of gene g is
+    proportional to its expected value, whose prior mean is ``m_g``. Floored at the 5 % quantile
+    so that near-silent genes do not dominate.
+    """
+    g = signature.shape[1]
+    if how == "none":
+        return np.ones(g)
+    profiles = signature / signature.sum(axis=1, keepdims=True)
+    mean = profiles.mean(axis=0)
+    positive = mean[mean > 0]
+    floor = np.quantile(positive, 0.05) if positive.size else 1.0
+    return 1.0 / np.sqrt(np.maximum(mean, floor))
