@@ -16,6 +16,8 @@ doi:10.1186/s13059-014-0550-8).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from scipy import sparse
 
@@ -25,8 +27,11 @@ MIN_DISPERSION = 1e-4
 _BLOCK = 2048
 
 
-def gene_dispersion(counts: sparse.csr_matrix, expected: callable, n_spots_block: int = _BLOCK
-                    ) -> np.ndarray:
+def gene_dispersion(
+    counts: sparse.csr_matrix,
+    expected: Callable[[int, int], np.ndarray],
+    n_spots_block: int = _BLOCK,
+) -> np.ndarray:
     """Shrunken negative binomial dispersion ``φ_g`` of each gene (``n_genes``).
 
     Parameters
