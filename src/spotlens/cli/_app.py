@@ -80,7 +80,7 @@ def _likelihood(value: str) -> str:
 
 def _version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from .._version import __version__
 
         typer.echo(f"spotlens {__version__}")
         raise typer.Exit()

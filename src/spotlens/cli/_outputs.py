@@ -298,7 +298,7 @@ class OutputRun:
         return [*files, MANIFEST_NAME]
 
     def _write_manifest(self, *, complete: bool, error: str | None = None) -> Path:
-        from .. import __version__
+        from .._version import __version__
         from ..io import atomic_path
 
         manifest = {

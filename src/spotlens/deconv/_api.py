@@ -12,7 +12,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from .. import __version__
+from .._version import __version__
 from .._backend import resolve_device
 from .._keys import (
     abundance_key,

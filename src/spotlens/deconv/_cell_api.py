@@ -12,7 +12,7 @@ from anndata import AnnData
 from scipy import sparse
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .._version import __version__
 from .._keys import proportions_key
 from .._validation import InputError, check_labels, get_matrix
 from ..pp._embedding import log_pca

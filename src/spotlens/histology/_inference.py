@@ -460,7 +460,7 @@ def predict(
         changed since training; ``client`` is not a Dask client (or ``"default"`` with none
         running); ``region_um`` is not > 0 or is given without ``client``.
     """
-    from .. import __version__
+    from .._version import __version__
     from .._backend import resolve_client
     from ._distributed import check_region_um
     from ._tissue import grid_spots

@@ -298,7 +298,7 @@ def train(
     >>> mob = [load_section(f"stutility_mob/MOB{i}.h5ad") for i in (1, 2, 3)]
     >>> train(mob, mpp=100 / 24.05, out="mob_model")  # 100 µm spots, 24.05 px  # doctest: +SKIP
     """
-    from .. import __version__
+    from .._version import __version__
 
     if model not in MODEL_TYPES:
         raise InputError(f"model must be one of {MODEL_TYPES}, got {model!r}.")
