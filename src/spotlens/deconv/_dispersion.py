@@ -27,6 +27,43 @@ MIN_DISPERSION = 1e-4
 _BLOCK = 2048
 
 
+def _moments(counts, expected, n_spots_block: int) -> dict[str, np.ndarray]:
+    """Per-gene sums over spots: ``(y − μ)² − μ``, ``μ``, ``μ²``, ``μ³``, ``μ⁴`` (one pass)."""
+    counts = sparse.csr_matrix(counts)
+    n, n_genes = counts.shape
+    out = {key: np.zeros(n_genes) for key in ("resid", "mu", "mu2", "mu3", "mu4")}
+    for lo in range(0, n, n_spots_block):
+        hi = min(lo + n_spots_block, n)
+        mu = np.asarray(expected(lo, hi), dtype=np.float64)
+        y = counts[lo:hi].toarray()
+        out["resid"] += ((y - mu) ** 2 - mu).sum(axis=0)
+        out["mu"] += mu.sum(axis=0)
+        out["mu2"] += (mu * mu).sum(axis=0)
+        out["mu3"] += (mu**3).sum(axis=0)
+        out["mu4"] += (mu**4).sum(axis=0)
+    return out
+
+
+def _shrunk(m: dict[str, np.ndarray]) -> np.ndarray:
+    """Moment estimate of ``φ_g`` shrunk towards the common value (module docstring)."""
+    mu_sum, mu2, mu3, mu4 = m["mu"], m["mu2"], m["mu3"], m["mu4"]
+    usable = mu2 > 0
+    raw = np.where(usable, m["resid"] / np.where(usable, mu2, 1.0), 0.0)
+    if usable.sum() < 3:
+        return np.maximum(raw, MIN_DISPERSION)
+    common = float(np.median(np.maximum(raw[usable], 0.0)))
+    # sampling variance of the moment estimate at the common dispersion: for v = μ + φμ²,
+    # Var[(y − μ)²] ≈ 2v² + v (Poisson fourth cumulant), summed over spots
+    var_num = 2.0 * (mu2 + 2 * common * mu3 + common**2 * mu4) + mu_sum + common * mu2
+    se2 = np.where(usable, var_num / np.where(usable, mu2, 1.0) ** 2, np.inf)
+    spread = raw[usable] - common
+    mad = 1.4826 * float(np.median(np.abs(spread)))
+    prior_var = max(mad**2 - float(np.median(se2[usable])), (0.1 * max(common, MIN_DISPERSION))**2)
+    weight = prior_var / (prior_var + se2)  # 0 where the gene has no expected counts
+    shrunk = common + weight * (raw - common)
+    return np.maximum(shrunk, MIN_DISPERSION)
+
+
 def gene_dispersion(
     counts: sparse.csr_matrix,
     expected: Callable[[int, int], np.ndarray],
@@ -48,34 +85,23 @@ def gene_dispersion(
     -------
     ``φ_g ≥`` :data:`MIN_DISPERSION`, shrunk towards the genes' common value.
     """
-    counts = sparse.csr_matrix(counts)
-    n, n_genes = counts.shape
-    resid = np.zeros(n_genes)
-    mu2 = np.zeros(n_genes)
-    mu_sum = np.zeros(n_genes)
-    mu3 = np.zeros(n_genes)
-    mu4 = np.zeros(n_genes)
-    for lo in range(0, n, n_spots_block):
-        hi = min(lo + n_spots_block, n)
-        mu = np.asarray(expected(lo, hi), dtype=np.float64)
-        y = counts[lo:hi].toarray()
-        resid += ((y - mu) ** 2 - mu).sum(axis=0)
-        mu_sum += mu.sum(axis=0)
-        mu2 += (mu * mu).sum(axis=0)
-        mu3 += (mu**3).sum(axis=0)
-        mu4 += (mu**4).sum(axis=0)
-    usable = mu2 > 0
-    raw = np.where(usable, resid / np.where(usable, mu2, 1.0), 0.0)
-    if usable.sum() < 3:
-        return np.maximum(raw, MIN_DISPERSION)
-    common = float(np.median(np.maximum(raw[usable], 0.0)))
-    # sampling variance of the moment estimate at the common dispersion: for v = μ + φμ²,
-    # Var[(y − μ)²] ≈ 2v² + v (Poisson fourth cumulant), summed over spots
-    var_num = 2.0 * (mu2 + 2 * common * mu3 + common**2 * mu4) + mu_sum + common * mu2
-    se2 = np.where(usable, var_num / np.where(usable, mu2, 1.0) ** 2, np.inf)
-    spread = raw[usable] - common
-    mad = 1.4826 * float(np.median(np.abs(spread)))
-    prior_var = max(mad**2 - float(np.median(se2[usable])), (0.1 * max(common, MIN_DISPERSION))**2)
-    weight = prior_var / (prior_var + se2)  # 0 where the gene has no expected counts
-    shrunk = common + weight * (raw - common)
-    return np.maximum(shrunk, MIN_DISPERSION)
+    return _shrunk(_moments(counts, expected, n_spots_block))
+
+
+def quasi_poisson_weights(
+    counts: sparse.csr_matrix,
+    expected: Callable[[int, int], np.ndarray],
+    n_spots_block: int = _BLOCK,
+) -> np.ndarray:
+    """Gene weights ``w_g = Σ_i μ_ig / Σ_i μ_ig (1 + φ_g μ_ig)``, the largest scaled to 1.
+
+    The information-weighted mean over spots of the negative binomial's ``1 / (1 + φ_g μ)``,
+    with ``φ_g`` from :func:`gene_dispersion`; computed from the same single pass over the
+    spots (``Σ μ (1 + φ μ) = Σ μ + φ Σ μ²``). Genes without expected counts get weight 1 before
+    scaling. Arguments as :func:`gene_dispersion`; returns ``n_genes`` weights in ``(0, 1]``.
+    """
+    m = _moments(counts, expected, n_spots_block)
+    phi = _shrunk(m)
+    info = m["mu"] + phi * m["mu2"]
+    weight = np.divide(m["mu"], info, out=np.ones_like(info), where=info > 0)
+    return weight / weight.max()

@@ -55,7 +55,7 @@ import pandas as pd
 from scipy import sparse
 from tqdm.auto import tqdm
 
-from ._dispersion import gene_dispersion
+from ._dispersion import quasi_poisson_weights
 from ._model import run_stretches, thin_counts
 from ._ops import jit, map_threads, row_ranges
 from ._solver import SolverResult
@@ -547,13 +547,6 @@ def with_dispersion(problem: CountProblem, *, owner, tol: float = 1e-4, n_iter: 
     def expected(lo, hi):
         return lib[lo:hi, None] * (first[lo:hi] @ problem.s_bar)
 
-    phi = gene_dispersion(problem.counts, expected)
-    total = np.zeros(len(phi))
-    info = np.zeros(len(phi))
-    for lo in range(0, len(lib), 2048):
-        mu = expected(lo, min(lo + 2048, len(lib)))
-        total += mu.sum(axis=0)
-        info += (mu * (1.0 + phi[None, :] * mu)).sum(axis=0)
-    weight = np.divide(total, info, out=np.ones_like(total), where=info > 0)
+    weight = quasi_poisson_weights(problem.counts, expected)
     even = first.sum(axis=1, keepdims=True) / first.shape[1]
-    return replace(problem, weight=weight / weight.max()), 0.9 * first + 0.1 * even
+    return replace(problem, weight=weight), 0.9 * first + 0.1 * even
