@@ -49,7 +49,8 @@ SPATIAL_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
 _HEAD_SPOTS = 2000
 #: Fewest genes on which likelihood="auto" weighs genes by their dispersion (quasi-Poisson): it
 #: shrinks each gene's dispersion towards the others', which needs many genes, and a targeted
-#: panel of a few dozen chosen markers has no gene to spare (Poisson there).
+#: panel of a few dozen chosen markers has no gene to spare (Poisson there). Set after the
+#: osmFISH held-out split was seen (README, osmFISH section), not by cross-validation.
 QUASI_MIN_GENES = 100
 #: Stopping tolerance of the first (Poisson) fit that the quasi-Poisson gene weights come from.
 FIRST_FIT_TOL = 1e-3
