@@ -32,10 +32,9 @@ from scipy import sparse
 from scipy.optimize import nnls
 
 import spotlens
-from spotlens._metrics import accuracy
+from spotlens.metrics import accuracy
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine, markdown_table  # noqa: E402
+from _machine import machine, markdown_table  # benchmarks/_machine.py (the script's folder)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1] / "shared" / "data" / "osmfish_cortex_pseudospots"

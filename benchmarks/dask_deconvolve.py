@@ -1,22 +1,15 @@
 """``deconvolve(..., client=)`` on a Dask ``LocalCluster`` against the single-machine run.
 
-Two parts, written to ``benchmarks/results/dask_deconvolve.md`` and ``dask_halo_study.md``
-(``--out`` names another folder):
-
-1. **Timing** (default): simulates ``--spots`` spots × 2,000 genes × 15 types with
-   :func:`spotlens.datasets.synthetic`, runs ``deconvolve`` on this machine and on a
-   ``--workers``-worker ``LocalCluster`` (worker processes, one thread each) with the same
-   parameters, and reports wall time, peak memory of this process (the driver) and of each
-   worker, and the largest difference of proportions.
-2. **Halo study** (``--halo-study``): on ``--study-spots`` spots, the largest difference of
-   proportions between the tiled and the single-machine fit (both at ``tol=1e-9``, so the
-   solvers' stopping error does not hide the tiling error) per halo width and
-   ``lambda_spatial``, beside the ``halo_check`` the tiled run reports.
+Written to ``benchmarks/results/dask_deconvolve.md`` (``--out`` names another folder):
+simulates ``--spots`` spots × 2,000 genes × 15 types with :func:`spotlens.datasets.synthetic`,
+runs ``deconvolve`` on this machine and on a ``--workers``-worker ``LocalCluster`` (worker
+processes, one thread each) with the same parameters, and reports wall time, peak memory of
+this process (the driver) and of each worker, and the largest difference of proportions.
+The halo-width study that set the default ``halo_hops`` is ``benchmarks/studies/dask_halo.py``.
 
 Usage::
 
     python benchmarks/dask_deconvolve.py                     # 100k spots, 2 workers
-    python benchmarks/dask_deconvolve.py --halo-study --spots 0
 """
 
 from __future__ import annotations
@@ -98,61 +91,23 @@ def timing(args, lines: list[str]) -> None:
     lines.append("")
 
 
-def halo_study(args, lines: list[str]) -> None:
-    from distributed import Client, LocalCluster
-
-    spatial, reference = spotlens.datasets.synthetic(args.study_spots, 500, 10, seed=2)
-    hops = [0, 1, 2, 4, 6, 8, 10, 12, 16, 20, 24]
-    lines += [
-        f"## Halo study: {args.study_spots:,} spots, {args.study_tile:g} µm tiles, tol=1e-9",
-        "", "Largest |Δ proportion| over all spots, tiled vs one machine (in brackets: the "
-        "largest `halo_check` the tiled run reported).", "",
-        "| λ_spatial | default hops | " + " | ".join(f"{h} hops" for h in hops) + " |",
-        "|---:|---:|" + "---:|" * len(hops),
-    ]
-    from spotlens.deconv._tiled import default_halo_hops
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
-        for lam in (0.1, 0.3, 1.0):
-            fit = dict(lambda_ridge=0.01, lambda_spatial=lam, progress=False, inplace=False,
-                       tol=1e-9, n_iter=20_000)
-            one = deconvolve(spatial, reference, **fit)
-            cells = []
-            for h in hops:
-                many = deconvolve(spatial, reference, client=client, tile_size=args.study_tile,
-                                  halo_hops=h, **fit)
-                check = many.uns["tiles"].halo_check.max()
-                cells.append(f"{_max_diff(one, many):.1e} ({check:.0e})")
-                print(lam, h, cells[-1], flush=True)
-            lines.append(f"| {lam} | {default_halo_hops(lam)} | " + " | ".join(cells) + " |")
-    lines.append("")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--spots", type=int, default=100_000, help="0 skips the timing")
+    p.add_argument("--spots", type=int, default=100_000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--lambda-spatial", nargs="+", default=["0.1", "auto"])
     p.add_argument("--tile-size", nargs="+", default=["auto", "8000"],
                    help="tile sides in µm ('auto': about 50,000 spots per tile)")
-    p.add_argument("--halo-study", action="store_true")
-    p.add_argument("--study-spots", type=int, default=10_000)
-    p.add_argument("--study-tile", type=float, default=2500.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     logging.getLogger("distributed").setLevel(logging.WARNING)
     from _machine import machine
 
-    parts = [(timing, "dask_deconvolve.md")] if args.spots else []
-    if args.halo_study:
-        parts.append((halo_study, "dask_halo_study.md"))
-    for part, name in parts:
+    for part, name in [(timing, "dask_deconvolve.md")]:
         lines = ["# spotlens.deconv.deconvolve on a Dask LocalCluster", "",
                  f"{machine()}, {dt.date.today().isoformat()}, spotlens {spotlens.__version__}, "
-                 "`python benchmarks/dask_deconvolve.py"
-                 + (" --halo-study --spots 0" if part is halo_study else "") + "`. Same "
+                 "`python benchmarks/dask_deconvolve.py`. Same "
                  "parameters on both sides (default `tol=1e-5`, `n_iter=200` for the timing). "
                  "Load average at the start: "
                  + ", ".join(f"{v:.1f}" for v in os.getloadavg()) + ".", ""]

@@ -30,9 +30,9 @@ from scipy import sparse
 
 import spotlens
 
+from _machine import machine, write_atomic  # benchmarks/_machine.py (the script's folder)
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from _machine import machine, write_atomic  # noqa: E402
 
 RESULTS = HERE / "results" / "marker_check.md"
 PAIRS = ("spacexr_lymphnode_visium", "spacexr_hippocampus_visium", "spacexr_cerebellum_slideseq")
@@ -144,8 +144,7 @@ def peer_method(peer: str, workdir: Path, timeout: float = 3600) -> Method:
 
     Raises ``RuntimeError`` with the runner's message when the peer fails.
     """
-    sys.path.insert(0, str(HERE / "peers"))
-    import peers
+    from peers import peers  # benchmarks/peers/peers.py
 
     def fn(spatial: AnnData, reference: AnnData) -> pd.DataFrame:
         out = workdir / peer / str(time.time_ns())

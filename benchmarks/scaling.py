@@ -452,9 +452,8 @@ def _commit() -> str:
 
 
 def parent(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(HERE))
     import scipy
-    from _machine import machine
+    from _machine import machine  # benchmarks/_machine.py (the script's folder)
 
     command = "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]])
     started = dt.datetime.now().astimezone()

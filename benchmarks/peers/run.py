@@ -14,7 +14,7 @@ half of a real reference, the method gets the other half) from the small real re
 For each case ``spatial.h5ad``, ``reference.h5ad`` and ``truth.csv`` are written once into the
 cache folder (reused when present), spotlens runs in this process
 (``spotlens.deconv.deconvolve`` defaults) and every installed peer runs in its own venv
-(``peers.run_peer``). Scores: ``spotlens._metrics.accuracy`` (Pearson r and RMSE over spot ×
+(``peers.run_peer``). Scores: ``spotlens.metrics.accuracy`` (Pearson r and RMSE over spot ×
 type entries, mean JSD per spot, mean per-type Pearson r, AUPR of type presence); spots a method
 dropped (NaN rows) are left out of its scores and counted. Results are rewritten after every
 case (atomically), so a partial run leaves a valid partial table.
@@ -40,10 +40,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+import peers  # benchmarks/peers/peers.py (the script's folder)
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-import peers  # noqa: E402
+sys.path.insert(0, str(HERE.parent))  # the shared helper benchmarks/_machine.py, not spotlens
 from _machine import machine, markdown_table, write_atomic  # noqa: E402
 
 DATA = HERE.parents[2] / "shared" / "data"
@@ -119,7 +119,7 @@ def run_spotlens(sp: Path, rf: Path, labels_key: str, **kwargs) -> dict:
 
 
 def score(res: dict, truth: pd.DataFrame) -> dict:
-    from spotlens._metrics import accuracy
+    from spotlens.metrics import accuracy
 
     row = {m: np.nan for m in METRICS}
     run = res.get("run") or {}
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Cases: `spotlens.datasets.pseudo_spots` (seeds {', '.join(map(str, args.seeds))}; "
             "spotlens's defaults were developed on seeds 0 to 3) from the references in "
             "`shared/data`; the method gets the other half of the reference. Metrics from "
-            "`spotlens._metrics.accuracy`; spots a method dropped are not scored "
+            "`spotlens.metrics.accuracy`; spots a method dropped are not scored "
             "(`spots_dropped`). `seconds`: the method call only (peers: inside their runner, "
             "without imports or reading files); `peak_memory_mb`: the peer's process "
             "(`ru_maxrss`; not measured for spotlens, which runs in this process). Peer "

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 from ._version import __version__
 
-_SUBMODULES = ("cli", "datasets", "deconv", "histology", "io", "pl", "pp")
+_SUBMODULES = ("cli", "datasets", "deconv", "histology", "io", "metrics", "pl", "pp")
 
 __all__ = [*_SUBMODULES, "InputError", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import cli, datasets, deconv, histology, io, pl, pp  # noqa: F401
+    from . import cli, datasets, deconv, histology, io, metrics, pl, pp  # noqa: F401
     from ._validation import InputError  # noqa: F401
 
 

@@ -1,12 +1,57 @@
-"""The one place where AnnData key names are built."""
+"""The one place where AnnData key names are built.
+
+Every key the package writes comes from a builder or constant here, so a name is changed in one
+place and the documentation can point at one list. Inputs named by the user (``spatial_key``,
+``labels_key``, ``key_added``, ...) default to these names.
+
+- Deconvolution (:func:`spotlens.deconv.deconvolve` with ``key_added=K``): ``obsm[K]``
+  proportions, ``obsm[abundance_key(K)]``, ``obs[zero_counts_key(K)]``,
+  ``obs[fit_score_key(K)]``, ``obs[poorly_fit_key(K)]``, ``obsp[connectivities_key(K)]``,
+  ``uns[K]``.
+- Cell level (:func:`spotlens.deconv.cell_level` with ``key_added=C``): ``obsm[C]``,
+  ``obsm[cell_counts_key(C)]``, ``uns[C]``; placed cells (:func:`~spotlens.deconv.assign_cells`)
+  carry ``obsm[SPATIAL_KEY]`` and ``uns[SPOT_DIAMETER_KEY]``.
+- Readers: ``obsm[SPATIAL_KEY]`` and ``uns[SPATIAL_UNS_KEY][library_id]``.
+- Plotting: ``uns[colors_key(key)]`` (scanpy's palette convention).
+- Histology: ``obsm[features_key(encoder)]``, ``uns[HISTOLOGY_PREDICTION_KEY]``,
+  ``obs[SECTION_KEY]``.
+- Example data with ground truth (:mod:`spotlens.datasets`): the ``TRUE_*`` and
+  ``PSEUDO_SPOTS_*`` names below.
+"""
 
 from __future__ import annotations
 
 import re
 
 DEFAULT_METHOD = "spotlens"
+#: ``obsm`` key of spot (or cell) coordinates, ``n_obs × 2`` (the default ``spatial_key``).
 SPATIAL_KEY = "spatial"
+#: ``uns`` key of the per-library images and scale factors: ``uns["spatial"][library_id]``.
+SPATIAL_UNS_KEY = "spatial"
+#: squidpy's ``obsp`` key of a spatial graph.
 CONNECTIVITIES_KEY = "spatial_connectivities"
+#: ``uns`` key of the footprint diameter of the spots that placed cells came from.
+SPOT_DIAMETER_KEY = "spot_diameter"
+#: ``obs`` column naming the section of each spot when sections are joined.
+SECTION_KEY = "section"
+#: ``uns`` key of the parameters of a histology expression prediction.
+HISTOLOGY_PREDICTION_KEY = "histology_prediction"
+
+# ground truth written by the synthetic factories and the bundled example
+#: ``obsm``: true proportions (``n_spots × n_types``) of :func:`spotlens.datasets.synthetic`
+#: and the bundled osmFISH example.
+TRUE_PROPORTIONS_KEY = "true_proportions"
+#: ``obsm``: true cells per spot and type.
+TRUE_CELL_COUNTS_KEY = "true_cell_counts"
+#: ``varm``: the profiles the synthetic counts were drawn from.
+TRUE_PROFILES_KEY = "true_profiles"
+#: ``uns``: the settings of :func:`spotlens.datasets.synthetic`.
+SYNTHETIC_KEY = "synthetic"
+#: ``obsm`` / ``var`` / ``uns`` keys of :func:`spotlens.datasets.pseudo_spots` (its own names).
+PSEUDO_SPOTS_PROPORTIONS_KEY = "proportions_true"
+PSEUDO_SPOTS_CELL_COUNTS_KEY = "cell_counts_true"
+PSEUDO_SPOTS_PLATFORM_KEY = "platform_effect_true"
+PSEUDO_SPOTS_KEY = "pseudo_spots"
 
 
 def proportions_key(method: str = DEFAULT_METHOD) -> str:
@@ -34,6 +79,38 @@ def fit_score_key(key_added: str) -> str:
 def poorly_fit_key(key_added: str) -> str:
     """Return ``obs`` key flagging spots far outside what the reference explains."""
     return f"{key_added}_poorly_fit"
+
+
+def connectivities_key(key_added: str) -> str:
+    """Return ``obsp`` key of the spatial graph a deconvolution used (squidpy's suffix)."""
+    return f"{key_added}_connectivities"
+
+
+def cell_weights_key(method: str = DEFAULT_METHOD) -> str:
+    """Return ``obsm`` key of the cell-level weights (spots × reference cells or metacells)."""
+    return f"cell_weights_{method}"
+
+
+def cell_counts_key(key_added: str) -> str:
+    """Return ``obsm`` key of the estimated cells per type, derived from the cell-weights key."""
+    return key_added.replace("cell_weights", "cell_counts", 1) if "cell_weights" in key_added \
+        else f"{key_added}_cell_counts"
+
+
+def colors_key(key: str) -> str:
+    """Return the ``uns`` key of the colours of ``obs[key]`` or ``obsm[key]`` (scanpy's)."""
+    return f"{key}_colors"
+
+
+def features_key(encoder: str) -> str:
+    """Return ``obsm`` key of image features from ``encoder`` (squidpy's ``X_<name>``).
+
+    Examples
+    --------
+    >>> features_key("efficientnet-lite0")
+    'X_efficientnet-lite0'
+    """
+    return f"X_{encoder}"
 
 
 #: ``uns`` key of the table that :func:`spotlens.io.write_h5ad` writes when it stores names

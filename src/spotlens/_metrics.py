@@ -10,6 +10,7 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial.distance import jensenshannon
 
+from ._keys import cell_weights_key
 from ._validation import InputError
 
 logger = logging.getLogger("spotlens")
@@ -124,10 +125,50 @@ def _mean_type_pearson(p: np.ndarray, t: np.ndarray, types: pd.Index) -> float:
         )
     if not ok.any():
         return float("nan")
-    pc = p[:, ok] - p[:, ok].mean(axis=0)
-    tc = t[:, ok] - t[:, ok].mean(axis=0)
-    r = (pc * tc).sum(axis=0) / np.sqrt((pc**2).sum(axis=0) * (tc**2).sum(axis=0))
-    return float(np.mean(np.clip(r, -1.0, 1.0)))
+    r, _ = pearson_columns(p[:, ok], t[:, ok])
+    return float(np.mean(r))
+
+
+def pearson_columns(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pearson r between each column of ``a`` and the same column of ``b``.
+
+    ``r_j = Σ_i (a_ij − ā_j)(b_ij − b̄_j) / (‖a_j − ā_j‖ ‖b_j − b̄_j‖)``, clipped to [−1, 1].
+    The one Pearson kernel of the package: proportions per cell type (:func:`accuracy`) and
+    expression per gene (histology) are scored with it.
+
+    Parameters
+    ----------
+    a, b
+        ``n_obs × n_columns`` (e.g. spots × genes, spots × cell types).
+
+    Returns
+    -------
+    r
+        ``n_columns`` correlations; 0 where either column is constant (r undefined).
+    undefined
+        ``n_columns`` bool, True where either column is constant: its centred norm is at most
+        ``1e-12 · √n_obs · max(1, max |column|)``, rounding error rather than variation.
+
+    Examples
+    --------
+    >>> a = np.array([[1.0, 2.0], [2.0, 2.0], [3.0, 2.0]])
+    >>> r, undefined = pearson_columns(a, a[::-1])
+    >>> r.round(6).tolist(), undefined.tolist()
+    ([-1.0, 0.0], [False, True])
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    ac = a - a.mean(axis=0)
+    bc = b - b.mean(axis=0)
+    a_norm = np.sqrt((ac**2).sum(axis=0))
+    b_norm = np.sqrt((bc**2).sum(axis=0))
+    tol = 1e-12 * np.sqrt(a.shape[0])
+    undefined = (a_norm <= tol * np.maximum(1.0, np.abs(a).max(axis=0))) | (
+        b_norm <= tol * np.maximum(1.0, np.abs(b).max(axis=0))
+    )
+    denom = np.where(undefined, 1.0, a_norm * b_norm)
+    r = np.where(undefined, 0.0, (ac * bc).sum(axis=0) / denom)
+    return np.clip(r, -1.0, 1.0), undefined
 
 
 def _aupr_presence(p: np.ndarray, t: np.ndarray) -> float:
@@ -144,7 +185,7 @@ def member_recall(
     spatial: AnnData,
     reference: AnnData,
     *,
-    key: str = "cell_weights_spotlens",
+    key: str = cell_weights_key(),
     n_cells_key: str = "n_cells",
     spot_key: str = "spot",
 ) -> dict[str, float]:

@@ -25,6 +25,136 @@ CHUNK_VALUES = 1 << 24
 MISSING_LABEL_TEXT = frozenset({"", "nan", "none", "null", "na", "n/a", "<na>", "#n/a"})
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def check_int(
+    name: str,
+    value,
+    *,
+    minimum: int | None = None,
+    none_ok: bool = False,
+    expected: str | None = None,
+) -> int | None:
+    """Return ``value`` as an ``int``; raise unless it is an integer ``≥ minimum``.
+
+    Python and NumPy integers pass; ``bool``, floats (even ``2.0``) and strings do not.
+
+    Parameters
+    ----------
+    name
+        Parameter name, as the user wrote it (it starts the message).
+    value
+        The value to check.
+    minimum
+        Smallest allowed value (None: no bound).
+    none_ok
+        Whether ``None`` is allowed (it is then returned as is).
+    expected
+        What the value must be, for the message (default ``"an integer ≥ {minimum}"``).
+
+    Raises
+    ------
+    InputError
+        ``"{name} must be {expected}, got {value!r}."``
+
+    Examples
+    --------
+    >>> check_int("k_neighbors", 6, minimum=1)
+    6
+    >>> check_int("k_neighbors", 2.5, minimum=1, expected="a positive integer")
+    Traceback (most recent call last):
+    ...
+    spotlens._validation.InputError: k_neighbors must be a positive integer, got 2.5.
+    """
+    if value is None and none_ok:
+        return None
+    if not _is_integer(value) or (minimum is not None and value < minimum):
+        if expected is None:
+            expected = "an integer" + ("" if minimum is None else f" ≥ {minimum}")
+            expected += " or None" if none_ok else ""
+        raise InputError(f"{name} must be {expected}, got {value!r}.")
+    return int(value)
+
+
+def check_number(
+    name: str,
+    value,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    below: float | None = None,
+    finite: bool = True,
+    whole: bool = False,
+    none_ok: bool = False,
+    expected: str | None = None,
+) -> float | None:
+    """Return ``value`` as a ``float``; raise unless it is a real number within the bounds.
+
+    Python and NumPy integers and floats pass; ``bool``, strings and NaN never do.
+
+    Parameters
+    ----------
+    name
+        Parameter name, as the user wrote it (it starts the message).
+    value
+        The value to check.
+    above, at_least, below
+        Bounds: ``value > above``, ``value ≥ at_least``, ``value < below`` (None: no bound).
+    finite
+        Whether ``±inf`` is refused.
+    whole
+        Whether the value must equal an integer (``8`` or ``8.0``, not ``8.5``).
+    none_ok
+        Whether ``None`` is allowed (it is then returned as is).
+    expected
+        What the value must be, for the message (default e.g. ``"a finite number > 0"``).
+
+    Raises
+    ------
+    InputError
+        ``"{name} must be {expected}, got {value!r}."``
+
+    Examples
+    --------
+    >>> check_number("tol", 1e-5, above=0)
+    1e-05
+    >>> check_number("reference_fraction", 1, above=0, below=1)
+    Traceback (most recent call last):
+    ...
+    spotlens._validation.InputError: reference_fraction must be a finite number > 0 and < 1, got 1.
+    """
+    if value is None and none_ok:
+        return None
+    ok = _is_real(value) and not np.isnan(value)
+    if ok:
+        ok = (
+            (not finite or bool(np.isfinite(value)))
+            and (above is None or value > above)
+            and (at_least is None or value >= at_least)
+            and (below is None or value < below)
+            and (not whole or (bool(np.isfinite(value)) and int(value) == value))
+        )
+    if not ok:
+        if expected is None:
+            bounds = [f"> {above:g}" if above is not None else "",
+                      f"≥ {at_least:g}" if at_least is not None else "",
+                      f"< {below:g}" if below is not None else ""]
+            expected = ("a finite " if finite else "a ") + ("whole number" if whole else "number")
+            expected += "".join(f" {b}" if i == 0 else f" and {b}"
+                                for i, b in enumerate(b for b in bounds if b))
+            expected += " or None" if none_ok else ""
+        raise InputError(f"{name} must be {expected}, got {value!r}.")
+    return float(value)
+
+
 def get_matrix(adata: AnnData, layer: str | None, *, what: str):
     """Return ``adata.X`` or ``adata.layers[layer]`` (not copied), with a clear error if absent."""
     if layer is None:
@@ -317,6 +447,39 @@ def check_coordinates(adata: AnnData, spatial_key: str) -> np.ndarray:
             "position."
         )
     return coords
+
+
+def check_cells_per_spot(spatial: AnnData, column: str) -> np.ndarray:
+    """``n_spots`` known cells per spot from ``obs[column]``, rounded to integers.
+
+    Raises
+    ------
+    InputError
+        The column is missing, not numeric, negative, NaN or infinite, or 0 in every spot
+        (nothing could be placed).
+    """
+    if column not in spatial.obs.columns:
+        raise InputError(
+            f"The spatial data has no obs column {column!r} for cells_per_spot; pass the column "
+            "holding the number of cells (or nuclei) per spot, or None to estimate it."
+        )
+    values = spatial.obs[column]
+    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        raise InputError(
+            f"obs[{column!r}] must be numeric (cells per spot), got dtype {values.dtype}."
+        )
+    values = values.to_numpy(dtype=np.float64)
+    if not np.all(np.isfinite(values)) or (values < 0).any():
+        raise InputError(f"obs[{column!r}] has negative, NaN or infinite cell counts.")
+    values = np.round(values)
+    if len(values) and not values.any():
+        raise InputError(
+            f"obs[{column!r}] gives 0 cells in every spot (after rounding), so no cell can be "
+            f"placed. Pass cells_per_spot= (--cells-per-spot on the command line) naming a "
+            "column with the number of cells in each spot, or leave it unset to estimate it "
+            "from the counts."
+        )
+    return values
 
 
 def check_shared_genes(

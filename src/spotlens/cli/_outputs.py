@@ -6,7 +6,7 @@ A command that writes into ``OUT`` runs inside :func:`output_folder`, which
    another run (a complete manifest, or this command's output names without a manifest) unless
    ``--overwrite`` is given, or when another spotlens process is writing there now;
 2. removes the temporary files an interrupted run left (``.<name>.<random>.tmp``, see
-   :data:`spotlens.io._write.TEMPORARY_NAME`) and creates ``OUT`` if it is missing;
+   :func:`spotlens.io.temporary_files`) and creates ``OUT`` if it is missing;
 3. just before the first result is written (:meth:`OutputRun.start_writing`), removes the files
    of the earlier run — those its manifest lists and this command's output names, never any
    other file — and writes ``OUT/spotlens_run.json`` with ``"complete": false``;
@@ -415,11 +415,10 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     """Size and modification time of each plain file in ``folder`` (manifest, temporaries out)."""
     if not folder.is_dir():
         return {}
-    from ..io._write import TEMPORARY_NAME
-
+    temporary = {p.name for p in _temporary_files(folder)}
     out = {}
     for p in folder.iterdir():
-        if p.name == MANIFEST_NAME or TEMPORARY_NAME.match(p.name) or not p.is_file():
+        if p.name == MANIFEST_NAME or p.name in temporary or not p.is_file():
             continue
         stat = p.stat()
         out[p.name] = (stat.st_size, stat.st_mtime_ns)

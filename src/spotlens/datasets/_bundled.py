@@ -9,11 +9,14 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._keys import TRUE_CELL_COUNTS_KEY, TRUE_PROPORTIONS_KEY
+
 SPATIAL_FILE = "osmfish_cortex_spatial.h5ad"
 REFERENCE_FILE = "osmfish_cortex_reference.h5ad"
 
-TRUE_COUNTS = "true_cell_counts"
-TRUE_COUNTS_FINE = "true_cell_counts_fine"
+# the file's layout: integer counts under these obsm keys, type names under these uns keys
+TRUE_COUNTS = TRUE_CELL_COUNTS_KEY
+TRUE_COUNTS_FINE = f"{TRUE_CELL_COUNTS_KEY}_fine"
 TYPES = "true_cell_types"
 TYPES_FINE = "true_cell_types_fine"
 
@@ -39,10 +42,10 @@ def _truth_frames(spatial: AnnData, *, fine: bool) -> None:
             index=spatial.obs_names.copy(),
             columns=pd.Index(np.asarray(spatial.uns.pop(types_key), dtype=str)),
         )
-        frames[f"true_cell_counts{suffix}"] = counts
-        frames[f"true_proportions{suffix}"] = counts.div(counts.sum(axis=1), axis=0)
+        frames[f"{TRUE_CELL_COUNTS_KEY}{suffix}"] = counts
+        frames[f"{TRUE_PROPORTIONS_KEY}{suffix}"] = counts.div(counts.sum(axis=1), axis=0)
     if fine:
-        for key in ("true_proportions", "true_cell_counts"):
+        for key in (TRUE_PROPORTIONS_KEY, TRUE_CELL_COUNTS_KEY):
             frames[f"{key}_coarse"] = frames[key]
             frames[key] = frames[f"{key}_fine"]
     for key, frame in frames.items():

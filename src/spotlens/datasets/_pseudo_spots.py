@@ -23,11 +23,20 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
 
+from .._keys import (
+    PSEUDO_SPOTS_CELL_COUNTS_KEY,
+    PSEUDO_SPOTS_KEY,
+    PSEUDO_SPOTS_PLATFORM_KEY,
+    PSEUDO_SPOTS_PROPORTIONS_KEY,
+    SPATIAL_KEY,
+)
 from .._validation import (
     InputError,
     check_counts,
+    check_int,
     check_labels,
     check_not_empty,
+    check_number,
     check_unique_names,
     get_matrix,
 )
@@ -39,7 +48,7 @@ from ._spot_counts import (  # noqa: F401  (pick_cells, thin_counts: re-exported
     spot_cells,
     thin_counts,
 )
-from ._synthetic import SPACING_UM, _check_int, _check_number, _names
+from ._synthetic import SPACING_UM, _names
 
 logger = logging.getLogger("spotlens")
 
@@ -365,7 +374,7 @@ def pseudo_spots(
     counts = get_matrix(reference, layer, what="reference")
     check_counts(counts, what="reference counts")
     regions = _check_regions(regions)
-    n_spots = _check_int("n_spots", n_spots, 1)
+    n_spots = check_int("n_spots", n_spots, minimum=1)
     if n_spots < len(regions):
         raise InputError(
             f"n_spots={n_spots} is fewer than the {len(regions)} regions; every region needs a "
@@ -373,18 +382,13 @@ def pseudo_spots(
         )
     low, high = _check_cells_per_spot(cells_per_spot)
     if library_size is not None:
-        library_size = _check_number("library_size", library_size, positive=True)
-    sigma = _check_number("platform_effect", platform_effect, positive=False)
-    fraction = reference_fraction
-    if (
-        isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.number))
-        or not 0.0 < fraction < 1.0
-    ):
-        raise InputError(
-            "reference_fraction must be a number strictly between 0 and 1 (the share of each "
-            f"type's cells kept for the reference; the rest build the spots), got {fraction!r}."
-        )
-    fraction = float(fraction)
+        library_size = check_number("library_size", library_size, above=0)
+    sigma = check_number("platform_effect", platform_effect, at_least=0)
+    fraction = check_number(
+        "reference_fraction", reference_fraction, above=0, below=1,
+        expected="a number strictly between 0 and 1 (the share of each type's cells kept for "
+                 "the reference; the rest build the spots)",
+    )
     types = pd.Index(sorted(labels.unique()))
     if isinstance(exclude_from_reference, str):
         exclude_from_reference = (exclude_from_reference,)
@@ -471,12 +475,12 @@ def pseudo_spots(
         var=reference.var.copy(),
     )
     spatial.var_names = reference.var_names.astype(str)
-    spatial.var["platform_effect_true"] = factor
-    spatial.obsm["spatial"] = coords
-    spatial.obsm["proportions_true"] = truth_counts.div(n_cells, axis=0)
-    spatial.obsm["cell_counts_true"] = truth_counts
+    spatial.var[PSEUDO_SPOTS_PLATFORM_KEY] = factor
+    spatial.obsm[SPATIAL_KEY] = coords
+    spatial.obsm[PSEUDO_SPOTS_PROPORTIONS_KEY] = truth_counts.div(n_cells, axis=0)
+    spatial.obsm[PSEUDO_SPOTS_CELL_COUNTS_KEY] = truth_counts
     names = np.asarray(reference.obs_names.astype(str))
-    spatial.uns["pseudo_spots"] = {
+    spatial.uns[PSEUDO_SPOTS_KEY] = {
         "params": {
             "labels_key": labels_key, "layer": layer,
             "n_spots": n_spots, "regions": np.array(regions),

@@ -9,7 +9,22 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from .._validation import InputError, check_counts, check_labels, check_not_empty, get_matrix
+from .._keys import (
+    SPATIAL_KEY,
+    SYNTHETIC_KEY,
+    TRUE_CELL_COUNTS_KEY,
+    TRUE_PROFILES_KEY,
+    TRUE_PROPORTIONS_KEY,
+)
+from .._validation import (
+    InputError,
+    check_counts,
+    check_int,
+    check_labels,
+    check_not_empty,
+    check_number,
+    get_matrix,
+)
 from ._simulate import (
     LibraryModel,
     domain_compositions,
@@ -28,20 +43,6 @@ _LIBRARY_TYPE_SD = 0.35
 def _names(prefix: str, n: int) -> pd.Index:
     width = len(str(max(n - 1, 0)))
     return pd.Index([f"{prefix}_{i:0{width}d}" for i in range(n)])
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InputError(f"{name} must be an integer ≥ {minimum}, got {value!r}.")
-    return int(value)
-
-
-def _check_number(name: str, value, *, positive: bool) -> float:
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if not ok or not np.isfinite(value) or (value <= 0 if positive else value < 0):
-        bound = "> 0" if positive else "≥ 0"
-        raise InputError(f"{name} must be a finite number {bound}, got {value!r}.")
-    return float(value)
 
 
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
@@ -190,11 +191,9 @@ def synthetic(
     Notes
     -----
     Counts are drawn in chunks of spots straight into the sparse result, so memory is about
-    the size of the returned matrix: 1,000,000 spots × 2,000 genes × 20 types (about 4,000
-    counts and 54 % non-zero entries per spot) took 139 s with ``n_jobs=None`` on 2 cores and
-    peaked at 9.4 GB RSS, of which the CSR matrix is 8.6 GB. At a Visium HD-like depth
-    (``cells_per_spot=2, counts_per_cell=150``: about 300 counts and 230 non-zero entries per
-    spot) the matrix is about 1.9 GB at 1,000,000 spots.
+    the size of the returned matrix (CSR: 8 bytes per non-zero entry, float32 value and int32
+    index). Measured time and memory at 1,000,000 spots: ``benchmarks/results/scaling.md`` and
+    ``benchmarks/results/docstring_figures.md``.
 
     Raises
     ------
@@ -216,27 +215,27 @@ def synthetic(
     >>> bool(np.allclose(spatial.obsm["true_proportions"].sum(axis=1), 1.0))
     True
     """
-    n_spots = _check_int("n_spots", n_spots, 1)
-    n_cells_per_type = _check_int("n_cells_per_type", n_cells_per_type, 1)
-    cells_per_spot = _check_number("cells_per_spot", cells_per_spot, positive=True)
-    concentration = _check_number("concentration", concentration, positive=True)
-    counts_per_cell = _check_number("counts_per_cell", counts_per_cell, positive=True)
-    spacing_um = _check_number("spacing_um", spacing_um, positive=True)
-    dispersion = _check_number("dispersion", dispersion, positive=False)
-    platform_effect = _check_number("platform_effect", platform_effect, positive=False)
+    n_spots = check_int("n_spots", n_spots, minimum=1)
+    n_cells_per_type = check_int("n_cells_per_type", n_cells_per_type, minimum=1)
+    cells_per_spot = check_number("cells_per_spot", cells_per_spot, above=0)
+    concentration = check_number("concentration", concentration, above=0)
+    counts_per_cell = check_number("counts_per_cell", counts_per_cell, above=0)
+    spacing_um = check_number("spacing_um", spacing_um, above=0)
+    dispersion = check_number("dispersion", dispersion, at_least=0)
+    platform_effect = check_number("platform_effect", platform_effect, at_least=0)
     _check_choice("layout", layout, ("domains", "random"))
     _check_choice("grid", grid, ("hex", "square"))
     if n_domains is None:
         n_domains = max(2, -(-n_spots // 100))
-    n_domains = _check_int("n_domains", n_domains, 1)
+    n_domains = check_int("n_domains", n_domains, minimum=1)
     if n_jobs is not None:
-        n_jobs = _check_int("n_jobs", n_jobs, 1)
+        n_jobs = check_int("n_jobs", n_jobs, minimum=1)
 
     root = np.random.SeedSequence(seed)
     s_profiles, s_layout, s_counts, s_reference, s_platform = root.spawn(5)
     if reference is None:
-        n_types = _check_int("n_types", n_types, 2)
-        n_genes = _check_int("n_genes", n_genes, n_types)
+        n_types = check_int("n_types", n_types, minimum=2)
+        n_genes = check_int("n_genes", n_genes, minimum=n_types)
         rng = np.random.default_rng(s_profiles)
         profiles = gene_profiles(n_types, n_genes, rng)
         type_mean = counts_per_cell * np.exp(
@@ -284,14 +283,14 @@ def synthetic(
         ),
         var=pd.DataFrame(index=genes.copy()),
     )
-    spatial.obsm["spatial"] = coords
-    spatial.obsm["true_proportions"] = truth
-    spatial.obsm["true_cell_counts"] = truth_counts
-    spatial.varm["true_profiles"] = pd.DataFrame(
+    spatial.obsm[SPATIAL_KEY] = coords
+    spatial.obsm[TRUE_PROPORTIONS_KEY] = truth
+    spatial.obsm[TRUE_CELL_COUNTS_KEY] = truth_counts
+    spatial.varm[TRUE_PROFILES_KEY] = pd.DataFrame(
         (spatial_profiles * library.type_mean[:, None]).T, index=genes.copy(),
         columns=types.copy(),
     )
-    spatial.uns["synthetic"] = {
+    spatial.uns[SYNTHETIC_KEY] = {
         "params": {
             "n_spots": n_spots, "n_genes": int(n_genes), "n_types": int(n_types),
             "cells_per_spot": cells_per_spot, "n_cells_per_type": n_cells_per_type,
@@ -315,7 +314,7 @@ def synthetic(
         ),
         var=pd.DataFrame(index=genes.copy()),
     )
-    ref.varm["true_profiles"] = pd.DataFrame(
+    ref.varm[TRUE_PROFILES_KEY] = pd.DataFrame(
         (profiles * library.type_mean[:, None]).T, index=genes.copy(), columns=types.copy()
     )
     return spatial, ref

@@ -8,8 +8,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
-from ..pp._embedding import fit_log_pca, log_pca
-from ..pp._neighbors import knn  # noqa: F401 - part of the graph kernels' interface
+from ..pp import fit_log_pca, knn, log_pca  # noqa: F401 - knn: part of the graph kernels' API
 from ._ops import jit, map_threads, row_ranges
 
 _CHUNK = 65536
@@ -61,7 +60,7 @@ def expression_embedding(
 ) -> np.ndarray:
     """PCA embedding of ``log1p`` library-size-normalised expression, for the attention.
 
-    The same embedding as :func:`spotlens.pp._embedding.log_pca` (rows divided by their sum,
+    The same embedding as :func:`spotlens.pp.log_pca` (rows divided by their sum,
     scaled to the median library size, ``log1p``; randomized PCA fitted on at most ``max_fit``
     seeded random rows; scaled to mean squared entry 1), but sparse counts are transformed
     without densifying them: ``log1p`` keeps zeros at zero, so each row is normalised and
@@ -80,7 +79,8 @@ def expression_embedding(
         Rows used to fit the PCA. 5,000 random spots estimate the leading components of a
         slide well; more rows cost time, not attention quality. Sparse counts stay sparse: the
         components are computed exactly by ARPACK on the implicitly centred rows (sklearn's
-        ``PCA(svd_solver="arpack")``), 2–3× faster than densifying them for a randomized SVD.
+        ``PCA(svd_solver="arpack")``), faster than densifying them for a randomized SVD
+        (``benchmarks/results/docstring_figures.md``).
     iterated_power
         Power iterations of the randomized SVD used for dense counts. 3 (sklearn's ``"auto"``
         takes 7 here): the leading components the attention compares spots on converge in a

@@ -371,12 +371,14 @@ def poisson_gene_weights(signature: np.ndarray, how: str) -> np.ndarray:
 
     Under Poisson sampling the variance of a spot's normalised expression of gene g is
     proportional to its expected value, whose prior mean is ``m_g``. Floored at the 5 % quantile
-    so that near-silent genes do not dominate.
+    so that near-silent genes do not dominate. The one Poisson weight of the package: the type
+    level (``signature`` = types × genes) and the cell level (its type means) both use it. A
+    type without counts has a zero profile.
     """
     g = signature.shape[1]
     if how == "none":
         return np.ones(g)
-    profiles = signature / signature.sum(axis=1, keepdims=True)
+    profiles = signature / np.maximum(signature.sum(axis=1, keepdims=True), 1e-300)
     mean = profiles.mean(axis=0)
     positive = mean[mean > 0]
     floor = np.quantile(positive, 0.05) if positive.size else 1.0

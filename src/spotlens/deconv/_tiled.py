@@ -34,7 +34,7 @@ from scipy import sparse
 from tqdm.auto import tqdm
 
 from .._backend import resolve_client, resolve_device
-from .._validation import InputError
+from .._validation import InputError, check_int, check_number
 from ._graph import color_graph
 from ._model import Problem, _normalise_rows, fit
 from ._ops import NumpyOps, get_ops
@@ -73,18 +73,9 @@ def check_tiling(client, tile_size, halo_hops):
                 "client=distributed.Client(...) (or client='default') as well, or leave them out."
             )
         return None
-    if tile_size is not None and not (
-        isinstance(tile_size, (int, float, np.integer, np.floating))
-        and not isinstance(tile_size, bool) and np.isfinite(tile_size) and tile_size > 0
-    ):
-        raise InputError(
-            f"tile_size must be a number > 0 (coordinate units), or None, got {tile_size!r}."
-        )
-    if halo_hops is not None and (
-        not isinstance(halo_hops, (int, np.integer)) or isinstance(halo_hops, bool)
-        or halo_hops < 0
-    ):
-        raise InputError(f"halo_hops must be an integer ≥ 0 or None, got {halo_hops!r}.")
+    check_number("tile_size", tile_size, above=0, none_ok=True,
+                 expected="a number > 0 (coordinate units), or None")
+    check_int("halo_hops", halo_hops, minimum=0, none_ok=True)
     return resolve_client(client)  # the one resolver of client=, shared with histology
 
 

@@ -10,9 +10,9 @@ import pandas as pd
 from anndata import AnnData
 from scipy.spatial import cKDTree
 
-from .._keys import proportions_key
-from .._validation import InputError, check_coordinates
-from ._palette import colors_key, type_colors
+from .._keys import SPATIAL_KEY, SPOT_DIAMETER_KEY, colors_key, proportions_key
+from .._validation import InputError, check_coordinates, check_number
+from ._palette import type_colors
 from ._proportions import (
     _as_axes,
     _check_count,
@@ -135,12 +135,12 @@ def cells(
 
     if not isinstance(cells, AnnData):
         raise InputError(f"cells needs an AnnData object, got {type(cells).__name__}.")
-    if "spatial" not in cells.obsm:
+    if SPATIAL_KEY not in cells.obsm:
         raise InputError(
             "cells.obsm has no 'spatial' positions. Pass the AnnData returned by "
             "spotlens.deconv.assign_cells."
         )
-    xy = check_coordinates(cells, "spatial")
+    xy = check_coordinates(cells, SPATIAL_KEY)
     if color not in cells.obs.columns:
         have = ", ".join(map(repr, cells.obs.columns[:10])) or "none"
         raise InputError(f"cells.obs has no column {color!r} to colour by (columns: {have}).")
@@ -150,9 +150,8 @@ def cells(
             raise InputError(f"spatial needs an AnnData object, got {type(spatial).__name__}.")
         spots = check_coordinates(spatial, spatial_key)
     for name, value in (("cell_size", cell_size), ("spot_size", spot_size)):
-        if value is not None and not (isinstance(value, (int, float, np.number))
-                                      and np.isfinite(value) and value > 0):
-            raise InputError(f"{name} must be a positive number (coordinate units), got {value!r}.")
+        check_number(name, value, above=0, none_ok=True,
+                     expected="a positive number (coordinate units)")
     diameter = _diameter(cells, spots, xy, spot_size)
     dot = float(cell_size) if cell_size is not None else CELL_FRACTION * diameter
     values = cells.obs[color]
@@ -247,7 +246,7 @@ def _spot_palette(spatial: AnnData | None, key: str | None) -> dict[str, str] | 
 def _diameter(cells: AnnData, spots, xy, given) -> float:
     if given is not None:
         return float(given)
-    stored = cells.uns.get("spot_diameter")
+    stored = cells.uns.get(SPOT_DIAMETER_KEY)
     if stored is not None:
         stored = float(np.asarray(stored))
         if np.isfinite(stored) and stored > 0:

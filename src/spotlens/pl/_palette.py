@@ -20,11 +20,6 @@ from anndata import AnnData
 from .._validation import InputError
 
 
-def colors_key(key: str) -> str:
-    """Return the ``uns`` key of the colours of ``obs[key]`` or ``obsm[key]`` (scanpy's)."""
-    return f"{key}_colors"
-
-
 def _palette(n: int) -> list[str]:
     """Return ``n`` distinct colours (tab10; tab20 dark shades, then light; tab20b, tab20c).
 

@@ -11,9 +11,9 @@ import pandas as pd
 from anndata import AnnData
 from scipy.spatial import cKDTree
 
-from .._keys import proportions_key
-from .._validation import InputError, check_coordinates
-from ._palette import colors_key, type_colors
+from .._keys import colors_key, proportions_key
+from .._validation import InputError, check_coordinates, check_int, check_number
+from ._palette import type_colors
 
 PANEL_INCHES = 3.0
 COLORBAR_INCHES = 0.9
@@ -131,12 +131,9 @@ def proportions(
 
     props = _proportions_frame(adata, key)
     coords = check_coordinates(adata, spatial_key)
-    if not isinstance(ncols, (int, np.integer)) or ncols < 1:
-        raise InputError(f"ncols must be a positive integer, got {ncols!r}.")
-    if spot_size is not None and not (np.isfinite(spot_size) and spot_size > 0):
-        raise InputError(
-            f"spot_size must be a positive number (coordinate units), got {spot_size!r}."
-        )
+    check_int("ncols", ncols, minimum=1, expected="a positive integer")
+    check_number("spot_size", spot_size, above=0, none_ok=True,
+                 expected="a positive number (coordinate units)")
     shown = list(props.columns) if cell_types is None else _select(props, cell_types)
     tops, shared = _scales(props, shown, vmax)
     diameter = float(spot_size) if spot_size is not None else _nearest_distance(coords)

@@ -31,16 +31,37 @@ def fit_log_pca(counts, n_comps: int, *, seed: int, max_fit: int, iterated_power
                 blas_threads: int | None = None, solver: str = "randomized"):
     """Fit the PCA of :func:`log_pca` on at most ``max_fit`` seeded random rows.
 
-    ``solver="randomized"`` densifies the fitted rows (sklearn's randomized SVD);
-    ``"arpack"`` keeps sparse ``counts`` sparse (sklearn centres them implicitly) and computes
-    the leading components exactly, several times faster on sparse counts (dense counts always
-    use the randomized solver).
+    For callers that project the rows themselves (e.g. sparse rows in a compiled pass): each
+    row ``x`` is embedded as ``pca.transform(log1p(x · scale / lib))``.
+
+    Parameters
+    ----------
+    counts
+        ``n_obs × n_genes`` non-negative expression, dense or sparse.
+    n_comps
+        Components, capped at ``min(n_obs, n_genes) − 1``.
+    seed
+        Seed for the subsample and the SVD.
+    max_fit
+        Rows used to fit the PCA.
+    iterated_power
+        Power iterations of the randomized SVD (sklearn's ``PCA``).
+    blas_threads
+        Cap on BLAS threads during the fit (None: no cap).
+    solver
+        ``"randomized"`` densifies the fitted rows (sklearn's randomized SVD); ``"arpack"``
+        keeps sparse ``counts`` sparse (sklearn centres them implicitly) and computes the
+        leading components exactly, several times faster on sparse counts (dense counts always
+        use the randomized solver).
 
     Returns
     -------
-    The fitted ``sklearn.decomposition.PCA``, the median library size that rows are scaled to,
-    and the ``n_obs`` library sizes (float64). ``blas_threads`` caps BLAS threads during the
-    fit (None: no cap).
+    pca
+        The fitted ``sklearn.decomposition.PCA``.
+    scale
+        The median library size that rows are scaled to.
+    lib
+        The ``n_obs`` library sizes (float64).
     """
     from sklearn.decomposition import PCA
     from threadpoolctl import threadpool_limits

@@ -1,5 +1,8 @@
 """Does choosing the penalties on a patch of the slide pick what the whole slide picks?
 
+A one-off study (it settled the default ``cv_max_spots``); the result is in
+``benchmarks/studies/results/cv_patch.md``.
+
 ``deconvolve(..., lambda_ridge="auto", lambda_spatial="auto")`` cross-validates on a contiguous
 patch of at most ``cv_max_spots`` spots (the nearest to a random spot). This script compares,
 for each seed (which places the patch), the penalties chosen on the whole slide with those
@@ -13,7 +16,7 @@ its 100,000-spot synthetic Visium HD-like slide (patches of 20,000 and 5,000 spo
 
 Usage::
 
-    python benchmarks/cv_patch.py [--seeds 4] [--out benchmarks/results/cv_patch.md]
+    python benchmarks/studies/cv_patch.py [--seeds 4] [--out benchmarks/studies/results/cv_patch.md]
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ import numpy as np
 import spotlens
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # the shared helper benchmarks/_machine.py, not spotlens
 from _machine import machine  # noqa: E402
 
-DATA = HERE.parents[1] / "shared" / "data"
+DATA = HERE.parents[2] / "shared" / "data"
 SYNTHETIC = Path("/tmp/spotlens_scaling_data/synthetic_100000_2000g_20t_c2_l150_s0")
 
 
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
         "",
         f"- date: {dt.date.today().isoformat()}",
         f"- machine: {machine()}",
-        "- command: `python benchmarks/cv_patch.py`",
+        "- command: `python benchmarks/studies/cv_patch.py`",
         "- 'reference' = cross-validation on the whole slide (real slides) or on the patch of "
         "the previous default 20,000 spots (100k synthetic); 'patch' = on the nearest "
         "`cv_max_spots` spots to a random spot (placed by the seed). Both runs share the seed.",
