@@ -29,15 +29,15 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
+from spotlens.histology import Section
 from spotlens.histology._baseline import RidgeBaseline
 from spotlens.histology._encoders import get_encoder
 from spotlens.histology._features import image_identity, multiscale_features
-from spotlens.histology._image import read_image
 from spotlens.histology._metrics import evaluate, section_log_expression, select_target_genes
 from spotlens.histology._normalize import standardize_section
 from spotlens.histology._rank import DEFAULT_RANKS
 from spotlens.histology._tiles import DEFAULT_TILE_SCALES, tile_geometry
-from spotlens.histology._train import Section
+from spotlens.io import read_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import write_atomic  # noqa: E402

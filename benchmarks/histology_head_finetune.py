@@ -36,9 +36,9 @@ import anndata as ad
 import numpy as np
 import torch
 
-from spotlens.histology._encoders import get_encoder, pre_head_encoder
+from spotlens.histology._encoders import get_encoder
 from spotlens.histology._features import image_identity, multiscale_features
-from spotlens.histology._image import read_image
+from spotlens.histology._head import pre_head_encoder
 from spotlens.histology._metrics import (
     pearson_per_gene,
     section_log_expression,
@@ -46,6 +46,7 @@ from spotlens.histology._metrics import (
 )
 from spotlens.histology._models import TileHead, section_zscore
 from spotlens.histology._tiles import DEFAULT_TILE_SCALES, tile_geometry
+from spotlens.io import read_image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

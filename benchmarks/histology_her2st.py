@@ -29,15 +29,16 @@ import anndata as ad
 import numpy as np
 import torch
 
+from spotlens.histology import ExpressionModel, Section, TrainConfig
 from spotlens.histology._baseline import RidgeBaseline
-from spotlens.histology._encoders import get_encoder, pre_head_encoder
+from spotlens.histology._encoders import get_encoder
 from spotlens.histology._features import colour_features, image_identity, multiscale_features
-from spotlens.histology._image import read_image
+from spotlens.histology._head import pre_head_encoder
 from spotlens.histology._metrics import evaluate, section_log_expression, select_target_genes
 from spotlens.histology._normalize import standardize_section
 from spotlens.histology._rank import DEFAULT_RANKS, rank_label
 from spotlens.histology._tiles import DEFAULT_TILE_SCALES, spot_tiles, tile_geometry
-from spotlens.histology._train import ExpressionModel, Section, TrainConfig
+from spotlens.io import read_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine, write_atomic  # noqa: E402

@@ -30,7 +30,7 @@ import anndata as ad
 import numpy as np
 from scipy.spatial import cKDTree
 
-from spotlens.histology import load_model, load_section, predict, train
+from spotlens.histology import load_model, load_section, predict_image, train
 from spotlens.histology._metrics import pearson_per_gene, section_log_expression
 from spotlens.io import save_figure
 from spotlens.pl import overlay
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     for name in args.sections:
         adata, image = load_section(DATA / f"{name}.h5ad")
         mpp = float(adata.uns["spatial"][name]["metadata"]["microns_per_pixel_est"])
-        grid = predict(model, image, mpp=mpp, spacing_um=args.spacing_um,
+        grid = predict_image(model, image, mpp=mpp, spacing_um=args.spacing_um,
                        cache_dir=args.cache_dir)
         measured = section_log_expression(adata, model.genes)
         xy = np.asarray(adata.obsm["spatial"], dtype=float)

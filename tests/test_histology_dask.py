@@ -18,18 +18,16 @@ import pytest
 from PIL import Image
 
 from spotlens._validation import InputError
-from spotlens.histology import read_image
+from spotlens.histology import TrainConfig, load_model, read_image, train
+from spotlens.histology import predict_image as predict
 from spotlens.histology._distributed import (
     graph_adjacency,
     plan_regions,
     predict_on_cluster,
     region_tasks,
 )
-from spotlens.histology._image import SlideImage
-from spotlens.histology._inference import load_model, predict
-from spotlens.histology._pipeline import train
 from spotlens.histology._tiles import tile_geometry
-from spotlens.histology._train import TrainConfig
+from spotlens.io import SlideImage
 
 MOB = Path(__file__).resolve().parents[2] / "shared" / "data" / "stutility_mob"
 # µm/px of the MOB JPEGs is not documented; assume a 100 µm spot over its 24.05 px diameter

@@ -11,14 +11,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("efficientnet_lite_pytorch")
 
 from spotlens._validation import InputError  # noqa: E402
-from spotlens.histology._encoders import (  # noqa: E402
-    Encoder,
-    get_encoder,
-    pre_head_encoder,
-)
+from spotlens.histology._encoders import Encoder, get_encoder  # noqa: E402
+from spotlens.histology._head import pre_head_encoder  # noqa: E402
 from spotlens.histology._models import TileHead, section_zscore  # noqa: E402
 from spotlens.histology._normalize import standardize_section  # noqa: E402
-from spotlens.histology._train import ExpressionModel, Section, TrainConfig  # noqa: E402
+from spotlens.histology import ExpressionModel, Section, TrainConfig  # noqa: E402
 
 HER2ST = Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"
 

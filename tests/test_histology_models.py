@@ -15,7 +15,7 @@ from spotlens.histology._models import (  # noqa: E402
     SpotAttention,
     spot_attention_loss,
 )
-from spotlens.histology._train import ExpressionModel, Section, TrainConfig  # noqa: E402
+from spotlens.histology import ExpressionModel, Section, TrainConfig  # noqa: E402
 
 HER2ST = Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"
 

@@ -19,9 +19,9 @@ from PIL import Image
 from scipy import sparse
 
 from spotlens._validation import InputError
-from spotlens.histology._inference import evaluate, load_model, predict
-from spotlens.histology._pipeline import load_section, train
-from spotlens.histology._train import TrainConfig
+from spotlens.histology import TrainConfig, load_model, load_section, train
+from spotlens.histology import evaluate_model as evaluate
+from spotlens.histology import predict_image as predict
 
 PINK = np.array([235.0, 160.0, 200.0])
 PURPLE = np.array([110.0, 50.0, 150.0])

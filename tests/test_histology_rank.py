@@ -75,7 +75,7 @@ def test_rank_arguments_are_checked():
 
 def _network_sections():
     pytest.importorskip("torch")
-    from spotlens.histology._train import Section
+    from spotlens.histology import Section
 
     xs, ys, _ = _low_rank_sections(n=96, d=12, g=30, noise=1.5, seed=3)
     grid = np.stack(np.meshgrid(np.arange(12), np.arange(8)), -1).reshape(-1, 2).astype(float)
@@ -85,7 +85,7 @@ def _network_sections():
 @pytest.mark.slow
 def test_network_rank_is_chosen_on_validation_and_survives_save_load(tmp_path):
     secs = _network_sections()
-    from spotlens.histology._train import ExpressionModel, Section, TrainConfig
+    from spotlens.histology import ExpressionModel, Section, TrainConfig
 
     genes = [f"g{i}" for i in range(30)]
     cfg = TrainConfig(model="attention", epochs=40, hidden=32, dropout=0.0, lr=1e-2)
@@ -103,7 +103,7 @@ def test_network_rank_is_chosen_on_validation_and_survives_save_load(tmp_path):
 
 def test_network_with_a_fixed_rank_is_the_free_network_projected():
     secs = _network_sections()
-    from spotlens.histology._train import ExpressionModel, Section, TrainConfig
+    from spotlens.histology import ExpressionModel, Section, TrainConfig
 
     genes = [f"g{i}" for i in range(30)]
     train = [secs["s0"], secs["s1"]]

@@ -18,10 +18,9 @@ from PIL import Image
 from test_histology_pipeline import GENES, LO, SIZE, make_section, pairs
 
 from spotlens._validation import InputError
-from spotlens.histology import _pipeline, read_image
+from spotlens.histology import _featurize, read_image, train
+from spotlens.histology import evaluate_model as evaluate
 from spotlens.histology._image_check import MIN_IMAGE_R, image_agreement
-from spotlens.histology._inference import evaluate
-from spotlens.histology._pipeline import train
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MOB, HER2ST = DATA / "stutility_mob", DATA / "her2st"
@@ -40,7 +39,7 @@ def no_encoding(monkeypatch):
     def encode(*args, **kwargs):
         raise AssertionError("train encoded tiles before refusing the input")
 
-    monkeypatch.setattr(_pipeline, "_features", encode)
+    monkeypatch.setattr(_featurize, "section_features", encode)
 
 
 def without_scale(adata: ad.AnnData) -> ad.AnnData:

@@ -231,8 +231,7 @@ def test_vit_needs_weights_and_its_own_input_size(checkpoint):
 
 def test_train_with_vit_weights_records_them_and_finds_them_after_a_move(data, checkpoint,
                                                                          tmp_path):
-    from spotlens.histology._inference import load_model
-    from spotlens.histology._pipeline import train
+    from spotlens.histology import load_model, train
 
     path, _ = checkpoint
     out = train(pairs(data, ["S1", "S2", "S3"]), genes=GENES, model="ridge", encoder="vit",
@@ -295,7 +294,7 @@ def test_cli_train_and_evaluate_with_encoder_weights(data, checkpoint, tmp_path)
 
 
 def test_colour_features_take_no_weights(data, checkpoint, tmp_path):
-    from spotlens.histology._pipeline import train
+    from spotlens.histology import train
 
     with pytest.raises(InputError, match="colour features have no weights"):
         train(pairs(data, ["S1", "S2"]), genes=GENES, model="ridge", encoder="colour",
@@ -304,8 +303,7 @@ def test_colour_features_take_no_weights(data, checkpoint, tmp_path):
 
 def test_moved_vit_without_its_normalisation_is_refused(data, tmp_path):
     """Width 64: heads are readable off the file, but the sidecar's mean/std would be lost."""
-    from spotlens.histology._inference import load_model
-    from spotlens.histology._pipeline import train
+    from spotlens.histology import load_model, train
 
     net = _random_vit(ViTConfig(dim=64, depth=1, num_heads=1, patch_size=8, grid=4,
                                 mlp_hidden=64))

@@ -19,19 +19,19 @@ from typing import Annotated
 import typer
 
 from .._validation import InputError
-from ._app import (
+from ._common import (
     DeviceOption,
     ProgressOption,
     QuietOption,
-    _check_device,
-    _errors,
-    _logging,
+    check_device,
+    errors,
+    log_to_stderr,
 )
 from ._outputs import MANIFEST_NAME, OverwriteOption, output_folder
 
 logger = logging.getLogger("spotlens")
 
-#: Files 'train' writes (see spotlens.histology._pipeline); without a manifest, any of them in
+#: Files 'train' writes (see spotlens.histology._folder); without a manifest, any of them in
 #: OUT marks an earlier run's model, which --resume continues.
 TRAIN_OUTPUTS = ("config.json", "model.pt", "model.npz", "checkpoint.pt", "checkpoint-final.pt",
                  "checkpoint.json")
@@ -78,7 +78,7 @@ ModelOption = Annotated[Path, typer.Option(
 
 def _sections(ctx: typer.Context, sections: list[Path], images: list[Path] | None, run=None):
     """Read the sections (and find their images); record them as inputs of ``run``."""
-    from ..histology._pipeline import load_section
+    from ..io import read_section
 
     extra = [a for a in ctx.args]
     flags = [a for a in extra if a.startswith("-")]
@@ -93,7 +93,7 @@ def _sections(ctx: typer.Context, sections: list[Path], images: list[Path] | Non
     pairs = []
     for i, path in enumerate(paths):
         logger.info("reading %s", path)
-        adata, image = load_section(path, images[i] if images else None)
+        adata, image = read_section(path, images[i] if images else None)
         if run is not None:
             run.add_input(f"section_{i + 1}", path, adata=adata)
             run.add_input(f"image_{i + 1}", image)
@@ -120,7 +120,7 @@ def _mpps(value: str | None):
     except ValueError as err:
         raise InputError(f"--mpp must be µm per pixel, one number or one per section separated "
                          f"by commas (e.g. 0.5 or 0.5,0.5,0.69), got {value!r}.") from err
-    from ..histology._image import check_mpp
+    from ..io import check_mpp
 
     values = [check_mpp(v, what="--mpp") for v in values]
     return values[0] if len(values) == 1 else values
@@ -208,18 +208,17 @@ def train_command(
     Example (JPEGs of unrecorded scale): spotlens histology train --sections MOB1.h5ad
     MOB2.h5ad MOB3.h5ad --mpp 4.16 -o mob_model
     """
-    with _logging(quiet), _errors(cli_terms=True):
-        from ..histology._pipeline import MODEL_TYPES, train
-        from ..histology._train import TrainConfig
+    with log_to_stderr(quiet), errors(cli_terms=True):
+        from ..histology import MODEL_TYPES, TrainConfig, train
 
         if model_type not in MODEL_TYPES:
             raise InputError(f"--model-type must be one of {', '.join(MODEL_TYPES)}, got "
                              f"{model_type!r}.")
-        _check_device(device)
+        check_device(device)
         gene_arg = _genes(genes)
         mpp_arg = _mpps(mpp)
         config = None
-        if model_type != "ridge":
+        if MODEL_TYPES[model_type].trains_network:
             rank = expression_rank.strip().lower()
             if rank not in ("auto", "full"):
                 try:
@@ -235,9 +234,9 @@ def train_command(
         except ValueError as err:
             raise InputError(f"--tile-scales must be numbers separated by commas, got "
                              f"{tile_scales!r}.") from err
-        planned = (["config.json", "model.npz"] if model_type == "ridge" else
-                   ["config.json", "model.pt", "checkpoint.pt", "checkpoint-final.pt",
-                    "checkpoint.json"])
+        planned = ["config.json", MODEL_TYPES[model_type].file]
+        if MODEL_TYPES[model_type].trains_network:
+            planned += ["checkpoint.pt", "checkpoint-final.pt", "checkpoint.json"]
         with _undone_if_empty(out), output_folder(out, known=TRAIN_OUTPUTS, overwrite=overwrite,
                                                   keep_unfinished=resume) as run:
             pairs = _sections(ctx, sections, images, run)
@@ -282,12 +281,13 @@ def evaluate_command(
 
     Example: spotlens histology evaluate --model her2st_model --sections C6.h5ad B4.h5ad
     """
-    with _logging(quiet), _errors(cli_terms=True):
+    with log_to_stderr(quiet), errors(cli_terms=True):
         import pandas as pd
 
-        from ..histology._inference import evaluate, load_model
+        from ..histology import evaluate_model as evaluate
+        from ..histology import load_model
 
-        _check_device(device)
+        check_device(device)
         if overwrite and out is None:
             raise InputError("--overwrite replaces the files of an earlier run in the folder "
                              "given with --out; add --out DIR.")
@@ -350,12 +350,12 @@ def predict_command(
     Example: spotlens histology predict -m her2st_model -i C6_HE_fullres.jpg --mpp 0.684
     -o C6_pred --plot-genes ERBB2
     """
-    with _logging(quiet), _errors(cli_terms=True):
-        from ..histology._inference import load_model, predict
+    with log_to_stderr(quiet), errors(cli_terms=True):
+        from ..histology import load_model, predict_image
         from ..io import save_figure, write_h5ad
         from ..pl import overlay
 
-        _check_device(device)
+        check_device(device)
         with output_folder(out, known=PREDICT_OUTPUTS, overwrite=overwrite) as run:
             run.add_input("model", model)
             run.add_input("image", image)
@@ -371,7 +371,7 @@ def predict_command(
                 raise InputError(f"--plot-genes {genes} give the same file name twice once "
                                  "characters other than letters, digits, '-', '_' and '.' "
                                  "become '_'; plot those genes in separate runs.")
-            result = predict(fitted, image, mpp=mpp, spacing_um=spacing_um,
+            result = predict_image(fitted, image, mpp=mpp, spacing_um=spacing_um,
                              cache_dir=cache_dir, device=device, progress=progress)
             run.start_writing([*PREDICT_OUTPUTS, *pngs])
             run.write("predicted.h5ad", lambda path: write_h5ad(result, path))

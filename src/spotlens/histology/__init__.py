@@ -1,7 +1,17 @@
 """Histology: H&E images, spot tiles, encoders, and models of expression from images.
 
-The image layer (reading slides, tiles, tissue masks, stain normalisation) needs no torch;
-encoders and models import torch when first used, so ``import spotlens.histology`` stays light.
+The image layer (tiles, tissue masks, stain normalisation; images are read by
+:mod:`spotlens.io`) needs no torch; encoders and models import torch when first used, so
+``import spotlens.histology`` stays light.
+
+- AnnData in, documented keys out: :func:`image_features` (``obsm["X_<encoder>"]``),
+  :func:`predict` (``obsm[key_added]``, ``uns[key_added]``), :func:`predict_image` (a grid over
+  an image alone, a new AnnData), :func:`evaluate`.
+- :class:`HistologyModel`: fit / predict / save / load for every model type (``"attention"``,
+  ``"graph"``, ``"ridge"``); :func:`train` fits one and writes its folder, :func:`load_model`
+  reads it. Under it: the predictors (:class:`ExpressionModel` over an ``nn.Module``,
+  :class:`RidgeBaseline`), the training loop (``_trainer.py``) and the model types
+  (``_registry.py``).
 """
 
 from __future__ import annotations
@@ -9,7 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._image import SlideImage, read_image
+from ..io import SlideImage, read_image  # re-exported: images are read in spotlens.io
 from ._stain import DEFAULT_REFERENCE, StainReference, fit_macenko, macenko_normalize
 from ._tiles import TileGeometry, extract_tiles, spot_tiles, tile_geometry
 from ._tissue import grid_spots, tissue_mask
@@ -29,33 +39,32 @@ _LAZY = {
     "log_normalize": "._metrics",
     "section_log_expression": "._metrics",
     "select_target_genes": "._metrics",
-    "ExpressionModel": "._train",
-    "Section": "._train",
-    "TrainConfig": "._train",
-    "HistologyModel": "._inference",
-    "load_model": "._inference",
-    "load_section": "._sections",
-    "predict": "._inference",
-    "train": "._pipeline",
+    "ExpressionModel": "._expression",
+    "Section": "._train_data",
+    "TrainConfig": "._train_data",
+    "HistologyModel": "._model",
+    "MODEL_TYPES": "._registry",
+    "image_features": "._predict",
+    "load_model": "._predict",
+    "predict": "._predict",
+    "predict_image": "._predict",
+    "train": "._train",
 }
 # public name -> (module, attribute) where they differ
-_ALIASES = {"evaluate_model": ("._inference", "evaluate")}
+_ALIASES = {
+    "evaluate_model": ("._predict", "evaluate"),
+    "load_section": ("..io", "read_section"),  # sections are read in spotlens.io
+}
 
 __all__ = [
-    "DEFAULT_REFERENCE",
-    "SlideImage",
-    "StainReference",
-    "TileGeometry",
-    "extract_tiles",
-    "fit_macenko",
-    "grid_spots",
-    "macenko_normalize",
-    "read_image",
-    "spot_tiles",
-    "tile_geometry",
-    "tissue_mask",
-    *sorted(_LAZY),
-    *sorted(_ALIASES),
+    "COLOUR_FEATURE_NAMES", "DEFAULT_REFERENCE", "Encoder", "ExpressionModel", "HistologyModel",
+    "MODEL_TYPES", "RidgeBaseline", "Section", "SlideImage", "StainReference", "TileGeometry",
+    "TrainConfig", "available_encoders", "colour_features", "evaluate", "evaluate_model",
+    "extract_tiles", "fit_macenko", "get_encoder", "grid_spots", "image_features",
+    "image_identity", "load_model", "load_section", "log_normalize", "macenko_normalize",
+    "predict", "predict_image", "read_image", "register_encoder", "section_log_expression",
+    "select_target_genes", "spot_tiles", "tile_cache_key", "tile_features", "tile_geometry",
+    "tissue_mask", "train",
 ]
 
 

@@ -10,8 +10,10 @@ scored with the evaluation metric (mean per-gene Pearson r on the held-out secti
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -182,6 +184,7 @@ class RidgeBaseline:
     --------
     >>> model = RidgeBaseline().fit({"C2": f2, "C3": f3}, {"C2": y2, "C3": y3})  # doctest: +SKIP
     >>> pred = model.predict(f6)  # n_spots × n_genes  # doctest: +SKIP
+    >>> model.save("model.npz"); RidgeBaseline.load("model.npz").predict(f6)  # doctest: +SKIP
     """
 
     def __init__(
@@ -324,3 +327,57 @@ class RidgeBaseline:
         if not np.all(np.isfinite(x)):
             raise InputError("features contains NaN or infinite values.")
         return self._projection(x) @ self.coef_ + self.intercept_
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted arrays to an ``.npz`` file atomically (no pickle).
+
+        The file holds ``mean``, ``scale`` (``n_features``), ``components``
+        (``n_components × n_features``), ``coef`` (``n_components × n_genes``, the projection
+        folded in), ``intercept`` (``n_genes``) and ``alpha``; the layout of ``model.npz`` in a
+        model folder since its first release.
+
+        Raises
+        ------
+        InputError
+            If the model is not fitted.
+        """
+        from ..io import atomic_path
+
+        if not hasattr(self, "coef_"):
+            raise InputError("Nothing to save: RidgeBaseline is not fitted yet.")
+        proj = self._projection
+        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, mean=proj.mean, scale=proj.scale, components=proj.components,
+                     coef=self.coef_, intercept=self.intercept_, alpha=np.array(self.alpha_))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RidgeBaseline:
+        """Read a model written by :meth:`save`, ready to :meth:`predict`.
+
+        The cross-validation tables are not stored: ``cv_scores_`` and ``rank_scores_`` are
+        None, and ``rank_`` is None (the projection is folded into ``coef_``).
+
+        Raises
+        ------
+        InputError
+            If the file is missing or lacks one of the arrays.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"No ridge model file at {path}.")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in ("mean", "scale", "components", "coef",
+                                            "intercept", "alpha")}
+        except (OSError, ValueError, KeyError) as err:
+            raise InputError(f"{path} is not a spotlens ridge model ({err}).") from err
+        model = cls(alpha=float(arrays["alpha"]))
+        model._projection = _Projection(arrays["mean"], arrays["scale"], arrays["components"])
+        model.coef_, model.intercept_ = arrays["coef"], arrays["intercept"]
+        model.alpha_, model.rank_ = float(arrays["alpha"]), None
+        model.cv_scores_ = model.rank_scores_ = None
+        model.n_components_ = arrays["components"].shape[0]
+        model.n_features_in_ = arrays["mean"].shape[0]
+        model.sections_ = []
+        return model

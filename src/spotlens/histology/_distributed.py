@@ -33,11 +33,12 @@ from scipy import sparse
 
 from .._backend import resolve_client
 from .._validation import InputError
+from ..io import read_image
+from ._featurize import spot_pitch_px
+from ._train_data import spot_graph
 
 logger = logging.getLogger("spotlens")
 
-#: Graph hops a spot's prediction depends on, per model type (2 GAT + 2 GCN layers for "graph").
-HALO_HOPS = {"ridge": 0, "attention": 0, "graph": 4}
 #: Default region side, in spot pitches (about 4,096 spots per full region).
 REGION_PITCHES = 64
 
@@ -48,14 +49,7 @@ def graph_adjacency(coords: np.ndarray, k: int) -> sparse.csr_matrix:
     ``coords`` are the ``n_spots × 2`` centres; returns the ``n_spots × n_spots`` CSR adjacency
     (k nearest neighbours, symmetrised) without self loops.
     """
-    from .._backend import import_torch
-    from ._train import _graph_tensors
-
-    n = coords.shape[0]
-    edges, _ = _graph_tensors(np.asarray(coords, dtype=np.float64), k, import_torch(), "cpu")
-    rows, cols = edges.numpy()
-    off = rows != cols
-    return sparse.csr_matrix((np.ones(off.sum()), (rows[off], cols[off])), shape=(n, n))
+    return spot_graph(np.asarray(coords, dtype=np.float64), k)
 
 
 def plan_regions(
@@ -155,15 +149,13 @@ def region_tasks(
 
 @functools.lru_cache(maxsize=2)
 def _worker_model(path: str, stamp: int, device: str, encoder_weights: str | None = None):
-    from ._inference import load_model
+    from ._predict import load_model
 
     return load_model(path, device=device, encoder_weights=encoder_weights)
 
 
 @functools.lru_cache(maxsize=2)
 def _worker_image(path: str, stamp: int, mpp: float):
-    from ._image import read_image
-
     return read_image(path, mpp=mpp)
 
 
@@ -201,44 +193,11 @@ def predict_region(task: dict, features: np.ndarray,
     """
     model = _worker_model(task["model"], task["model_stamp"], task["device"],
                           task.get("encoder_weights"))
-    if task["adjacency"] is None:
-        pred = model.predict_features(features, task["centres"], moments=moments)
-    else:
-        if model.standardize:
-            from ._normalize import standardize_section
-
-            features = standardize_section(features, moments)
-        pred = _graph_predict(model, features, task["adjacency"])
+    # the graph model decodes over the driver's graph block, not one rebuilt from the centres
+    pred = model.predict_features(features, task["centres"], moments=moments,
+                                  adjacency=task["adjacency"])
     n_core = task["n_core"]
     return task["core"], np.asarray(pred[:n_core], dtype=np.float32)
-
-
-def _graph_predict(model, features: np.ndarray, adjacency: sparse.csr_matrix) -> np.ndarray:
-    """Run the graph model over a given spot graph (the driver's, not one rebuilt here).
-
-    The same normalisation as the model's own: ``Â = D^-1/2 (A + I) D^-1/2``, attention over
-    the nonzeros of ``Â``.
-    """
-    from .._backend import import_torch
-
-    torch = import_torch()
-    net = model._net  # the ExpressionModel: scalers and the nn.Module
-    dev = next(net._net.parameters()).device
-    n = adjacency.shape[0]
-    a = (adjacency + sparse.identity(n)).tocsr()
-    scale = 1.0 / np.sqrt(np.asarray(a.sum(axis=1)).ravel())
-    a_hat = sparse.diags(scale) @ a @ sparse.diags(scale)
-    a_hat = a_hat.tocoo()
-    edges = torch.as_tensor(np.vstack([a_hat.row, a_hat.col]), device=dev)
-    a_hat_t = torch.sparse_coo_tensor(
-        edges.cpu(), torch.as_tensor(a_hat.data, dtype=torch.float32), size=(n, n),
-        check_invariants=False,
-    ).coalesce().to(dev)
-    x = torch.as_tensor(net._x_scaler(features), device=dev)
-    net._net.eval()
-    with torch.inference_mode():
-        z, _, _ = net._net(x, edges, a_hat_t)
-    return net._y_scaler.inverse(z.cpu().numpy())
 
 
 def predict_on_cluster(
@@ -274,8 +233,8 @@ def predict_on_cluster(
     device
         Device on the workers.
     halo_hops
-        Graph hops of halo; None = what the model needs (:data:`HALO_HOPS`). Fewer is wrong for
-        the graph model (kept for tests that show it).
+        Graph hops of halo; None = what the model needs (its network's ``halo_hops``). Fewer
+        is wrong for the graph model (kept for tests that show it).
 
     Returns
     -------
@@ -283,21 +242,19 @@ def predict_on_cluster(
     (``n_regions``, ``region_um``, ``halo_hops``, ``n_computed``: spots computed including
     halos).
     """
-    from ._pipeline import _spot_pitch_px
-
     client = resolve_client(client)
     coords = np.asarray(spots.obsm["spatial"], dtype=np.float64)
-    model_type = model.config["model_type"]
-    hops = HALO_HOPS[model_type] if halo_hops is None else int(halo_hops)
+    needs = model.model_type.halo_hops()  # > 0: the model decodes over the spot graph
+    hops = needs if halo_hops is None else int(halo_hops)
     if region_um is None:
-        pitch = _spot_pitch_px(coords) or side_px
+        pitch = spot_pitch_px(coords) or side_px
         region_px = REGION_PITCHES * pitch
         region_um = region_px * mpp
     else:
         region_px = region_um / mpp
     adjacency = None
-    if model_type == "graph":
-        k = (model.config.get("train_config") or {}).get("k_neighbors", 6)
+    if needs > 0:  # the driver builds the graph of all spots once; regions get their blocks
+        k = (model.settings.train_config or {}).get("k_neighbors", 6)
         adjacency = graph_adjacency(coords, int(k))
     regions = plan_regions(coords, region_px, adjacency=adjacency, hops=hops)
     tasks = region_tasks(regions, coords, model_path=model.path, image_path=image_path,

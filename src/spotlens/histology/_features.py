@@ -215,8 +215,8 @@ def tile_features(
     Examples
     --------
     >>> enc = get_encoder("efficientnet-lite0")  # doctest: +SKIP
-    >>> key = tile_cache_key(image_identity("C3_HE_fullres.jpg"), xy, tile_um=100, mpp=0.69)
-    >>> feats = tile_features(tiles, enc, cache_dir="~/.cache/spotlens", cache_key=key)
+    >>> key = tile_cache_key(image_identity("C3.jpg"), xy, tile_um=100, mpp=0.69)  # doctest: +SKIP
+    >>> feats = tile_features(tiles, enc, cache_dir="cache", cache_key=key)  # doctest: +SKIP
     """
     tiles = check_tiles(tiles)
     if not isinstance(encoder, Encoder):

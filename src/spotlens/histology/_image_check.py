@@ -28,13 +28,12 @@ from anndata import AnnData
 from PIL import Image
 
 from .._validation import InputError
-from ._image import SlideImage, _decode_error, _open_pil, _PILSource
+from ..io import SlideImage
 
 #: Below this Pearson r between the grey levels of the full image (downsampled) and the
 #: section's stored image, the full image is refused as another section's.
 MIN_IMAGE_R = 0.8
 _MAX_SIDE = 1000  # the comparison is made at most this many px on a side
-_JPEG_SUFFIXES = {".jpg", ".jpeg"}
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL's "L" mode
 
 
@@ -82,58 +81,6 @@ def stored_image(adata: AnnData, library_id: str | None) -> tuple[str, np.ndarra
     return best
 
 
-def read_overview(image: SlideImage, scale: float) -> tuple[np.ndarray, float, float]:
-    """Grey overview of a whole image at (about) ``scale`` stored px per full-resolution px.
-
-    A JPEG file is decoded straight at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling; a
-    9,300 × 9,900 px scan in ≈ 0.1 s) without decoding the full image; a pyramidal TIFF reads
-    its smallest adequate level; other images are box-averaged (:meth:`SlideImage.thumbnail`).
-
-    Returns
-    -------
-    overview
-        ``h × w`` float32 grey levels (0–255).
-    sx, sy
-        Overview px per full-resolution px along x and y (at least ``scale`` where the format
-        allows).
-
-    Raises
-    ------
-    InputError
-        If the file's pixels cannot be decoded (e.g. a truncated JPEG); the message names it.
-    """
-    height, width = image.shape
-    path = image.path
-    if (isinstance(image._source, _PILSource) and path is not None
-            and path.suffix.lower() in _JPEG_SUFFIXES):
-        with _open_pil(path) as im:
-            try:
-                im.draft("RGB", (max(1, math.ceil(width * scale)),
-                                 max(1, math.ceil(height * scale))))
-                grey = np.asarray(im.convert("L"), dtype=np.float32)
-            except (OSError, SyntaxError, ValueError) as err:
-                raise _decode_error(path, err) from err
-        return grey, grey.shape[1] / width, grey.shape[0] / height
-    factor = max(1, math.floor(1 / scale))
-    thumb, t = image.thumbnail(max(1, math.ceil(max(height, width) / factor)))
-    return _grey(thumb), t, t
-
-
-def check_decodes(image: SlideImage) -> None:
-    """Decode a JPEG file at 1/8 of its size (every byte is read; ≈ 0.1 s for 9,300 px).
-
-    Other formats are left to their first read (PNG is decoded whole then; TIFF tile by tile).
-
-    Raises
-    ------
-    InputError
-        If the JPEG is truncated or corrupt; the message names the file.
-    """
-    if (isinstance(image._source, _PILSource) and image.path is not None
-            and image.path.suffix.lower() in _JPEG_SUFFIXES):
-        read_overview(image, 0.125)
-
-
 def _agreement(stored: np.ndarray, scale: float, overview: np.ndarray, sx: float,
                sy: float) -> float:
     """Pearson r of the stored grey image and the overview resampled onto its pixels."""
@@ -162,9 +109,10 @@ def image_agreement(adata: AnnData, image: SlideImage, *,
                     library_id: str | None = None) -> dict | None:
     """Correlate a full-resolution image with the downscaled image stored in its section.
 
-    The full image is read at the stored image's scale (:func:`read_overview`), resampled onto
-    the stored image's pixels (box filter; a frame larger than the image is padded with white)
-    and both are turned to grey levels (luma); the result is their Pearson r over all pixels.
+    The full image is read at the stored image's scale (:meth:`SlideImage.overview`),
+    resampled onto the stored image's pixels (box filter; a frame larger than the image is
+    padded with white) and both are turned to grey levels (luma); the result is their Pearson
+    r over all pixels.
     Stored images over 1,000 px on a side are box-averaged to at most 1,000 px first.
 
     Parameters
@@ -198,7 +146,7 @@ def image_agreement(adata: AnnData, image: SlideImage, *,
         return None
     key, stored, scale = found
     f = max(1, math.ceil(max(stored.shape) / _MAX_SIDE))
-    overview, sx, sy = read_overview(image, min(1.0, scale / f))
+    overview, sx, sy = image.overview(min(1.0, scale / f))
     return {"r": _agreement(stored, scale, overview, sx, sy), "stored": key, "scale": scale}
 
 

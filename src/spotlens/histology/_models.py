@@ -10,6 +10,14 @@ predict standardised log expression (``n_spots × n_genes``).
   that look most alike. Trained with both terms, ``MSE(y, ŷ) + MSE(y, A(G(F(x))))``.
 - :class:`GraphExpression` — after HESpotEx: a graph attention autoencoder over the spot
   neighbourhood graph (image features as node features) and a GCN decoder to expression.
+Each network also carries what training and prediction need from it, so the training loop
+(``_trainer.py``) and :class:`~spotlens.histology._expression.ExpressionModel` never ask which
+one it is: ``from_config`` (build from a :class:`~spotlens.histology.TrainConfig`),
+``section_inputs`` (per-section tensors besides the features: the spot graph), ``loss`` (the
+training loss over the training sections) and ``decode`` (the prediction). ``uses_bank`` says
+whether predictions read the training spots; ``halo_hops`` how many graph hops a spot's
+prediction depends on (for prediction by image region on a cluster).
+
 - :class:`TileHead` — a trainable copy of the encoder's last layer (EfficientNet-Lite0's head
   convolution) per tile scale, so either model can fine-tune the image encoder end to end on
   cached last-block maps; :func:`section_zscore` standardises its output within a section.
@@ -22,6 +30,8 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as fn
+
+from ._train_data import TrainConfig, graph_inputs, spot_graph
 
 
 class SpotAttention(nn.Module):
@@ -58,6 +68,43 @@ class SpotAttention(nn.Module):
         self.g = nn.Linear(hidden, hidden)
         self.head = nn.Linear(hidden, n_genes)
         self.scale = 1.0 / math.sqrt(hidden)
+
+    #: predictions read the training spots' (features, expression): the bank
+    uses_bank = True
+    #: a spot's prediction depends on its own tile only
+    halo_hops = 0
+
+    @classmethod
+    def from_config(cls, n_features: int, n_genes: int, config: TrainConfig) -> SpotAttention:
+        """Build from the ``hidden`` and ``dropout`` of a :class:`TrainConfig`."""
+        return cls(n_features, n_genes, hidden=config.hidden, dropout=config.dropout)
+
+    def section_inputs(self, coords, device) -> dict:
+        """Per-section inputs besides the features: none (spots are predicted one by one)."""
+        return {}
+
+    def loss(self, batch: list[dict]) -> torch.Tensor:
+        """Training loss over sections: :func:`spot_attention_loss` of every training spot.
+
+        ``batch`` holds per section ``x`` (``n_spots × n_features``) and ``y`` (z-scored
+        expression, ``n_spots × n_genes``). All spots form the bank, and a spot never attends
+        to its own section's spots: at prediction the bank holds only other sections, so
+        training must not learn to copy spatial neighbours.
+        """
+        x = torch.cat([t["x"] for t in batch])
+        y = torch.cat([t["y"] for t in batch])
+        owner = torch.cat([torch.full((len(t["x"]),), i, device=x.device)
+                           for i, t in enumerate(batch)])
+        direct, attended = self(x, x, y, exclude=owner[:, None] == owner[None, :])
+        return spot_attention_loss(y, direct, attended)
+
+    def decode(self, x: torch.Tensor, inputs: dict, bank) -> torch.Tensor:
+        """Prediction: the mean of the direct and attention heads, reading ``bank``.
+
+        ``bank`` = ``(n_bank × n_features, n_bank × n_genes)`` training spots (z-scored).
+        """
+        direct, attended = self(x, *bank)
+        return 0.5 * (direct + attended)
 
     def forward(
         self,
@@ -178,6 +225,47 @@ class GraphExpression(nn.Module):
         self.gcn1 = nn.Linear(latent, hidden)
         self.gcn2 = nn.Linear(hidden, n_genes)
         self.skip = nn.Linear(n_features, n_genes)
+        self.k_neighbors = 6
+        self.recon_weight = 0.1
+
+    #: predictions read only the section's own spots
+    uses_bank = False
+    #: 2 graph attention + 2 GCN layers: a prediction depends on every spot within 4 hops
+    halo_hops = 4
+
+    @classmethod
+    def from_config(cls, n_features: int, n_genes: int, config: TrainConfig
+                    ) -> GraphExpression:
+        """Build from a :class:`TrainConfig`: widths, dropout, ``k_neighbors``, ``recon_weight``."""
+        net = cls(n_features, n_genes, hidden=config.hidden, latent=config.latent,
+                  dropout=config.dropout)
+        net.k_neighbors, net.recon_weight = int(config.k_neighbors), float(config.recon_weight)
+        return net
+
+    def section_inputs(self, coords, device, adjacency=None) -> dict:
+        """The section's spot graph: ``edges`` (``2 × n_edges``) and ``a_hat`` (sparse ``Â``).
+
+        Built on the ``k_neighbors``-nearest-neighbour graph of ``coords`` (``n_spots × 2``),
+        or on a given ``n_spots × n_spots`` symmetric 0/1 ``adjacency`` without self loops.
+        """
+        if adjacency is None:
+            adjacency = spot_graph(coords, self.k_neighbors)
+        edges, a_hat = graph_inputs(adjacency, torch, device)
+        return {"edges": edges, "a_hat": a_hat}
+
+    def loss(self, batch: list[dict]) -> torch.Tensor:
+        """Training loss: the mean over sections of :func:`graph_loss` on each one's graph."""
+        loss = 0.0
+        for t in batch:
+            expression, recon, target = self(t["x"], t["edges"], t["a_hat"])
+            loss = loss + graph_loss(t["y"], expression, target, recon,
+                                     recon_weight=self.recon_weight)
+        return loss / len(batch)
+
+    def decode(self, x: torch.Tensor, inputs: dict, bank=None) -> torch.Tensor:
+        """Prediction: the expression decoded over the section's graph (``inputs``)."""
+        expression, _, _ = self(x, inputs["edges"], inputs["a_hat"])
+        return expression
 
     def forward(
         self, x: torch.Tensor, edges: torch.Tensor, a_hat: torch.Tensor
@@ -222,7 +310,7 @@ class TileHead(nn.Module):
     ----------
     weight, bias
         Pretrained ``dim × channels`` weight and ``dim`` bias
-        (:func:`~spotlens.histology._encoders.pre_head_encoder`).
+        (:func:`~spotlens.histology._head.pre_head_encoder`).
     n_scales
         Tile scales side by side in the input.
     cells

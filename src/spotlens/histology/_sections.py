@@ -1,4 +1,6 @@
-"""Training sections: reading them, and every check :func:`train` makes before encoding a tile.
+"""Training sections: every check :func:`train` makes before encoding a tile, and the genes.
+
+(Reading a section's ``.h5ad`` and finding its image is :func:`spotlens.io.read_section`.)
 
 Encoding the tiles of a few sections takes minutes; whatever can be known to be wrong from the
 AnnData and a cheap look at the image is refused here first: a section of unknown scale (µm per
@@ -18,75 +20,14 @@ import numpy as np
 from anndata import AnnData
 
 from .._validation import InputError
-from ._image import SlideImage, check_mpp, read_image
-from ._image_check import check_decodes, check_section_image
+from ..io import SlideImage, check_mpp, read_image
+from ._image_check import check_section_image
 from ._tiles import _check_on_image, _library, section_mpp, tile_geometry
 
 logger = logging.getLogger("spotlens")
 
 GENE_RULES = ("hvg", "top_expressed")
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".svs")
 _MPP_MISMATCH = 0.1  # a given mpp this far (relative) from the section's own is reported
-
-
-def load_section(h5ad_path, image_path=None) -> tuple[AnnData, Path]:
-    """Read one section's ``.h5ad`` and find its full-resolution H&E image.
-
-    Parameters
-    ----------
-    h5ad_path
-        ``.h5ad`` with raw counts in ``X`` (``n_spots × n_genes``), spot centres ``(x, y)`` in
-        full-resolution px in ``obsm["spatial"]`` and ``uns["spatial"][library_id]
-        ["scalefactors"]["spot_diameter_fullres"]``.
-    image_path
-        The full-resolution image; None = the one file beside the ``.h5ad`` named
-        ``<stem>_HE*`` with suffix ``.jpg``, ``.jpeg``, ``.png``, ``.tif``, ``.tiff`` or
-        ``.svs`` (e.g. ``C6_HE_fullres.jpg`` beside ``C6.h5ad``).
-
-    Returns
-    -------
-    adata
-        The section.
-    image_path
-        Path of its image.
-
-    Raises
-    ------
-    InputError
-        If the ``.h5ad`` or the given image does not exist, or no / several images match
-        beside the ``.h5ad`` (pass the image explicitly then).
-    """
-    import anndata as ad
-
-    h5ad_path = Path(h5ad_path).expanduser()
-    if not h5ad_path.is_file():
-        raise InputError(f"Section file not found: {h5ad_path}.")
-    if image_path is None:
-        stem = h5ad_path.name[: -len(".h5ad")] if h5ad_path.name.endswith(".h5ad") else (
-            h5ad_path.stem)
-        found = sorted(
-            p for p in h5ad_path.parent.glob(f"{stem}_HE*")
-            if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
-        )
-        if not found:
-            raise InputError(
-                f"No H&E image beside {h5ad_path} (looked for {stem}_HE*"
-                f"{{{','.join(_IMAGE_SUFFIXES)}}}). Pass the full-resolution image explicitly."
-            )
-        if len(found) > 1:
-            raise InputError(
-                f"Several H&E images beside {h5ad_path}: {[p.name for p in found]}. Pass the "
-                "full-resolution one explicitly."
-            )
-        image_path = found[0]
-    image_path = Path(image_path).expanduser()
-    if not image_path.is_file():
-        raise InputError(f"Image file not found: {image_path}.")
-    try:
-        adata = ad.read_h5ad(h5ad_path)
-    except (OSError, KeyError) as err:
-        raise InputError(f"Cannot read {h5ad_path} as an AnnData .h5ad file: {err}") from err
-    return adata, image_path
 
 
 def _section_name(adata: AnnData, image_path: Path, taken: set[str]) -> str:
@@ -185,7 +126,7 @@ def prepare_sections(sections, *, mpp=None, tile_um: float | None = None
         _check_on_image(adata, geometry, image, "spatial")
         r = check_section_image(adata, image, section=name, library_id=geometry.library_id)
         if r is None:  # nothing stored to compare with; still find a truncated file now
-            check_decodes(image)
+            image.check_decodes()
         else:
             logger.info("%s: %s matches the stored image (r = %.3f)", name, image.path.name, r)
         data[name] = {"adata": adata, "image": image, "geometry": geometry, "image_r": r}

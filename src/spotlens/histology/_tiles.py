@@ -10,7 +10,7 @@ from anndata import AnnData
 from PIL import Image
 
 from .._validation import InputError, check_coordinates
-from ._image import SlideImage, as_slide_image, check_mpp
+from ..io import SlideImage, as_slide_image, check_mpp
 
 _MPP_SCALEFACTOR = "microns_per_pixel"  # Space Ranger (Visium HD) name; grid_spots writes it
 _MPP_METADATA = ("microns_per_pixel", "microns_per_pixel_est")

@@ -10,7 +10,7 @@ from anndata import AnnData
 from scipy import ndimage
 
 from .._validation import InputError
-from ._image import SlideImage, as_slide_image, check_mpp
+from ..io import SlideImage, as_slide_image, check_mpp
 
 
 def otsu_threshold(values: np.ndarray, *, bins: int = 256) -> float:

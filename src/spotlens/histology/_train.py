@@ -1,531 +1,294 @@
-"""Training loop, checkpoints and the user-facing :class:`ExpressionModel` (arrays in and out)."""
+"""Training from H&E: AnnData sections and images in, a fitted :class:`HistologyModel` out.
+
+:func:`train` is the public entry point (it writes the model folder); :func:`fit_model` does
+the work in memory: check every section before a tile is encoded (``_sections.py``), choose the
+genes, encode the tiles (``_featurize.py``), and fit the model type's predictor with its
+held-out protocol (``_registry.py``, ``_fit.py``).
+"""
 
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from .._backend import import_torch, resolve_device
 from .._validation import InputError
-from ._rank import ExpressionAxes, candidate_ranks, rank_label
-from ._train_data import (  # noqa: F401  (Section, TrainConfig importable from here)
-    Section,
-    TrainConfig,
-    _graph_tensors,
-    _pearson_mean,
-    _Scaler,
-)
+from ..io import check_mpp
+from . import _featurize
+from ._folder import ModelConfig, SectionRecord, TileSettings, fingerprint, model_dir
+from ._model import HistologyModel
+from ._normalize import standardize_section
+from ._registry import MODEL_TYPES
+from ._sections import _choose_genes, prepare_sections
+from ._tiles import DEFAULT_TILE_SCALES, check_tile_scales
+from ._train_data import TrainConfig
 
 logger = logging.getLogger("spotlens")
 
 
-@dataclass
-class ExpressionModel:
-    """Predict spot expression from image features: fit, predict, save, load.
+def train(
+    sections,
+    *,
+    genes="hvg",
+    model: str = "attention",
+    encoder: str = "efficientnet-lite0",
+    encoder_weights=None,
+    tile_um: float | None = None,
+    mpp=None,
+    tile_scales=DEFAULT_TILE_SCALES,
+    standardize: bool = True,
+    out_px: int = 224,
+    config=None,
+    cache_dir=None,
+    device: str = "cpu",
+    seed: int = 0,
+    out,
+    resume: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Train a model of spot expression from H&E tiles and write it to a folder.
 
-    Attributes
+    Before any tile is encoded, every section is checked (:func:`prepare_sections`): its scale
+    in µm per pixel must be known (``mpp``, the image file, or the AnnData), its spots must lie
+    on the image, the image must decode and match the downscaled copy the section stores in
+    ``uns["spatial"][library_id]["images"]`` if any (grey-level Pearson r >= 0.8,
+    :func:`~spotlens.histology._image_check.check_section_image`), and the target genes are
+    chosen (named genes must be in at least one section). Nothing is written before that.
+
+    Steps: cut tiles of several sizes around every spot, encode them and put the features side
+    by side (:func:`multiscale_features`; cached in ``cache_dir``), z-score them within each
+    section (:func:`standardize_section`), choose the target genes on the training sections,
+    compute their log-normalised expression ``log1p(normalize_total(counts, 1e4))`` (genes a
+    section lacks are 0), then fit. For ``"attention"``/``"graph"``: early stopping on the last
+    training section (training on the others), then a refit on all sections for the best number
+    of epochs (at least 10) and the projection rank chosen on that section. For ``"ridge"``:
+    standardise → PCA(256) → ridge, alpha and then the projection rank by
+    leave-one-section-out cross-validation (``_fit.py``). The projection (reduced-rank output,
+    :mod:`spotlens.histology._rank`) keeps the predictions on the leading principal axes of the
+    training expression (its effect on held-out sections: ``benchmarks/histology_her2st.py``).
+
+    With ``config.finetune_head`` (EfficientNet-Lite0 only) the network also trains a copy of
+    the encoder's last layer: tiles are encoded up to the encoder's last block
+    (:func:`~spotlens.histology._head.pre_head_encoder`, cached), a per-scale copy of the
+    pretrained head convolution turns those maps into features, which are z-scored within each
+    section inside the model, and head and model learn together. The fine-tuned head is saved
+    with the model and used at prediction (:meth:`HistologyModel.encode_tiles`).
+
+    Parameters
     ----------
+    sections
+        List of ``(adata, image)`` pairs, e.g. from :func:`spotlens.io.read_section`: ``adata``
+        with raw counts (``n_spots × n_genes``) and spot centres in full-resolution px in
+        ``obsm["spatial"]``; ``image`` the full-resolution H&E file path (or a
+        :class:`SlideImage` opened from a file).
     genes
-        The target genes, in the order of the predictions.
+        ``"hvg"`` (50 highly variable genes, seurat_v3 with batch = section), ``"top_expressed"``
+        (250 most expressed genes) or a list of gene names.
+    model
+        ``"attention"``, ``"graph"`` or ``"ridge"`` (``_registry.MODEL_TYPES``).
+    encoder
+        Encoder name or TorchScript file for :func:`get_encoder`, or ``"colour"`` for the 25
+        colour statistics of :func:`colour_features` (no torch needed with ``"ridge"``).
+    encoder_weights
+        Checkpoint of a named architecture: a torchvision-format ResNet-50 for ``"resnet50"``,
+        a timm-format Vision Transformer (e.g. a pathology foundation model) for ``"vit"``.
+        Its absolute path and SHA-256 are recorded in ``config.json``; prediction reads the
+        file from there (or from ``load_model(..., encoder_weights=)``).
+    tile_um
+        Side of the scale-1 tile in µm; None = each section's spot diameter.
+    mpp
+        µm per full-resolution px of the images (µm/px): one number for all sections, or a
+        list with one number (or None) per section. None = what each section records: the
+        image file (TIFF/SVS), ``uns["spatial"][library_id]["scalefactors"]
+        ["microns_per_pixel"]`` or ``["metadata"]["microns_per_pixel"|"microns_per_pixel_est"]``.
+        Overrides those (a value > 10 % off is logged). Required where a section records
+        none (JPEG/PNG without it in the AnnData): the model tiles new images in µm.
+    tile_scales
+        Tile sides as multiples of the scale-1 tile; features of all are concatenated.
+        Default ``(1, 2, 4)``: the spot and two wider fields of view around it.
+    standardize
+        Z-score every feature within each section (:func:`standardize_section`; sections are
+        standardised the same way at prediction). True by default: it removes section-wide
+        stain and scanner shifts.
+    out_px
+        Tile side in px after resizing.
     config
-        :class:`TrainConfig`.
-    history
-        Per epoch: training loss and validation mean Pearson r (when a validation section is
-        given).
-    rank_
-        After :meth:`fit`: the expression rank predictions are projected to (``None``: none).
-    rank_scores
-        With ``expression_rank="auto"`` and a validation section: rank label (``"10"``,
-        ``"full"``) -> mean Pearson r on it.
+        :class:`TrainConfig` for ``"attention"``/``"graph"`` (its ``model`` and ``seed`` are
+        overridden by ``model`` and ``seed``); None = defaults.
+    cache_dir
+        Folder of cached encoder features; None = no cache.
+    device
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (encoder and model).
+    seed
+        Seed of the model's initialisation and dropout.
+    out
+        Model folder (created if missing).
+    resume
+        Continue from ``out/checkpoint*.pt`` of an interrupted run with the same data and
+        settings (a larger ``config.epochs`` continues training).
+    progress
+        Progress bars for encoding and training.
+
+    Returns
+    -------
+    The model folder ``out`` (:meth:`HistologyModel.save`) with ``config.json``
+    (:class:`~spotlens.histology._folder.ModelConfig`) and ``model.pt`` (or ``model.npz``).
+    ``config.json["validation"]`` holds the held-out score the settings were chosen on:
+    ``section`` (the early-stopping section, or ``"leave-one-section-out"`` for ridge),
+    ``mean_pearson``, ``expression_rank`` (``"10"``, ``"full"``) and ``rank_scores`` (rank
+    label -> mean Pearson r), plus ``best_epoch``, ``epochs_run``, ``mse``, ``n_spots`` and
+    ``val_pearson_history`` (networks) or ``alpha`` and ``per_section`` (ridge).
+    ``config.json["sections"]`` lists each section's ``name``, ``image``, ``n_spots``, ``mpp``
+    (µm/px), ``mpp_source`` (``"argument"``, ``"image"``, ``"scalefactors"``, ``"metadata"``),
+    ``tile_px`` and ``image_check_r`` (agreement with its stored image, or None).
+    With a fine-tuned head, ``config.json["encoder"]`` describes the encoder's trunk and holds
+    ``head`` (``dim``, ``channels``, ``cells``, ``base`` encoder name).
+
+    Raises
+    ------
+    InputError
+        Before any tile is encoded: no section, a section whose µm/px is unknown (pass
+        ``mpp``; ``--mpp`` on the command line), ``mpp`` of the wrong length or not positive, a
+        section without coordinates or spot diameter, an image that does not fit its spots
+        (another section or resolution) or does not match the section's stored image (another
+        section's, e.g. padded to the right size), an image file that cannot be decoded
+        (truncated), gene names in none of the sections (named, with close matches) or an
+        unknown gene rule, a bad model type,
+        ``finetune_head=True`` with an encoder other than EfficientNet-Lite0,
+        ``encoder_weights`` for colour features or a checkpoint that does not fit the encoder
+        (:func:`get_encoder`), ``"ridge"`` with fewer than 2 sections, or a checkpoint in
+        ``out`` from a different run (pass ``resume=False`` or another ``out``).
+
+    Examples
+    --------
+    >>> from spotlens.io import read_section
+    >>> pairs = [read_section(f"her2st/C{i}.h5ad") for i in range(2, 6)]  # doctest: +SKIP
+    >>> train(pairs, tile_um=100, out="her2st_model")  # doctest: +SKIP
+    >>> mob = [read_section(f"stutility_mob/MOB{i}.h5ad") for i in (1, 2, 3)]  # doctest: +SKIP
+    >>> train(mob, mpp=100 / 24.05, out="mob_model")  # 100 µm spots, 24.05 px  # doctest: +SKIP
     """
-
-    genes: list[str]
-    config: TrainConfig = field(default_factory=TrainConfig)
-    history: list[dict] = field(default_factory=list)
-
-    def __post_init__(self):
-        self._net = None
-        self._head = None
-        self._x_scaler: _Scaler | None = None
-        self._y_scaler: _Scaler | None = None
-        self._bank: tuple[np.ndarray, np.ndarray] | None = None
-        self._axes: ExpressionAxes | None = None
-        self.rank_: int | None = None
-        self.rank_scores: dict[str, float] = {}
-        self.best_epoch = 0
-
-    @property
-    def finetunes_head(self) -> bool:
-        """Whether the model carries a fine-tuned encoder head (:meth:`head_features`)."""
-        return self._head is not None
-
-    # -- construction --------------------------------------------------------------------------
-    def _build(self, n_features: int):
-        torch = import_torch()
-        from ._models import GraphExpression, SpotAttention
-
-        torch.manual_seed(self.config.seed)
-        c = self.config
-        if c.model == "attention":
-            return SpotAttention(n_features, len(self.genes), hidden=c.hidden, dropout=c.dropout)
-        return GraphExpression(
-            n_features, len(self.genes), hidden=c.hidden, latent=c.latent, dropout=c.dropout
-        )
-
-    def _build_head(self, head: dict, n_in: int):
-        """Build the trainable head from the pretrained one; check the input width."""
-        from ._models import TileHead
-
-        weight = np.asarray(head["weight"], dtype=np.float32)
-        cells = int(head["cells"])
-        per_scale = weight.shape[1] * cells
-        if weight.ndim != 2 or n_in % per_scale:
-            raise InputError(
-                f"Features have {n_in} columns per spot, not a multiple of the head's "
-                f"{weight.shape[1]} channels × {cells} cells: pass the encoder's last-block maps "
-                "(pre_head_encoder), not its pooled features, when fine-tuning its head."
-            )
-        return TileHead(weight, np.asarray(head["bias"], dtype=np.float32),
-                        n_scales=n_in // per_scale, cells=cells)
-
-    # -- training ------------------------------------------------------------------------------
-    def fit(
-        self,
-        train: list[Section],
-        *,
-        validation: Section | None = None,
-        head: dict | None = None,
-        device: str = "cpu",
-        checkpoint: str | os.PathLike | None = None,
-        resume: bool = True,
-        progress: bool = True,
-    ) -> ExpressionModel:
-        """Train on sections with image features and expression.
-
-        Features are standardised and each gene's expression is z-scored on the training
-        spots, so every gene weighs the same in the loss. With ``validation``, the weights of
-        the epoch with the best mean per-gene Pearson r on it are kept (early stopping), and
-        with ``expression_rank="auto"`` the projection rank is chosen on it afterwards.
-
-        With ``config.finetune_head`` the sections' ``features`` are the encoder's pooled
-        last-block maps (``n_spots × (n_scales · channels · cells)``, from
-        :func:`~spotlens.histology._encoders.pre_head_encoder`); a copy of the pretrained head
-        per tile scale turns them into features, which are z-scored within each section
-        (:func:`~spotlens.histology._models.section_zscore`) and fed to the model, and the head
-        is trained with it (learning rate ``config.head_lr``). Predict then from
-        :meth:`head_features`.
-
-        Parameters
-        ----------
-        train
-            Sections with ``expression``.
-        validation
-            A held-out section for early stopping (``None``: train all ``epochs``).
-        head
-            With ``config.finetune_head``: the encoder's pretrained head (``weight``
-            ``dim × channels``, ``bias``, ``cells``), as returned by
-            :func:`~spotlens.histology._encoders.pre_head_encoder`.
-        device
-            ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
-        checkpoint
-            File written atomically every 10 epochs and at the end; with ``resume`` an existing
-            one is loaded and training continues from its epoch.
-        resume
-            Continue from ``checkpoint`` when it exists.
-        progress
-            Show a progress bar.
-
-        Returns
-        -------
-        ``self``.
-
-        Raises
-        ------
-        InputError
-            No training section, missing expression, inconsistent shapes,
-            ``finetune_head`` without ``head`` (or ``head`` without it), or maps that do not
-            fit the head.
-        """
-        torch = import_torch()
-        if not train:
-            raise InputError("fit needs at least one training section.")
-        for s in [*train, *([validation] if validation else [])]:
-            if s.expression is None:
-                raise InputError(f"Section {s.name!r} has no expression to train or validate on.")
-            if s.expression.shape != (len(s.features), len(self.genes)):
-                raise InputError(
-                    f"Section {s.name!r}: expression is {s.expression.shape}, expected "
-                    f"({len(s.features)}, {len(self.genes)}) spots × genes."
-                )
-        use_head = bool(self.config.finetune_head)
-        if use_head and head is None:
-            raise InputError("finetune_head=True needs the encoder's pretrained head (head=).")
-        if head is not None and not use_head:
-            raise InputError("head= is for fine-tuning it: set TrainConfig(finetune_head=True).")
-        backend = resolve_device(device)
-        dev = torch.device(backend.device if backend.is_torch else "cpu")
-        x_all = np.vstack([s.features for s in train])
-        y_all = np.vstack([s.expression for s in train])
-        self._y_scaler = _Scaler.fit(y_all)
-        if use_head:
-            self._head = self._build_head(head, x_all.shape[1]).to(dev)
-            width = self._head.n_scales * self._head.dim
-            # the head's outputs are z-scored per section inside the model
-            self._x_scaler = _Scaler(np.zeros(width), np.ones(width))
-        else:
-            self._head = None
-            self._x_scaler = _Scaler.fit(x_all)
-            width = x_all.shape[1]
-        self._net = self._build(width).to(dev)
-        groups = [{"params": list(self._net.parameters()), "lr": self.config.lr}]
-        if use_head:
-            groups.append({"params": list(self._head.parameters()), "lr": self.config.head_lr})
-        opt = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
-        start, best, best_state, stale = 0, -np.inf, None, 0
-        ckpt = Path(checkpoint) if checkpoint else None
-        if ckpt is not None and resume and ckpt.exists():
-            state = torch.load(ckpt, map_location=dev, weights_only=False)
-            # checkpoints written before the fine-tuned head held the model's weights as "net"
-            self._load_weights(state.get("weights") or {"net": state["net"], "head": None})
-            opt.load_state_dict(state["optimizer"])
-            start, best, stale = state["epoch"], state["best"], state["stale"]
-            best_state, self.history = state["best_state"], state["history"]
-            self.best_epoch = state.get("best_epoch", 0)
-            logger.info("resumed from %s at epoch %d", ckpt, start)
-
-        sections = [self._tensors(s, dev) for s in train]
-        self._bank = None  # the attention model's training spots, set below or after training
-        if self.config.model == "attention":
-            bank_y = torch.cat([t["y"] for t in sections])
-            owner = torch.cat([torch.full((len(t["x"]),), i, device=dev)
-                               for i, t in enumerate(sections)])
-            # a spot never attends to its own section: at prediction time the bank holds only
-            # other sections, so training should not learn to copy spatial neighbours
-            exclude = owner[:, None] == owner[None, :]
-            # without a head the attention model reads the training spots' (fixed) features
-            self._bank = None if use_head else (x_all, y_all)
-        val = None if validation is None else self._tensors(validation, dev)
-        bar = tqdm(range(start, self.config.epochs), desc=f"spotlens {self.config.model}",
-                   disable=not progress, leave=False)
-        try:
-            for epoch in bar:
-                self._train_mode(True)
-                opt.zero_grad()
-                if self.config.model == "attention":
-                    from ._models import spot_attention_loss
-
-                    bank_x = torch.cat([self._section_x(t) for t in sections])
-                    direct, attended = self._net(bank_x, bank_x, bank_y, exclude=exclude)
-                    loss = spot_attention_loss(bank_y, direct, attended)
-                else:
-                    from ._models import graph_loss
-
-                    loss = 0.0
-                    for t in sections:
-                        expr, recon, target = self._net(self._section_x(t), t["edges"],
-                                                        t["a_hat"])
-                        loss = loss + graph_loss(t["y"], expr, target, recon,
-                                                 recon_weight=self.config.recon_weight)
-                    loss = loss / len(sections)
-                loss.backward()
-                opt.step()
-                record = {"epoch": epoch + 1, "loss": float(loss.detach())}
-                if val is not None:
-                    pred = self._predict_tensors(val, sections, dev)
-                    score = _pearson_mean(pred, validation.expression)
-                    record["val_pearson"] = score
-                    if score > best:
-                        best, stale, self.best_epoch = score, 0, epoch + 1
-                        best_state = self._weights(clone=True)
-                    else:
-                        stale += 1
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", val_r=f"{score:.3f}")
-                self.history.append(record)
-                if ckpt is not None and ((epoch + 1) % 10 == 0):
-                    self._save_training_state(ckpt, opt, epoch + 1, best, stale, best_state)
-                if val is not None and stale >= self.config.patience:
-                    break
-        finally:
-            bar.close()
-        if best_state is not None:
-            self._load_weights(best_state)
-        if ckpt is not None:
-            self._save_training_state(ckpt, opt, len(self.history), best, stale, best_state)
-        if self.config.model == "attention" and use_head:
-            # the bank as prediction reads it: the trained head's features, z-scored per section
-            self._train_mode(False)
-            with torch.inference_mode():
-                bank_x = torch.cat([self._section_x(t) for t in sections]).cpu().numpy()
-            self._bank = (bank_x, y_all)
-        self._fit_rank(y_all, val, validation, sections, dev)
-        return self
-
-    def _train_mode(self, on: bool) -> None:
-        self._net.train(on)
-        if self._head is not None:
-            self._head.train(on)
-
-    def _weights(self, *, clone: bool = False) -> dict:
-        """Return the trainable state: the model and (when fine-tuned) the head."""
-        def copy(module):
-            return {k: (v.detach().clone() if clone else v) for k, v in
-                    module.state_dict().items()}
-
-        return {"net": copy(self._net), "head": None if self._head is None else copy(self._head)}
-
-    def _load_weights(self, weights: dict) -> None:
-        self._net.load_state_dict(weights["net"])
-        if self._head is not None:
-            self._head.load_state_dict(weights["head"])
-
-    def _section_x(self, t: dict):
-        """Return the model's input for one section: its features, or the head's, z-scored."""
-        if self._head is None:
-            return t["x"]
-        from ._models import section_zscore
-
-        return section_zscore(self._head(t["x"]))
-
-    def _predict_tensors(self, t: dict, sections: list[dict], dev) -> np.ndarray:
-        """Predict a section while training (the attention bank from the current weights)."""
-        torch = import_torch()
-        self._train_mode(False)
-        with torch.inference_mode():
-            if self.config.model == "attention":
-                context = (torch.cat([self._section_x(s) for s in sections]),
-                           torch.cat([s["y"] for s in sections]))
-            else:
-                context = (t["edges"], t["a_hat"])
-            return self._decode(self._section_x(t), context)
-
-    def _decode(self, x, context) -> np.ndarray:
-        """Run the model (eval mode, no grad) on ``x``: log-normalised expression.
-
-        ``context`` is the attention bank ``(features, z-scored expression)`` or the graph
-        ``(edges, normalised adjacency)``.
-        """
-        if self.config.model == "attention":
-            direct, attended = self._net(x, *context)
-            z = 0.5 * (direct + attended)
-        else:
-            z, _, _ = self._net(x, *context)
-        return self._y_scaler.inverse(z.cpu().numpy())
-
-    def _fit_rank(self, y_all, val: dict | None, validation: Section | None, sections,
-                  dev) -> None:
-        """Training expression axes, and the projection rank (chosen on ``validation``)."""
-        rank = self.config.expression_rank
-        self.rank_scores = {}
-        axes = ExpressionAxes.fit(y_all)
-        if rank == "auto":
-            if validation is None:
-                rank = None
-            else:
-                pred = self._predict_tensors(val, sections, dev)
-                ranks = candidate_ranks(len(self.genes), len(y_all))
-                scores = [_pearson_mean(axes.project(pred, r), validation.expression)
-                          for r in ranks]
-                self.rank_scores = {rank_label(r): float(v)
-                                    for r, v in zip(ranks, scores, strict=True)}
-                rank = ranks[int(len(scores) - 1 - np.argmax(scores[::-1]))]  # ties -> higher
-                logger.info("expression rank %s (validation mean Pearson r %s)",
-                            rank_label(rank), ", ".join(f"{k}: {v:.3f}" for k, v in
-                                                        self.rank_scores.items()))
-        self.rank_ = rank
-        self._axes = None if rank is None else ExpressionAxes(axes.mean, axes.std,
-                                                              axes.axes[:rank])
-
-    def _tensors(self, s: Section, dev):
-        torch = import_torch()
-        x = (np.asarray(s.features, dtype=np.float32) if self._head is not None
-             else self._x_scaler(s.features))
-        out = {"x": torch.as_tensor(x, device=dev)}
-        if s.expression is not None:
-            out["y"] = torch.as_tensor(self._y_scaler(s.expression), device=dev)
-        if self.config.model == "graph":
-            out["edges"], out["a_hat"] = _graph_tensors(s.coords, self.config.k_neighbors,
-                                                        torch, dev)
-        return out
-
-    def _save_training_state(self, path: Path, opt, epoch, best, stale, best_state) -> None:
-        torch = import_torch()
-        state = {"weights": self._weights(), "optimizer": opt.state_dict(), "epoch": epoch,
-                 "best": best, "stale": stale, "best_state": best_state,
-                 "history": self.history, "best_epoch": self.best_epoch}
-        _atomic_torch_save(torch, state, path)
-
-    # -- prediction ----------------------------------------------------------------------------
-    def head_features(self, maps: np.ndarray, *, chunk_size: int = 4096) -> np.ndarray:
-        """Return the fine-tuned head's features of a section's maps (not yet standardised).
-
-        Parameters
-        ----------
-        maps
-            ``n_spots × (n_scales · channels · cells)`` last-block maps, as in training.
-        chunk_size
-            Spots per forward pass (memory stays bounded on large grids).
-
-        Returns
-        -------
-        ``n_spots × (n_scales · dim)`` float32, to be z-scored within the section
-        (:func:`~spotlens.histology._normalize.standardize_section`) before :meth:`predict`.
-
-        Raises
-        ------
-        InputError
-            The model has no fine-tuned head, or ``maps`` has another width than in training.
-        """
-        torch = import_torch()
-        if self._head is None:
-            raise InputError("This model reads frozen features; it has no fine-tuned head.")
-        maps = np.asarray(maps, dtype=np.float32)
-        if maps.ndim != 2 or maps.shape[1] != self._head.n_in:
-            raise InputError(
-                f"Last-block maps have shape {maps.shape}; the head expects n_spots × "
-                f"{self._head.n_in} (the same encoder and tile scales as in training)."
-            )
-        dev = next(self._head.parameters()).device
-        self._head.eval()
-        out = []
-        with torch.inference_mode():
-            for lo in range(0, len(maps), chunk_size):
-                chunk = torch.as_tensor(maps[lo:lo + chunk_size], device=dev)
-                out.append(self._head(chunk).cpu().numpy())
-        width = self._head.n_scales * self._head.dim
-        return np.vstack(out) if out else np.empty((0, width), np.float32)
-
-    def _predict_one(self, s: Section, dev) -> np.ndarray:
-        torch = import_torch()
-        self._train_mode(False)
-        x = torch.as_tensor(self._x_scaler(s.features), device=dev)
-        with torch.inference_mode():
-            if self.config.model == "attention":
-                context = (torch.as_tensor(self._x_scaler(self._bank[0]), device=dev),
-                           torch.as_tensor(self._y_scaler(self._bank[1]), device=dev))
-            else:
-                context = _graph_tensors(s.coords, self.config.k_neighbors, torch, dev)
-            return self._decode(x, context)
-
-    def predict(self, section: Section, *, device: str = "cpu") -> np.ndarray:
-        """Predicted log-normalised expression, ``n_spots × n_genes`` (genes as in ``genes``).
-
-        The attention model predicts the mean of its direct and attention heads, reading from
-        the training spots; the graph model decodes over the section's own spot graph. With
-        ``rank_`` set, the predictions are projected onto that many principal axes of the
-        training expression.
-
-        Parameters
-        ----------
-        section
-            The spots to predict. Its ``features`` are as in training, or for a model with a
-            fine-tuned head (:attr:`finetunes_head`) the head's features of the whole section
-            (:meth:`head_features`), z-scored within it
-            (:func:`~spotlens.histology._normalize.standardize_section`).
-        device
-            Unused (the model stays on the device it was loaded to); kept for the API.
-
-        Raises
-        ------
-        InputError
-            The model is not trained, or the features have another width than expected.
-        """
-        if self._net is None:
-            raise InputError("The model is not trained: call fit() or ExpressionModel.load().")
-        if section.features.shape[1] != len(self._x_scaler.mean):
-            what = ("head features" if self._head is not None else "features")
-            raise InputError(
-                f"Section {section.name!r} has {section.features.shape[1]} features per spot; "
-                f"the model reads {len(self._x_scaler.mean)} {what}. Use the same encoder"
-                + (" and head_features()." if self._head is not None else ".")
-            )
-        dev = next(self._net.parameters()).device
-        pred = self._predict_one(section, dev)
-        return pred if self._axes is None else self._axes.project(pred, self.rank_)
-
-    # -- persistence ---------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the model (config, genes, scalers, weights, head, attention bank) atomically."""
-        torch = import_torch()
-        if self._net is None:
-            raise InputError("Nothing to save: the model is not trained.")
-        head = None
-        if self._head is not None:
-            h = self._head
-            head = {"n_scales": h.n_scales, "cells": h.cells, "channels": h.channels,
-                    "dim": h.dim, "state": {k: v.cpu() for k, v in h.state_dict().items()}}
-        state = {
-            "format": "spotlens.ExpressionModel/1",
-            "config": asdict(self.config),
-            "genes": list(self.genes),
-            "n_features": int(len(self._x_scaler.mean)),
-            "x_scaler": (self._x_scaler.mean, self._x_scaler.std),
-            "y_scaler": (self._y_scaler.mean, self._y_scaler.std),
-            "bank": self._bank,
-            "net": {k: v.cpu() for k, v in self._net.state_dict().items()},
-            "head": head,
-            "history": self.history,
-            "best_epoch": self.best_epoch,
-            "rank": self.rank_,
-            "rank_scores": self.rank_scores,
-            "axes": None if self._axes is None else (self._axes.mean, self._axes.std,
-                                                     self._axes.axes),
-        }
-        _atomic_torch_save(torch, state, Path(path))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str = "cpu") -> ExpressionModel:
-        """Read a model written by :meth:`save`.
-
-        Raises
-        ------
-        InputError
-            The file is missing or is not a spotlens expression model.
-        """
-        torch = import_torch()
-        path = Path(path)
-        if not path.exists():
-            raise InputError(f"No model file at {path}.")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or state.get("format") != "spotlens.ExpressionModel/1":
-            raise InputError(f"{path} is not a spotlens expression model.")
-        model = cls(genes=state["genes"], config=TrainConfig(**state["config"]),
-                    history=state["history"])
-        model._x_scaler = _Scaler(*state["x_scaler"])
-        model._y_scaler = _Scaler(*state["y_scaler"])
-        model._bank = state["bank"]
-        model.best_epoch = state["best_epoch"]
-        model.rank_ = state.get("rank")  # absent in models saved before reduced-rank output
-        model.rank_scores = state.get("rank_scores", {})
-        axes = state.get("axes")
-        model._axes = None if axes is None else ExpressionAxes(*axes)
-        backend = resolve_device(device)
-        dev = torch.device(backend.device if backend.is_torch else "cpu")
-        model._net = model._build(state["n_features"])
-        model._net.load_state_dict(state["net"])
-        model._net.to(dev)
-        head = state.get("head")
-        if head is not None:
-            from ._models import TileHead
-
-            model._head = TileHead(np.zeros((head["dim"], head["channels"]), np.float32),
-                                   np.zeros(head["dim"], np.float32),
-                                   n_scales=head["n_scales"], cells=head["cells"])
-            model._head.load_state_dict(head["state"])
-            model._head.to(dev)
-        return model
+    model_dir(out)  # a file in the way is refused first
+    fitted = fit_model(sections, genes=genes, model=model, encoder=encoder,
+                       encoder_weights=encoder_weights, tile_um=tile_um, mpp=mpp,
+                       tile_scales=tile_scales, standardize=standardize, out_px=out_px,
+                       config=config, cache_dir=cache_dir, device=device, seed=seed,
+                       checkpoint_dir=out, resume=resume, progress=progress)
+    out = fitted.save(out)
+    logger.info("wrote %s", out)
+    return out
 
 
-def _atomic_torch_save(torch, obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def fit_model(sections, *, genes="hvg", model: str = "attention",
+              encoder: str = "efficientnet-lite0", encoder_weights=None,
+              tile_um: float | None = None, mpp=None, tile_scales=DEFAULT_TILE_SCALES,
+              standardize: bool = True, out_px: int = 224, config=None, cache_dir=None,
+              device: str = "cpu", seed: int = 0, checkpoint_dir=None, resume: bool = True,
+              progress: bool = True) -> HistologyModel:
+    """Fit a :class:`HistologyModel` in memory; the arguments are those of :func:`train`.
+
+    ``checkpoint_dir`` (``train``'s ``out``): where a network writes its checkpoints and
+    resumes from (created once the sections pass their checks); None = no checkpoints.
+
+    Raises
+    ------
+    InputError
+        As :func:`train`.
+    """
+    from .._version import __version__
+    from ._metrics import section_log_expression
+
+    kind = _check_arguments(sections, model)
+    if tile_um is not None:
+        tile_um = check_mpp(tile_um, what="tile_um", unit="µm")
+    tile_scales = check_tile_scales(tile_scales)
+    if checkpoint_dir is not None:
+        model_dir(checkpoint_dir)
+    # everything that can be wrong with the data is refused before a tile is encoded
+    names, data = prepare_sections(sections, mpp=mpp, tile_um=tile_um)
+    logger.info("choosing target genes (%s)", genes if isinstance(genes, str) else "list")
+    gene_list, rule = _choose_genes(genes, {n: data[n]["adata"] for n in names})
+    folder = None if checkpoint_dir is None else model_dir(checkpoint_dir, create=True)
+    enc, spec = _featurize.encoder_spec(encoder, device, encoder_weights)
+    net_config = None
+    if kind.trains_network:
+        net_config = replace(config if config is not None else TrainConfig(), model=model,
+                             seed=int(seed))
+    enc, spec, head = _featurize.split_head(enc, spec, bool(net_config and
+                                                            net_config.finetune_head))
+    for name in names:
+        d = data[name]
+        adata, image, geometry = d["adata"], d["image"], d["geometry"]
+        logger.info("%s: cutting %d tiles from %s", name, adata.n_obs, image.path.name)
+        feats = _featurize.section_features(image, enc, geometry, out_px, tile_scales,
+                                            cache_dir=cache_dir, progress=progress)
+        if standardize and head is None:  # a fine-tuned head's features: inside the model
+            feats = standardize_section(feats)
+        coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+        d.update(image=str(image.path), features=feats, coords=coords,
+                 pitch_px=_featurize.spot_pitch_px(coords),
+                 y=section_log_expression(adata, gene_list))
+    tiles = _tile_settings(names, data, tile_um, tile_scales, standardize or head is not None,
+                           out_px)
+    run_id = _run_id(names, data, gene_list, spec, tiles, model, net_config)
+    predictor, validation, train_cfg = kind.fit(
+        names, data, gene_list, config=net_config, folder=folder, fingerprint=run_id,
+        device=device, resume=resume, progress=progress, head=head)
+    settings = ModelConfig(
+        model_type=model, model_file=kind.file, encoder=spec, tiles=tiles,
+        genes=tuple(gene_list), gene_rule=rule, validation=validation, train_config=train_cfg,
+        sections=tuple(_section_record(n, data[n]) for n in names), seed=int(seed),
+        spotlens_version=__version__)
+    fitted = HistologyModel(settings, predictor, device=device)
+    fitted._encoder = enc
+    return fitted
+
+
+def _check_arguments(sections, model: str):
+    if model not in MODEL_TYPES:
+        raise InputError(f"model must be one of {tuple(MODEL_TYPES)}, got {model!r}.")
+    if not isinstance(sections, (list, tuple)) or not sections:
+        raise InputError("train needs a non-empty list of (adata, image_path) sections.")
+    kind = MODEL_TYPES[model]
+    if len(sections) < kind.min_sections:
+        raise InputError(f"The {model} model is fitted by leave-one-section-out "
+                         f"cross-validation and needs at least {kind.min_sections} training "
+                         "sections.")
+    return kind
+
+
+def _run_id(names, data, genes, spec, tiles: TileSettings, model: str, net_config) -> str:
+    """The fingerprint tying checkpoints to a run: data, genes, encoder, tiles, settings.
+
+    ``epochs`` is left out, so a run continued with more epochs resumes.
+    """
+    config = {} if net_config is None else asdict(net_config)
+    config.pop("epochs", None)
+    return fingerprint(
+        sections=[(n, data[n]["image"], len(data[n]["coords"])) for n in names], genes=genes,
+        encoder=spec.identity if spec.identity is not None else spec.weights_id,
+        tiles={k: v for k, v in tiles.to_dict().items() if not k.startswith("spot_pitch")},
+        model=model, config=config)
+
+
+def _tile_settings(names, data, tile_um, scales, standardize: bool, out_px) -> TileSettings:
+    """The tile geometry the model records: means over the sections (µm, px, µm/px)."""
+    pitch_px = [data[n]["pitch_px"] for n in names if data[n]["pitch_px"] is not None]
+    pitch_um = [data[n]["pitch_px"] * data[n]["geometry"].mpp for n in names
+                if data[n]["pitch_px"] is not None]
+    return TileSettings(
+        tile_um=float(np.mean([data[n]["geometry"].tile_um for n in names])),
+        tile_um_argument=tile_um,
+        tile_px=float(np.mean([data[n]["geometry"].side_px for n in names])),
+        scales=tuple(scales), standardize="section" if standardize else "none",
+        out_px=int(out_px), mpp=float(np.mean([data[n]["geometry"].mpp for n in names])),
+        spot_pitch_um=float(np.median(pitch_um)) if pitch_um else None,
+        spot_pitch_px=float(np.median(pitch_px or [np.nan])),
+    )
+
+
+def _section_record(name: str, d: dict) -> SectionRecord:
+    g = d["geometry"]
+    return SectionRecord(name=name, image=d["image"], n_spots=len(d["coords"]), mpp=g.mpp,
+                         mpp_source=g.mpp_source, tile_px=g.side_px, image_check_r=d["image_r"])

@@ -1,7 +1,7 @@
 """Training inputs of the H&E expression models: sections, the configuration, graph tensors.
 
 :class:`Section` (features, coordinates, expression of one section) and :class:`TrainConfig`
-(the hyperparameters, checked on creation) are what :class:`~spotlens.histology._train.
+(the hyperparameters, checked on creation) are what :class:`~spotlens.histology._expression.
 ExpressionModel` trains on; the helpers build a section's spot graph and scale targets.
 """
 
@@ -14,7 +14,9 @@ import numpy as np
 from scipy import sparse
 
 from .._validation import InputError
+from ..pp import knn
 from ._rank import check_rank
+from ._registry import NETWORKS
 
 
 @dataclass
@@ -92,8 +94,9 @@ class TrainConfig:
     expression_rank: int | Literal["auto"] | None = "auto"
 
     def __post_init__(self):
-        if self.model not in ("attention", "graph"):
-            raise InputError(f"model must be 'attention' or 'graph', got {self.model!r}.")
+        if self.model not in NETWORKS:
+            raise InputError(f"model must be {' or '.join(map(repr, NETWORKS))}, got "
+                             f"{self.model!r}.")
         if not isinstance(self.finetune_head, (bool, np.bool_)):
             raise InputError(f"finetune_head must be True or False, got {self.finetune_head!r}.")
         for name in ("lr", "head_lr"):
@@ -109,17 +112,30 @@ class TrainConfig:
             raise InputError(f"dropout must be in [0, 1), got {self.dropout!r}.")
 
 
-def _graph_tensors(coords: np.ndarray, k: int, torch, device):
-    """Edge list with self loops and the GCN's normalised adjacency for one section."""
-    from ..pp._neighbors import knn
+def spot_graph(coords: np.ndarray, k: int) -> sparse.csr_matrix:
+    """Symmetric 0/1 ``n_spots × n_spots`` graph of each spot's ``k`` nearest spots, no self loops.
 
+    ``coords``: ``n_spots × 2`` centres (any unit); ties broken by spot index
+    (:func:`spotlens.pp.knn`).
+    """
     n = coords.shape[0]
     _, idx = knn(np.asarray(coords, dtype=np.float64), k)
     rows = np.repeat(np.arange(n), idx.shape[1])
     cols = idx.ravel()
     ok = cols >= 0
     a = sparse.csr_matrix((np.ones(ok.sum()), (rows[ok], cols[ok])), shape=(n, n))
-    a = ((a + a.T) > 0).astype(np.float64) + sparse.identity(n)
+    return ((a + a.T) > 0).astype(np.float64).tocsr()
+
+
+def graph_inputs(adjacency: sparse.spmatrix, torch, device):
+    """Edge list with self loops and the GCN's normalised adjacency of a spot graph.
+
+    ``Â = D^-1/2 (A + I) D^-1/2`` with ``D`` the degrees of ``A + I``. Returns ``edges``
+    (``2 × n_edges`` (target, source), the nonzeros of ``Â``) and ``Â`` as a sparse tensor on
+    ``device``.
+    """
+    n = adjacency.shape[0]
+    a = sparse.csr_matrix(adjacency, dtype=np.float64) + sparse.identity(n)
     deg = np.asarray(a.sum(axis=1)).ravel()
     d = sparse.diags(1 / np.sqrt(deg))
     a_hat = (d @ a @ d).tocoo()
@@ -129,6 +145,11 @@ def _graph_tensors(coords: np.ndarray, k: int, torch, device):
         check_invariants=False,
     ).coalesce().to(device)
     return torch.as_tensor(edges, device=device), a_hat_t
+
+
+def _graph_tensors(coords: np.ndarray, k: int, torch, device):
+    """:func:`graph_inputs` of the ``k``-nearest-neighbour :func:`spot_graph` of ``coords``."""
+    return graph_inputs(spot_graph(coords, k), torch, device)
 
 
 def _pearson_mean(pred: np.ndarray, obs: np.ndarray) -> float:

@@ -3,15 +3,20 @@
 Space Ranger folders may be Visium or Visium HD (``read_spatial(outs, bin_size=8)`` reads the
 8 µm bins of ``binned_outputs/square_008um/``).
 
+Full-resolution H&E images are read lazily, region by region (:func:`read_image`,
+:class:`SlideImage`); :func:`read_section` reads a section's ``.h5ad`` with its image.
+
 Readers keep raw counts and put coordinates in ``obsm["spatial"]``; writers are atomic (a
 temporary file in the same folder, then ``os.replace``), so an interrupted run never leaves a
 half-written file. No analysis happens here.
 """
 
+from ._image import SlideImage, as_slide_image, check_mpp, read_image
 from ._read import read_reference, read_spatial
+from ._sections import read_section
 from ._write import atomic_path, save_figure, temporary_files, write_csv, write_h5ad
 
 __all__ = [
-    "atomic_path", "read_reference", "read_spatial", "save_figure", "temporary_files",
-    "write_csv", "write_h5ad",
+    "SlideImage", "as_slide_image", "atomic_path", "check_mpp", "read_image", "read_reference",
+    "read_section", "read_spatial", "save_figure", "temporary_files", "write_csv", "write_h5ad",
 ]

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._validation import InputError, check_coordinates, check_labels
+from .._keys import SPATIAL_UNS_KEY
+from .._validation import InputError, check_coordinates, check_labels, check_number
 from ._names import restore_names
 
 logger = logging.getLogger("spotlens")
@@ -284,7 +285,7 @@ def _read_spaceranger(
                    matrix_name=count_file, spatial_key=spatial_key)
     if library_id is None:
         library_id = _library_id(attrs, outs.parent.name if outs.name == "outs" else outs.name)
-    adata.uns["spatial"] = {
+    adata.uns[SPATIAL_UNS_KEY] = {
         library_id: _spatial_metadata([outs / "spatial"], attrs, load_images)
     }
     return adata
@@ -338,14 +339,9 @@ def _library_id(attrs: dict, fallback: str) -> str:
 def _check_bin_size(bin_size) -> int | None:
     if bin_size is None:
         return None
-    ok = isinstance(bin_size, (int, float, np.integer, np.floating)) and not isinstance(
-        bin_size, bool)
-    if not ok or not np.isfinite(bin_size) or bin_size <= 0 or int(bin_size) != bin_size:
-        raise InputError(
-            f"bin_size must be a positive whole number of µm (e.g. 8 for square_008um), got "
-            f"{bin_size!r}."
-        )
-    return int(bin_size)
+    value = check_number("bin_size", bin_size, above=0, whole=True,
+                         expected="a positive whole number of µm (e.g. 8 for square_008um)")
+    return int(value)
 
 
 def _bin_sizes(binned: Path) -> dict[int, Path]:
@@ -433,7 +429,7 @@ def _read_visium_hd(
     elif diameter is None:
         scalefactors["spot_diameter_fullres"] = bin_size / float(scalefactors["microns_per_pixel"])
     meta["metadata"]["bin_size_um"] = float(bin_size)
-    adata.uns["spatial"] = {library_id: meta}
+    adata.uns[SPATIAL_UNS_KEY] = {library_id: meta}
     return adata
 
 

@@ -10,6 +10,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from .._validation import InputError, check_coordinates
+from ..io import as_slide_image
 from ._proportions import _as_axes, _check_count, _nearest_distance, _root, _spots
 
 
@@ -34,8 +35,6 @@ def _background(adata, image, library_id):
     scalefactors = dict(entry.get("scalefactors", {}) or {}) if entry else {}
     diameter = scalefactors.get("spot_diameter_fullres")
     if image is not None:
-        from ..histology._image import as_slide_image
-
         thumb, scale = as_slide_image(image).thumbnail(2000)
         return thumb, float(scale), diameter
     images = entry.get("images", {}) if entry else {}
@@ -80,7 +79,7 @@ def overlay(
     ----------
     adata
         ``n_spots × n_genes``; values from ``X`` (or ``layers[layer]``), e.g. the predictions of
-        :func:`spotlens.histology.predict` or measured log-normalised expression.
+        :func:`spotlens.histology.predict_image` or measured log-normalised expression.
         ``obsm[spatial_key]`` = centres ``(x, y)`` in full-resolution px. The background is
         ``uns["spatial"][library_id]["images"]["hires"]`` (or ``"lowres"``) placed with
         ``scalefactors["tissue_hires_scalef"]`` (``"tissue_lowres_scalef"``), and spots are
@@ -88,7 +87,7 @@ def overlay(
     genes
         Gene name or names (``var_names``), one panel each.
     image
-        Full-resolution image (path, :class:`~spotlens.histology.SlideImage` or array) to use
+        Full-resolution image (path, :class:`~spotlens.io.SlideImage` or array) to use
         instead of the stored thumbnail.
     library_id
         Key of ``uns["spatial"]``; None = its only library.
@@ -130,7 +129,7 @@ def overlay(
 
     Examples
     --------
-    >>> pred = spotlens.histology.predict("model", "slide.jpg", mpp=0.5)  # doctest: +SKIP
+    >>> pred = spotlens.histology.predict_image("model", "slide.jpg", mpp=0.5)  # doctest: +SKIP
     >>> fig = spotlens.pl.overlay(pred, ["ERBB2", "CD74"])  # doctest: +SKIP
     >>> spotlens.io.save_figure(fig, "ERBB2.png")  # doctest: +SKIP
     """
