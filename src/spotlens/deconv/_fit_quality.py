@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import sparse
+from scipy.optimize import brentq
 from scipy.special import digamma, gammaln
 
-from .._validation import InputError
+from .._validation import InputError, check_number
 
 #: Spots per block of fitted means (a block is ``_BLOCK × n_genes`` float64).
 _BLOCK = 4096
@@ -25,9 +26,11 @@ _MU_FLOOR = 1e-10
 #: Spots (at most) and spot × gene entries (at most) used to estimate the dispersion.
 _DISPERSION_SPOTS = 2000
 _DISPERSION_CELLS = 500_000
-#: Largest dispersion searched, and bisection steps on ``log φ`` (precision ≈ 1e-3 relative).
+#: Largest dispersion searched, and the precision of the root search on ``log φ`` (1 % in φ).
 _MAX_PHI = 100.0
-_BISECTIONS = 14
+_LOG_PHI_TOL = 1e-2
+#: Upper ends tried, in order, to bracket the dispersion (the last is ``_MAX_PHI``).
+_BRACKETS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, _MAX_PHI)
 #: Consistency constant of the MAD for a normal distribution.
 _MAD_NORMAL = 1.4826
 
@@ -77,8 +80,8 @@ def spot_fit_quality(
     spots from inflating ``φ``). So with an estimated ``φ`` the typical spot scores 1 and the
     score says how much worse than typical a spot is. The Pearson statistic is not used here:
     on real counts its ``1/µ`` terms of near-silent genes dominate it and the ``φ`` it gives
-    (22 on the lymph-node pseudo-spots of the tests, against 1.1 from the deviance) makes
-    nearly every spot look well fitted. ``φ`` is found on a seeded subsample of at most 2,000 spots.
+    (many times the deviance's; ``benchmarks/results/docstring_figures.md``) makes nearly
+    every spot look well fitted. ``φ`` is found on a seeded subsample of at most 2,000 spots.
 
     The flag is a one-sided robust outlier rule on ``log score`` across the scored spots:
     ``log score_i > median + n_mads · 1.4826 · MAD`` (1.4826 makes the MAD a standard
@@ -150,13 +153,10 @@ def spot_fit_quality(
     if dispersion is None:
         phi = _estimate_dispersion(y, x, s, lib)
     else:
-        if (isinstance(dispersion, bool) or not isinstance(dispersion, (int, float, np.number))
-                or not np.isfinite(dispersion) or dispersion < 0):
-            raise InputError(
-                f"dispersion must be None (estimate it) or a finite number ≥ 0 (0: Poisson), "
-                f"got {dispersion!r}."
-            )
-        phi = float(dispersion)
+        phi = check_number(
+            "dispersion", dispersion, at_least=0,
+            expected="None (estimate it) or a finite number ≥ 0 (0: Poisson)",
+        )
     grid, table, e_inf = _expected_deviance_table(phi)
     deviance, expected = _deviance_and_expectation(y, x, s, lib, phi, grid, table, e_inf)
     expected = expected - np.count_nonzero(x > 0, axis=1)
@@ -184,10 +184,7 @@ def spot_fit_quality(
 
 
 def _check_positive(name: str, value) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
-            or not np.isfinite(value) or value <= 0):
-        raise InputError(f"{name} must be a finite number > 0, got {value!r}.")
-    return float(value)
+    return check_number(name, value, above=0)
 
 
 def _check_finite_nonneg(values: np.ndarray, what: str) -> None:
@@ -271,6 +268,11 @@ def _zero_deviance(mu: np.ndarray, phi: float) -> np.ndarray:
     return (2.0 / phi) * np.log1p(phi * mu)
 
 
+def _log_grid() -> np.ndarray:
+    """The grid of ``log µ`` on which the expected deviance is tabulated."""
+    return np.linspace(np.log(_MU_MIN), np.log(_MU_TABLE_MAX), 161)
+
+
 def _expected_deviance_table(phi: float) -> tuple[np.ndarray, np.ndarray, float]:
     """``E_φ[d(Y, µ)]`` on a grid of ``log µ`` in ``[log 1e-8, log 1000]``, and its limit.
 
@@ -279,20 +281,25 @@ def _expected_deviance_table(phi: float) -> tuple[np.ndarray, np.ndarray, float]
     ``2r (log r − ψ(r))``: for ``µ → ∞`` with ``r`` fixed, ``Y/µ → Gamma(r, 1/r)`` and
     ``d → 2r (t − 1 − log t)``.
     """
-    log_grid = np.linspace(np.log(_MU_MIN), np.log(_MU_TABLE_MAX), 161)
-    table = np.empty_like(log_grid)
+    log_grid = _log_grid()
     poisson = phi < _POISSON_PHI
     r = np.inf if poisson else 1.0 / phi
-    for j, mu in enumerate(np.exp(log_grid)):
-        sd = np.sqrt(mu + (0.0 if poisson else phi * mu * mu))
-        ys = np.arange(int(mu + 15.0 * sd) + 31, dtype=np.float64)
-        if poisson:
-            logp = ys * np.log(mu) - mu - gammaln(ys + 1.0)
-        else:
-            logp = (gammaln(ys + r) - gammaln(r) - gammaln(ys + 1.0)
-                    + r * np.log(r / (r + mu)) + ys * np.log(mu / (r + mu)))
-        p = np.exp(logp - logp.max())
-        table[j] = float(p @ _unit_deviance(ys, np.full_like(ys, mu), phi) / p.sum())
+    # every (µ, y) pair of the table at once: group j holds y = 0 … its upper end
+    mus = np.exp(log_grid)
+    sd = np.sqrt(mus + (0.0 if poisson else phi * mus * mus))
+    sizes = (mus + 15.0 * sd).astype(np.int64) + 31
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    group = np.repeat(np.arange(len(mus)), sizes)
+    ys = (np.arange(int(sizes.sum())) - starts[group]).astype(np.float64)
+    mu = mus[group]
+    if poisson:
+        logp = ys * np.log(mu) - mu - gammaln(ys + 1.0)
+    else:
+        logp = (gammaln(ys + r) - gammaln(r) - gammaln(ys + 1.0)
+                + r * np.log(r / (r + mu)) + ys * np.log(mu / (r + mu)))
+    p = np.exp(logp - np.maximum.reduceat(logp, starts)[group])
+    table = (np.bincount(group, weights=p * _unit_deviance(ys, mu, phi), minlength=len(mus))
+             / np.bincount(group, weights=p, minlength=len(mus)))
     e_inf = 1.0 if poisson else float(2.0 * r * (np.log(r) - digamma(r)))
     return log_grid, table, e_inf
 
@@ -307,6 +314,35 @@ def _expected(mu: np.ndarray, grid: np.ndarray, table: np.ndarray, e_inf: float)
     return out
 
 
+def _row_lookup(mu: np.ndarray) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray]:
+    """What :func:`_expected` needs to give row sums of ``E[d(Y, µ)]`` for any table.
+
+    ``mu`` (``n_rows × n_genes``) becomes a sparse ``n_rows × n_grid`` matrix of linear
+    interpolation weights on the table's grid, with, per row, the number of means above the
+    table and the sum of ``_MU_TABLE_MAX / µ`` over them: then each new dispersion costs a
+    product with its table instead of an interpolation of every mean.
+    """
+    grid = _log_grid()
+    rows, cols = np.nonzero((mu >= _MU_MIN) & (mu <= _MU_TABLE_MAX))
+    pos = (np.log(mu[rows, cols]) - grid[0]) / (grid[1] - grid[0])
+    left = np.clip(np.floor(pos).astype(np.int64), 0, len(grid) - 2)
+    frac = np.clip(pos - left, 0.0, 1.0)
+    weights = sparse.csr_matrix(
+        (np.concatenate([1.0 - frac, frac]), (np.concatenate([rows, rows]),
+                                              np.concatenate([left, left + 1]))),
+        shape=(mu.shape[0], len(grid)),
+    )
+    above = mu > _MU_TABLE_MAX
+    inverse = np.where(above, _MU_TABLE_MAX / np.where(above, mu, 1.0), 0.0).sum(axis=1)
+    return weights, above.sum(axis=1), inverse
+
+
+def _row_expected(lookup, grid: np.ndarray, table: np.ndarray, e_inf: float) -> np.ndarray:
+    """Row sums of :func:`_expected` from :func:`_row_lookup`'s summary of the means."""
+    weights, n_above, inverse = lookup
+    return weights @ table + n_above * e_inf + (table[-1] - e_inf) * inverse
+
+
 def _blocks(n: int):
     for start in range(0, n, _BLOCK):
         yield start, min(n, start + _BLOCK)
@@ -316,7 +352,8 @@ def _estimate_dispersion(y: sparse.csr_matrix, x, s, lib) -> float:
     """``φ`` at which the median score over spots is 1 (0 if it is at most 1 at ``φ = 0``).
 
     The score is decreasing in ``φ`` (the deviance falls, its expectation rises from 1 towards
-    2 a gene), so bisection on ``log φ`` in ``[log 1e-8, log 100]`` finds it. A seeded
+    2 a gene), so it is bracketed between decades from ``1e-8`` up to ``100`` and found by
+    Brent's root search on ``log φ`` inside the bracket. A seeded
     subsample of at most ``_DISPERSION_SPOTS`` spots (and ``_DISPERSION_CELLS / n_genes``) is
     formed densely.
     """
@@ -333,9 +370,11 @@ def _estimate_dispersion(y: sparse.csr_matrix, x, s, lib) -> float:
     safe = np.maximum(mu, _MU_FLOOR)
     p = np.count_nonzero(x[rows] > 0, axis=1)
 
+    lookup = _row_lookup(mu)
+
     def excess(phi: float) -> float:
         dev = _unit_deviance(yy, safe, phi).sum(axis=1)
-        expected = _expected(mu, *_expected_deviance_table(phi)).sum(axis=1) - p
+        expected = _row_expected(lookup, *_expected_deviance_table(phi)) - p
         ok = expected >= 1.0
         if not ok.any():
             return -1.0
@@ -343,16 +382,27 @@ def _estimate_dispersion(y: sparse.csr_matrix, x, s, lib) -> float:
 
     if excess(0.0) <= 0:
         return 0.0
-    lo, hi = np.log(_POISSON_PHI), np.log(_MAX_PHI)
-    if excess(_MAX_PHI) > 0:
+    # bracket the root going up by decades (a large φ makes a long, costly table), then
+    # Brent's search inside the bracket; values at the bracket's ends are reused
+    seen: dict[float, float] = {}
+
+    def score(log_phi: float) -> float:
+        if log_phi not in seen:
+            seen[log_phi] = excess(float(np.exp(log_phi)))
+        return seen[log_phi]
+
+    lo = np.log(_POISSON_PHI)
+    for phi in _BRACKETS:
+        hi = float(np.log(phi))
+        if score(hi) <= 0:
+            break
+        lo = hi
+    else:
         return _MAX_PHI
-    for _ in range(_BISECTIONS):
-        mid = 0.5 * (lo + hi)
-        if excess(float(np.exp(mid))) > 0:
-            lo = mid
-        else:
-            hi = mid
-    return float(np.exp(0.5 * (lo + hi)))
+    if score(lo) <= 0:
+        return float(np.exp(lo))
+    root = brentq(score, lo, hi, xtol=_LOG_PHI_TOL)
+    return float(np.exp(root))
 
 
 def _deviance_and_expectation(y, x, s, lib, phi, grid, table, e_inf):
