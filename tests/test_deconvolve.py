@@ -229,7 +229,7 @@ def test_spatial_term_improves_recovery_of_smooth_truth(synthetic):
 
 
 def test_auto_penalties_by_cross_validation(synthetic):
-    from spotlens.deconv._api import RIDGE_GRID, SPATIAL_GRID
+    from spotlens.deconv._run import RIDGE_GRID, SPATIAL_GRID
 
     res = deconvolve(synthetic.spatial, synthetic.reference, inplace=False, progress=False)
     params, cv = res.uns["params"], res.uns["cv"]
@@ -400,7 +400,7 @@ def test_normalised_spatial_counts_are_refused_before_the_reference_is_processed
     bundled, monkeypatch
 ):
     """A wrong spatial file must fail in seconds, not after a large reference is processed."""
-    import spotlens.deconv._api as api
+    import spotlens.deconv._run as api
 
     def heavy(*args, **kwargs):
         raise AssertionError("the reference was processed before the spatial counts were checked")

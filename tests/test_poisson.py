@@ -168,7 +168,7 @@ def test_deconvolve_flags_spots_of_a_type_the_reference_lacks():
 
 def test_auto_keeps_poisson_on_a_targeted_panel(synthetic, monkeypatch):
     """Quasi-Poisson needs many genes to estimate their dispersions; a small panel keeps Poisson."""
-    import spotlens.deconv._api as api
+    import spotlens.deconv._run as api
 
     st, ref = synthetic.spatial, synthetic.reference
     res = deconvolve(st, ref, inplace=False, progress=False, fit_quality=False)
@@ -180,7 +180,7 @@ def test_auto_keeps_poisson_on_a_targeted_panel(synthetic, monkeypatch):
 
 
 def test_auto_choices_follow_the_slide_size(synthetic, monkeypatch):
-    import spotlens.deconv._api as api
+    import spotlens.deconv._run as api
 
     st, ref = synthetic.spatial, synthetic.reference
     monkeypatch.setattr(api, "COUNT_MAX_SPOTS", st.n_obs - 1)

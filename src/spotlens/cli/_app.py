@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import logging
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .._backend import BackendError
-from .._validation import InputError
-from ._messages import cli_message
+from .._keys import cell_counts_key, cell_weights_key, proportions_key
+from .._validation import InputError, check_cells_per_spot
+from ._common import (
+    EXIT_FAILURE,
+    DeviceOption,
+    OutOption,
+    ProgressOption,
+    QuietOption,
+    SeedOption,
+    check_device,
+    errors,
+    log_to_stderr,
+)
 from ._outputs import OverwriteOption, output_folder
 
 logger = logging.getLogger("spotlens")
 
-EXIT_INPUT = 2
-EXIT_FAILURE = 1
-PROPORTIONS_KEY = "proportions_spotlens"
-CELL_WEIGHTS_KEY = "cell_weights_spotlens"
-CELL_COUNTS_KEY = "cell_counts_spotlens"
+PROPORTIONS_KEY = proportions_key()
+CELL_WEIGHTS_KEY = cell_weights_key()
+CELL_COUNTS_KEY = cell_counts_key(CELL_WEIGHTS_KEY)
 #: Every file 'deconvolve' and 'demo' write (besides the manifest); without a manifest, any of
 #: them in the output folder marks an earlier run's results.
 OUTPUTS = ("spatial.h5ad", "proportions.csv", "proportions.png", "cells.h5ad", "cells.png")
@@ -58,6 +63,27 @@ def _penalty(value: str) -> float | str:
     return number
 
 
+#: Flag (parameter) name → setting name, where they differ.
+_FLAG_SETTINGS = {"attention": "use_attention"}
+
+
+def _settings(ctx: typer.Context, path: Path | None, **flags):
+    """The deconvolution settings: ``--config`` file, then the flags given on the command
+    line (a flag left at its default does not override the file)."""
+    from ..deconv import DeconvolutionConfig
+
+    if path is None:
+        return DeconvolutionConfig.from_dict(flags)
+    base = DeconvolutionConfig.from_file(path).flat()
+    given = {
+        name: value for name, value in flags.items()
+        if getattr(ctx.get_parameter_source(next(
+            (flag for flag, setting in _FLAG_SETTINGS.items() if setting == name), name
+        )), "name", None) == "COMMANDLINE"
+    }
+    return DeconvolutionConfig.from_dict({**base, **given})
+
+
 def _genes_per_type(value: str) -> int | None:
     if value.strip().lower() == "all":
         return None
@@ -86,24 +112,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-OutOption = Annotated[
-    Path,
-    typer.Option("--out", "-o", metavar="DIR", show_default=False,
-                 help="Output folder (created if missing). A folder with another run's "
-                      "results is refused unless --overwrite."),
-]
-DeviceOption = Annotated[
-    str,
-    typer.Option(help="'cpu' (NumPy), 'torch' (torch on CPU), 'cuda', 'cuda:N', or 'auto' "
-                      "(CUDA if available)."),
-]
-SeedOption = Annotated[int, typer.Option(
-    help="Seed for count splitting, PCA, cell states and graph colouring (and, with "
-         "--cell-level, metacells and cell positions).")]
-ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress",
-                                              help="Show a progress bar.")]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q",
-                                           help="Log warnings only, not each stage.")]
 CellLevelOption = Annotated[bool, typer.Option(
     "--cell-level",
     help="After the proportions, weight individual reference cells in each spot "
@@ -122,6 +130,7 @@ def _root(
 @app.command("deconvolve", no_args_is_help=True,
              short_help="Estimate the cell-type proportions of each spot from a reference.")
 def deconvolve_command(
+    ctx: typer.Context,
     spatial: Annotated[Path, typer.Option(
         "--spatial", "-s", show_default=False, metavar="PATH",
         help="Spatial data: .h5ad with raw counts and obsm coordinates, or a Space Ranger outs/ "
@@ -177,6 +186,12 @@ def deconvolve_command(
     n_genes_per_type: Annotated[str, typer.Option(
         parser=_genes_per_type, metavar="INT|all",
         help="Informative genes kept per cell type; 'all' keeps every expressed gene.")] = "200",
+    config: Annotated[Path | None, typer.Option(
+        "--config", metavar="FILE",
+        help="JSON or TOML file of deconvolution settings, by the names of "
+             "spotlens.deconv.DeconvolutionConfig (e.g. lambda_spatial = 0.1, [cv] folds = 3); "
+             "it reaches every setting, and flags given on the command line override it.",
+        show_default=False)] = None,
     cell_level: CellLevelOption = False,
     cells_per_spot: Annotated[str | None, typer.Option(
         metavar="COLUMN",
@@ -202,11 +217,17 @@ def deconvolve_command(
     Example: spotlens deconvolve -s outs -r ref.h5ad -o out --cell-level
     Visium HD: spotlens deconvolve -s outs --bin-size 8 -r ref.h5ad -o out
     """
-    with _logging(quiet), _errors(cli_terms=True):
+    with log_to_stderr(quiet), errors(cli_terms=True):
         from ..deconv import deconvolve
         from ..io import read_reference, read_spatial
 
-        _check_device(device)
+        check_device(device)
+        settings = _settings(ctx, config, k_neighbors=k_neighbors, lambda_ridge=lambda_ridge,
+                             lambda_spatial=lambda_spatial, use_attention=attention,
+                             likelihood=likelihood, seed=seed, n_iter=n_iter,
+                             min_cells_per_type=min_cells_per_type,
+                             n_genes_per_type=n_genes_per_type)
+        seed = settings.seed
         if not cell_level and (cells_per_spot is not None or n_candidates is not None):
             raise InputError("--cells-per-spot and --n-candidates apply to the cell-level step; "
                              "add --cell-level.")
@@ -216,7 +237,7 @@ def deconvolve_command(
             run.add_input("spatial", spatial, adata=st)
             st, layer = _counts_in_raw(st, layer, what="spatial data", flag="--layer")
             if cells_per_spot is not None:  # fail before the long type-level fit
-                _check_cells_per_spot(st, cells_per_spot)
+                check_cells_per_spot(st, cells_per_spot)
             logger.info("reading reference %s", reference)
             ref = read_reference(reference, labels_key=labels_key)
             run.add_input("reference", reference, adata=ref)
@@ -224,12 +245,8 @@ def deconvolve_command(
                                                   flag="--reference-layer")
             deconvolve(
                 st, ref, labels_key=labels_key, layer=layer, reference_layer=reference_layer,
-                spatial_key=spatial_key, library_key=library_key, k_neighbors=k_neighbors,
-                lambda_ridge=lambda_ridge, lambda_spatial=lambda_spatial,
-                use_attention=attention, likelihood=likelihood, device=device, seed=seed,
-                n_iter=n_iter, min_cells_per_type=min_cells_per_type,
-                n_genes_per_type=n_genes_per_type, key_added=PROPORTIONS_KEY, inplace=True,
-                progress=progress,
+                spatial_key=spatial_key, library_key=library_key, device=device,
+                config=settings, key_added=PROPORTIONS_KEY, inplace=True, progress=progress,
             )
             cells = None
             if cell_level:
@@ -262,11 +279,11 @@ def demo_command(
 
     Example: spotlens demo -o demo_output --cell-level
     """
-    with _logging(quiet), _errors(cli_terms=True):
-        from .._metrics import accuracy
+    with log_to_stderr(quiet), errors(cli_terms=True):
+        from ..metrics import accuracy
         from ..deconv import deconvolve
 
-        _check_device(device)
+        check_device(device)
         try:
             from ..datasets import osmfish_cortex
         except ImportError as err:
@@ -289,7 +306,7 @@ def demo_command(
         scores = accuracy(st.obsm[PROPORTIONS_KEY], st.obsm["true_proportions"])
         typer.echo(_accuracy_table(scores))
         if cell_level:
-            from .._metrics import count_error, member_recall
+            from ..metrics import count_error, member_recall
 
             recall = member_recall(st, ref, key=CELL_WEIGHTS_KEY)
             error = count_error(st.obsm[CELL_COUNTS_KEY], st.obsm["true_cell_counts"])
@@ -389,67 +406,3 @@ def _counts_in_raw(adata, layer: str | None, *, what: str, flag: str):
     logger.info("%s raw: using the counts in .raw of the %s (%d genes)", flag, what,
                 adata.raw.n_vars)
     return adata.raw.to_adata(), None
-
-
-def _check_cells_per_spot(st, column: str) -> None:
-    from ..deconv._cell_api import _cells_per_spot
-
-    _cells_per_spot(st, column)
-
-
-def _check_device(device: str) -> None:
-    from .._backend import resolve_device
-
-    try:
-        resolve_device(device)
-    except ValueError as err:  # an unknown device string
-        raise InputError(str(err)) from err
-
-
-@contextmanager
-def _errors(*, cli_terms: bool = False) -> Iterator[None]:
-    """Turn bad input into a one-line message and exit code 2; a failed read/write into code 1.
-
-    With ``cli_terms`` the library's parameter names in the message become the running
-    command's flags (``labels_key=`` -> ``--labels-key``, see :func:`._messages.cli_message`).
-    """
-    try:
-        yield
-    except (InputError, BackendError) as err:
-        message = " ".join(str(err).split())
-        typer.echo(f"error: {cli_message(message) if cli_terms else message}", err=True)
-        raise typer.Exit(EXIT_INPUT) from None
-    except OSError as err:
-        where = f"{err.filename}: " if err.filename else ""
-        typer.echo(f"error: {where}{err.strerror or err}", err=True)
-        raise typer.Exit(EXIT_FAILURE) from None
-
-
-class _Formatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        if record.levelno >= logging.WARNING:  # advice in flags, as in the errors
-            return cli_message(text).replace(" ", f" {record.levelname.lower()}: ", 1)
-        return text
-
-
-@contextmanager
-def _logging(quiet: bool) -> Iterator[None]:
-    """Print the ``spotlens`` logger's records to the current stderr while a command runs."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    before = (logger.level, logger.propagate)
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(before[0])
-        logger.propagate = before[1]
-
-
-from ._histology import histology_app  # noqa: E402  (it imports the helpers above)
-
-app.add_typer(histology_app, name="histology")

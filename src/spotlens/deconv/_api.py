@@ -1,101 +1,31 @@
-"""``deconvolve``: the AnnData adapter of the type-level spotlens deconvolution."""
+"""``deconvolve``: the AnnData adapter of the type-level spotlens deconvolution.
+
+It gathers the settings into one :class:`~spotlens.deconv.DeconvolutionConfig` (checked there),
+runs the stages of :mod:`spotlens.deconv._run` and writes their result.
+"""
 
 from __future__ import annotations
 
-import logging
-import time
-from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
-import pandas as pd
 from anndata import AnnData
-from scipy import sparse
 
-from .._version import __version__
 from .._backend import resolve_device
 from .._keys import (
     abundance_key,
+    connectivities_key,
     fit_score_key,
     poorly_fit_key,
     proportions_key,
     zero_counts_key,
 )
-from .._validation import (
-    InputError,
-    check_coordinates,
-    check_counts,
-    check_labels,
-    check_not_empty,
-    check_shared_genes,
-    check_unique_names,
-    get_matrix,
-)
-from ..pp import reference_signatures
-from ._counts import read_counts
-from ._fit_quality import spot_fit_quality
-from ._graph import color_graph, default_alpha, edge_weights, knn, section_attention
-from ._model import Problem, cross_validate, fit, poisson_gene_weights, spatial_window
-from ._params import check_params
-from ._poisson import CountProblem, cv_counts, fit_counts, with_dispersion
-from ._ops import get_ops
-from ._tiled import check_tiling, fit_tiled
+from .._validation import InputError
+from ._config import DeconvolutionConfig
+from ._run import DataKeys, DeconvolutionResult, run_deconvolution
+from ._tiled import check_tiling
 
-logger = logging.getLogger("spotlens")
-
-RIDGE_GRID = (0.0, 1e-3, 1e-2, 1e-1)
-SPATIAL_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
-#: Spots whose counts are checked before the reference is processed (all are checked later).
-_HEAD_SPOTS = 2000
-#: Fewest genes on which likelihood="auto" weighs genes by their dispersion (quasi-Poisson): it
-#: shrinks each gene's dispersion towards the others', which needs many genes, and a targeted
-#: panel of a few dozen chosen markers has no gene to spare (Poisson there). Set after the
-#: osmFISH held-out split was seen (README, osmFISH section), not by cross-validation.
-QUASI_MIN_GENES = 100
-#: Stopping tolerance of the first (Poisson) fit that the quasi-Poisson gene weights come from.
-FIRST_FIT_TOL = 1e-3
-#: Largest slide on which likelihood="auto" fits the count likelihood (a standard Visium
-#: capture area has at most 4,992 spots); above it, least squares keeps million-bin slides fast.
-COUNT_MAX_SPOTS = 5_000
-#: Largest slide on which fit_quality="auto" scores every spot: the score costs
-#: O(n_spots · n_genes · n_types), about 2 s per 10,000 spots of 2,000 genes on 2 cores.
-FIT_QUALITY_MAX_SPOTS = 20_000
-
-
-@dataclass
-class DeconvolutionResult:
-    """What :func:`deconvolve` computes (returned with ``inplace=False``).
-
-    Attributes
-    ----------
-    proportions
-        ``n_spots × n_types`` cell-type proportions; rows sum to 1 (NaN for a zero-count spot
-        that the spatial term could not fill).
-    abundance
-        ``n_spots × n_types`` unnormalised scale: estimated cells of each type per spot, in
-        reference cell units (exact only if the spatial assay captures as the reference does).
-    zero_counts
-        ``n_spots`` flag: the spot had no counts over the genes used.
-    fit_score
-        ``n_spots`` goodness of fit: the spot's deviance from its fitted mixture over what the
-        model expects (about 1 for a typical spot, larger = explained worse; NaN for a spot
-        without counts).
-    poorly_fit
-        ``n_spots`` flag: the spot lies far outside what the reference explains (its score is
-        an outlier on this slide), e.g. it holds a cell type the reference lacks.
-    connectivities
-        ``n_spots × n_spots`` sparse symmetric graph ``W`` used for smoothing.
-    uns
-        Parameters, chosen penalties, genes used, objective per sweep, cross-validation table.
-    """
-
-    proportions: pd.DataFrame
-    abundance: pd.DataFrame
-    zero_counts: pd.Series
-    connectivities: sparse.csr_matrix
-    fit_score: pd.Series | None = None
-    poorly_fit: pd.Series | None = None
-    uns: dict = field(default_factory=dict)
+#: The settings' defaults, which the signature below repeats (a test checks that they agree).
+_DEFAULTS = DeconvolutionConfig().flat()
 
 
 def deconvolve(
@@ -135,6 +65,7 @@ def deconvolve(
     client=None,
     tile_size: float | None = None,
     halo_hops: int | None = None,
+    config: DeconvolutionConfig | None = None,
 ) -> DeconvolutionResult | None:
     """Cell-type proportions of every spot by attention-regularised spatial regression.
 
@@ -203,11 +134,9 @@ def deconvolve(
         On larger slides the penalties are chosen on a contiguous patch of this many spots
         (the nearest to a random spot), which keeps the local graph the penalty acts on. 5,000
         covers a whole standard Visium capture area (at most 4,992 spots); on a Visium HD slide
-        it is a patch of about 0.57 × 0.57 mm of 8 µm bins. Patches of a quarter and a half
-        of the Visium lymph node and osmFISH slides, and of 5,000 bins of a 100,000-bin
-        synthetic slide, chose the same penalties as the whole slide (or a 20,000-bin patch)
-        in 19 of 20 random placements (``benchmarks/cv_patch.py``); raise it for very
-        heterogeneous tissue.
+        it is a patch of about 0.57 × 0.57 mm of 8 µm bins. How often a patch picks the
+        penalties of the whole slide: ``benchmarks/studies/results/cv_patch.md``. Raise it for
+        very heterogeneous tissue.
     gene_weights
         With ``likelihood="gaussian"``: ``"poisson"`` (weights ``1/sqrt(mean expression)``) or
         ``"none"``.
@@ -235,8 +164,8 @@ def deconvolve(
     fit_quality
         Score how well the fit explains each spot and flag spots far outside what the
         reference explains (``obs`` keys below). ``"auto"``: on slides of at most 20,000
-        spots (the score costs O(n_spots · n_genes · n_types), about 2 s per 10,000 spots of
-        2,000 genes on 2 cores; pass ``True`` on larger slides).
+        spots (the score costs O(n_spots · n_genes · n_types); timings in
+        ``benchmarks/results/docstring_figures.md``; pass ``True`` on larger slides).
     n_genes_per_type
         Informative genes per type (see :func:`spotlens.pp.reference_signatures`).
     min_cells_per_type
@@ -280,6 +209,12 @@ def deconvolve(
         (``None``: chosen from ``lambda_spatial`` for a tiling error near 1e-5; unused without
         spatial smoothing). More hops, closer agreement; ``uns[key_added]["tiles"]`` holds a
         ``halo_check`` per tile, and a warning says when the halo looks too narrow.
+    config
+        All the method settings above (from ``k_neighbors`` to ``halo_hops``, except the data
+        keys, ``device``, ``key_added``, ``inplace``, ``progress`` and ``client``) as one
+        :class:`~spotlens.deconv.DeconvolutionConfig`, e.g. read from a file with
+        :meth:`~spotlens.deconv.DeconvolutionConfig.from_file`; the keywords then stay at
+        their defaults. ``None``: built from the keywords.
 
     Returns
     -------
@@ -313,7 +248,8 @@ def deconvolve(
         fewer than ``min_cells_per_type`` cells; non-integer, negative, NaN or infinite counts;
         missing or non-2-D coordinates; too few shared genes; bad parameter values;
         ``client="default"`` with no running Dask client; ``tile_size``/``halo_hops`` without
-        ``client``; tiles narrower than their halo.
+        ``client``; tiles narrower than their halo; ``config`` together with a changed keyword
+        setting.
     BackendError
         ``device`` needs torch or CUDA that is not there.
 
@@ -332,236 +268,14 @@ def deconvolve(
     >>> st.obsm["proportions_spotlens"].sum(axis=1).round(6).unique()
     array([1.])
     """
-    t0 = time.perf_counter()
-    check_params(
-        k_neighbors=k_neighbors, lambda_ridge=lambda_ridge, lambda_spatial=lambda_spatial,
-        n_iter=n_iter, tol=tol, cv_folds=cv_folds, cv_max_spots=cv_max_spots, alpha=alpha,
-        gene_weights=gene_weights, likelihood=likelihood, fit_quality=fit_quality,
-        attention_temperature=attention_temperature, attention_update_every=attention_update_every,
-    )
+    settings = {name: value for name, value in locals().items() if name in _DEFAULTS}
+    config = resolve_config(config, settings)
     backend = resolve_device(device)
-    client = check_tiling(client, tile_size, halo_hops)
-    auto_likelihood = likelihood == "auto"
-    if auto_likelihood:
-        likelihood = (
-            "quasi_poisson"
-            if client is None and backend.name == "numpy" and spatial.n_obs <= COUNT_MAX_SPOTS
-            else "gaussian"
-        )
-    elif likelihood != "gaussian" and (client is not None or backend.name != "numpy"):
-        raise InputError(
-            f"likelihood={likelihood!r} runs on the CPU on one machine only; use device='cpu' "
-            "without client=, or likelihood='gaussian' on a GPU or a Dask cluster."
-        )
-    counts_model = likelihood != "gaussian"
-    check_not_empty(spatial, what="spatial data", obs_name="spots")
-    check_not_empty(reference, what="reference", obs_name="cells")
-    check_unique_names(spatial, what="spatial data", obs_name="spot")
-    coords = check_coordinates(spatial, spatial_key)
-    sections = None
-    if library_key is not None:
-        if library_key not in spatial.obs.columns:
-            raise InputError(
-                f"The spatial data has no obs column {library_key!r}; pass library_key= naming "
-                "the column of section labels, or None for a single section."
-            )
-        if spatial.obs[library_key].isna().any():
-            raise InputError(f"obs[{library_key!r}] has missing section labels.")
-        sections = pd.factorize(spatial.obs[library_key])[0]
-    y_all = get_matrix(spatial, layer, what="spatial data")  # read in chunks below
-    # cheap checks before the reference is processed (which can take minutes on a large one):
-    # a normalised spatial file is refused from its first spots, and the labels are looked at
-    check_counts(y_all[: min(spatial.n_obs, _HEAD_SPOTS)], what="spatial counts")
-    check_labels(reference, labels_key, min_cells_per_type=1)
-
-    logger.info("stage 1/5 signatures: reference %d cells × %d genes", *reference.shape)
-    n_types_guess = reference.obs[labels_key].nunique() if labels_key in reference.obs else 2
-    shared = check_shared_genes(
-        reference.var_names, spatial.var_names, min_genes=min_shared_genes, n_types=n_types_guess
-    )
-    sig = reference_signatures(
-        reference, labels_key=labels_key, layer=reference_layer, genes=shared,
-        n_genes_per_type=n_genes_per_type, min_cells_per_type=min_cells_per_type,
-        cells_per_state=cells_per_state, max_states_per_type=max_states_per_type, seed=seed,
-    )
-    genes = sig.genes
-    types = sig.cell_types
-    y = read_counts(y_all, spatial.var_names.get_indexer(genes), what="spatial counts")
-    library = np.asarray(y.sum(axis=1)).ravel()
-    zero = library == 0
-    if zero.any():
-        logger.warning(
-            "%d of %d spots have no counts over the %d genes used; they are kept and flagged in "
-            "obs[%r]", zero.sum(), len(zero), len(genes), zero_counts_key(key_added),
-        )
-    if zero.all():
-        raise InputError(
-            "Every spot has zero counts over the genes shared with the reference; nothing to fit."
-        )
-    weights = poisson_gene_weights(sig.signature.to_numpy(), gene_weights)
-    mean_lib = float(sig.library_size.mean())
-    s_w = sig.states.to_numpy() * weights[None, :] / mean_lib
-    state_type = types.get_indexer(sig.state_type)
-    to_types = sparse.csr_matrix(
-        (np.ones(len(state_type)), (np.arange(len(state_type)), state_type)),
-        shape=(len(state_type), len(types)),
-    )
-    # smooth cell-type composition, not states: Tr(P Xᵀ L X) with P = M Mᵀ
-    metric = None if len(state_type) == len(types) else (to_types @ to_types.T).toarray()
-    problem = Problem.from_counts(y, weights, s_w) if likelihood == "gaussian" else None
-    owner = None if len(state_type) == len(types) else state_type
-    count_problem = (
-        CountProblem.from_counts(y, sig.states.to_numpy() / mean_lib) if counts_model else None
-    )
-    x_start = None
-    if auto_likelihood and likelihood == "quasi_poisson" and len(genes) < QUASI_MIN_GENES:
-        likelihood = "poisson"  # a targeted panel: too few genes to estimate their dispersion
-    if likelihood == "quasi_poisson":
-        logger.info("gene weights from the dispersion around a first Poisson fit")
-        count_problem, x_start = with_dispersion(count_problem, owner=owner,
-                                                 tol=max(tol, FIRST_FIT_TOL))
-
-    logger.info("stage 2/5 graph: %d spots, k=%d, attention=%s", len(coords), k_neighbors,
-                use_attention)
-    dist, idx = knn(coords, k_neighbors, sections)
-    alpha_used = default_alpha(dist) if alpha is None else float(alpha)
-    attn = None
-    if use_attention:
-        attn = section_attention(y, idx, sections, n_comps=n_comps, seed=seed,
-                                  temperature=attention_temperature)
-    w = edge_weights(dist, idx, alpha_used, attn)
-    colors = color_graph(w, seed=seed)
-    ops = get_ops(backend)
-
-    logger.info("stage 3/5 penalties: ridge=%s spatial=%s", lambda_ridge, lambda_spatial)
-    cv_table = None
-    if lambda_ridge == "auto" or lambda_spatial == "auto":
-        window = spatial_window(coords, cv_max_spots, seed)
-        if len(window) < len(coords):
-            logger.info("choosing penalties on a contiguous patch of %d spots", len(window))
-            w_cv = w[window][:, window].tocsr()
-            colors_cv = color_graph(w_cv, seed=seed)
-        else:
-            w_cv, colors_cv = w, colors
-    if counts_model and (lambda_ridge == "auto" or lambda_spatial == "auto"):
-        lambda_ridge, lambda_spatial, cv_table = cv_counts(
-            y[window], count_problem.s_bar, w_cv, owner=owner, weight=count_problem.weight,
-            x0=None if x_start is None else x_start[window],
-            sections=None if sections is None else sections[window], lambda_ridge=lambda_ridge,
-            lambda_spatial=lambda_spatial, cv_folds=cv_folds, seed=seed, n_iter=n_iter,
-            tol=tol, progress=progress,
-        )
-        logger.info("chosen by cross-validation: lambda_ridge=%g lambda_spatial=%g",
-                    lambda_ridge, lambda_spatial)
-    elif lambda_ridge == "auto" or lambda_spatial == "auto":
-        lambda_ridge, lambda_spatial, cv_table = cross_validate(
-            y[window], weights, s_w, w_cv, colors_cv,
-            ridge_grid=RIDGE_GRID if lambda_ridge == "auto" else (float(lambda_ridge),),
-            spatial_grid=SPATIAL_GRID if lambda_spatial == "auto" else (float(lambda_spatial),),
-            n_folds=cv_folds, seed=seed, n_iter=min(n_iter, 60), tol=max(tol, 1e-3), ops=ops,
-            progress=progress, metric=metric,
-        )
-        logger.info("chosen by cross-validation: lambda_ridge=%g lambda_spatial=%g",
-                    lambda_ridge, lambda_spatial)
-
-    logger.info("stage 4/5 fit: %d spots × %d types on %s", len(coords), len(types),
-                backend.device)
-    update = (
-        None if not (use_attention and attention_update_every) else
-        (attention_update_every, lambda xx: edge_weights(
-            dist, idx, alpha_used,
-            section_attention(xx, idx, sections, n_comps=n_comps, seed=seed,
-                               temperature=attention_temperature)))
-    )
-    tiles = None
-    if counts_model:
-        x_states, history, n_sweeps, converged, w = fit_counts(
-            count_problem, w, owner=owner, sections=sections, lambda_ridge=float(lambda_ridge),
-            lambda_spatial=float(lambda_spatial), n_iter=n_iter, tol=tol, progress=progress,
-            attention_update=update, x0=x_start,
-        )
-    elif client is None:
-        x_states, history, n_sweeps, converged, w = fit(
-            problem, w, colors, lambda_ridge=float(lambda_ridge),
-            lambda_spatial=float(lambda_spatial), n_iter=n_iter, tol=tol, ops=ops,
-            progress=progress, metric=metric, attention_update=update,
-        )
-    else:
-        x_states, history, n_sweeps, converged, w, tiles = fit_tiled(
-            client, problem, w, coords, sections, lambda_ridge=float(lambda_ridge),
-            lambda_spatial=float(lambda_spatial), n_iter=n_iter, tol=tol, device=device,
-            seed=seed, metric=metric, attention_update=update, tile_size=tile_size,
-            halo_hops=halo_hops, to_types=to_types, progress=progress,
-        )
-    if not converged:
-        logger.warning("stopped after %d sweeps before reaching tol=%g; raise n_iter for a "
-                       "tighter fit", n_sweeps, tol)
-
-    logger.info("stage 5/5 goodness of fit and write")
-    if fit_quality == "auto":
-        fit_quality = spatial.n_obs <= FIT_QUALITY_MAX_SPOTS
-    score, flag, fit_info = np.full(len(coords), np.nan), np.zeros(len(coords), bool), {}
-    if fit_quality:
-        score, flag, fit_info = spot_fit_quality(
-            y, x_states, sig.states.to_numpy() / mean_lib, library=library
-        )
-    if flag.any():
-        logger.warning(
-            "%d of %d spots are explained far worse than the rest of the slide (flagged in "
-            "obs[%r]); they may hold cell types the reference lacks", int(flag.sum()), len(flag),
-            poorly_fit_key(key_added),
-        )
-    x = np.asarray(to_types.T @ x_states.T).T
-    total = x.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        props = np.where(total > 0, x / np.where(total > 0, total, 1), np.nan)
-    abundance = x * (library / mean_lib)[:, None]
-    obs_names = spatial.obs_names
-    uns = {
-        "params": {
-            "method": "spotlens attention-regularised spatial regression",
-            "version": __version__,
-            "labels_key": labels_key, "layer": layer, "reference_layer": reference_layer,
-            "spatial_key": spatial_key, "library_key": library_key,
-            "cv_folds": cv_folds, "cv_max_spots": cv_max_spots, "k_neighbors": k_neighbors,
-            "alpha": alpha_used, "use_attention": use_attention,
-            "attention_temperature": attention_temperature,
-            "attention_update_every": attention_update_every, "n_comps": n_comps,
-            "lambda_ridge": float(lambda_ridge), "lambda_spatial": float(lambda_spatial),
-            "gene_weights": gene_weights, "likelihood": likelihood,
-            "fit_quality": bool(fit_quality),
-            "n_genes_per_type": n_genes_per_type,
-            "cells_per_state": cells_per_state, "max_states_per_type": max_states_per_type,
-            "n_states": len(state_type),
-            "n_iter": n_iter, "tol": tol, "n_sweeps": n_sweeps, "converged": converged,
-            "device": device, "backend": f"{backend.name}:{backend.device}", "seed": seed,
-            "seconds": round(time.perf_counter() - t0, 3),
-        },
-        "genes": np.asarray(genes, dtype=object),
-        "cell_types": np.asarray(types, dtype=object),
-        "states": pd.DataFrame({"state": sig.state_type.index, "cell_type": sig.state_type.values}),
-        "objective": np.asarray(history),
-    }
-    if fit_quality:
-        uns["fit_quality"] = {
-            k: v for k, v in fit_info.items() if np.ndim(v) == 0 and v is not None
-        }
-    if cv_table is not None:
-        uns["cv"] = cv_table
-    if tiles is not None:
-        uns["tiles"] = tiles
-        uns["params"].update(tile_size=tile_size, halo_hops=int(tiles.halo_hops.iloc[0]),
-                             n_tiles=len(tiles))
-    result = DeconvolutionResult(
-        proportions=pd.DataFrame(props, index=obs_names, columns=types),
-        abundance=pd.DataFrame(abundance, index=obs_names, columns=types),
-        zero_counts=pd.Series(zero, index=obs_names, name=zero_counts_key(key_added)),
-        connectivities=w,
-        fit_score=pd.Series(score, index=obs_names, name=fit_score_key(key_added)),
-        poorly_fit=pd.Series(flag, index=obs_names, name=poorly_fit_key(key_added)),
-        uns=uns,
-    )
-    logger.info("done in %.1f s", time.perf_counter() - t0)
+    client = check_tiling(client, config.dask.tile_size, config.dask.halo_hops)
+    data = DataKeys(labels_key=labels_key, layer=layer, reference_layer=reference_layer,
+                    spatial_key=spatial_key, library_key=library_key)
+    result = run_deconvolution(spatial, reference, data, config, backend=backend, device=device,
+                               client=client, progress=progress, key_added=key_added)
     if not inplace:
         return result
     spatial.obsm[key_added] = result.proportions
@@ -569,9 +283,42 @@ def deconvolve(
     spatial.obs[zero_counts_key(key_added)] = result.zero_counts.to_numpy()
     spatial.obs[fit_score_key(key_added)] = result.fit_score.to_numpy()
     spatial.obs[poorly_fit_key(key_added)] = result.poorly_fit.to_numpy()
-    spatial.obsp[f"{key_added}_connectivities"] = w
-    spatial.uns[key_added] = uns
+    spatial.obsp[connectivities_key(key_added)] = result.connectivities
+    spatial.uns[key_added] = result.uns
     return None
+
+
+def resolve_config(config: DeconvolutionConfig | None, settings: dict) -> DeconvolutionConfig:
+    """``config``, or one built from the keyword ``settings`` of :func:`deconvolve`.
+
+    Raises
+    ------
+    InputError
+        ``config`` is not a :class:`DeconvolutionConfig`, or it is given together with a
+        keyword setting changed from its default (one place per setting).
+    """
+    if config is None:
+        return DeconvolutionConfig.from_dict(settings)
+    if not isinstance(config, DeconvolutionConfig):
+        raise InputError(
+            f"config must be a spotlens.deconv.DeconvolutionConfig, got {type(config).__name__}; "
+            "build one with DeconvolutionConfig(...) or DeconvolutionConfig.from_file(path)."
+        )
+    changed = sorted(name for name, value in settings.items()
+                     if not _same(value, _DEFAULTS[name]))
+    if changed:
+        raise InputError(
+            f"{', '.join(changed)} given both as keyword(s) and through config=; set them in "
+            "one place, e.g. config.updated(" + ", ".join(f"{n}=..." for n in changed) + ")."
+        )
+    return config
+
+
+def _same(a, b) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except (TypeError, ValueError):
+        return False
 
 
 __all__ = ["DeconvolutionResult", "deconvolve"]

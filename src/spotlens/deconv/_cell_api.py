@@ -13,30 +13,28 @@ from scipy import sparse
 from tqdm.auto import tqdm
 
 from .._version import __version__
-from .._keys import proportions_key
-from .._validation import InputError, check_labels, get_matrix
-from ..pp._embedding import log_pca
-from ..pp._signatures import signature_kernel
-from ..pp._states import cell_states
+from .._keys import (
+    SPATIAL_KEY,
+    SPOT_DIAMETER_KEY,
+    cell_counts_key,
+    cell_weights_key,
+    proportions_key,
+)
+from .._validation import InputError, check_cells_per_spot, check_labels, get_matrix
+from ..pp import cell_states, log_pca, signature_kernel
+from ._config import CellLevelConfig
 from ._cell_checks import (
-    check_cells_per_spot,
-    check_parameters,
     footprint_diameter,
     read_rows,
     read_spot_counts,
     type_level,
 )
 from ._cells import at_least_one_cell, cell_weights
+from ._model import poisson_gene_weights
 
 logger = logging.getLogger("spotlens")
 
-CELL_WEIGHTS_KEY = "cell_weights_spotlens"
-
-
-def cell_counts_key(key_added: str) -> str:
-    """``obsm`` key of the estimated cells per type, derived from the cell-weights key."""
-    return key_added.replace("cell_weights", "cell_counts", 1) if "cell_weights" in key_added \
-        else f"{key_added}_cell_counts"
+CELL_WEIGHTS_KEY = cell_weights_key()
 
 
 @dataclass
@@ -73,10 +71,6 @@ def _largest_remainder(values: np.ndarray, totals: np.ndarray) -> np.ndarray:
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(values.shape[1])[None, :], axis=1)
     return (floor + (rank < missing[:, None])).astype(np.int64)
-
-
-#: the CLI checks the cells-per-spot column before the (long) type-level fit
-_cells_per_spot = check_cells_per_spot
 
 
 def cell_level(
@@ -201,9 +195,9 @@ def cell_level(
     (1036, 4839)
     """
     t0 = time.perf_counter()
-    check_parameters(n_candidates=n_candidates, max_cells=max_cells, n_iter=n_iter,
-                     lambda_type=lambda_type, lambda_similar=lambda_similar,
-                     lambda_ridge=lambda_ridge, tol=tol)
+    CellLevelConfig(n_candidates=n_candidates, lambda_type=lambda_type,  # checks them all
+                    lambda_similar=lambda_similar, lambda_ridge=lambda_ridge,
+                    max_cells=max_cells, n_iter=n_iter, tol=tol, seed=seed)
     props, ab, uns = type_level(spatial, key)
     types = pd.Index(uns.get("cell_types", props.columns)).astype(str)
     labels = check_labels(reference, labels_key, min_cells_per_type=1)
@@ -268,11 +262,7 @@ def cell_level(
         profiles[col_type == k].mean(axis=0) if (col_type == k).any() else np.zeros(len(genes))
         for k in range(len(types))
     ])
-    unit = signature / np.maximum(signature.sum(axis=1, keepdims=True), 1e-300)
-    mean_profile = unit.mean(axis=0)
-    positive = mean_profile[mean_profile > 0]
-    floor = np.quantile(positive, 0.05) if positive.size else 1.0
-    weights = 1.0 / np.sqrt(np.maximum(mean_profile, floor))
+    weights = poisson_gene_weights(signature, "poisson")
 
     logger.info("cell level 2/3: weights for %d spots (%d candidates per type)",
                 spatial.n_obs, n_candidates)
@@ -480,8 +470,8 @@ def assign_cells(
         index=[f"cell_{i}" for i in range(len(source))],
     )
     cells = AnnData(X=x, obs=obs, var=pd.DataFrame(index=reference.var_names.copy()))
-    cells.obsm["spatial"] = xy
-    cells.uns["spot_diameter"] = float(diameter)
+    cells.obsm[SPATIAL_KEY] = xy
+    cells.uns[SPOT_DIAMETER_KEY] = float(diameter)
     return cells
 
 

@@ -13,20 +13,13 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from .._keys import abundance_key
-from .._validation import InputError, get_matrix
+from .._keys import SPATIAL_UNS_KEY, abundance_key
+from .._validation import (
+    InputError,
+    check_number,
+    get_matrix,
+)
 from ._counts import CHUNK_VALUES, read_counts
-
-
-def check_parameters(**values) -> None:
-    """Raise on a bad integer (``n_candidates``, ``max_cells``, ``n_iter``) or penalty."""
-    for name, low in (("n_candidates", 1), ("max_cells", 10), ("n_iter", 1)):
-        value = values.pop(name)
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise InputError(f"{name} must be an integer ≥ {low}, got {value!r}.")
-    for name, value in values.items():
-        if not isinstance(value, (int, float, np.integer, np.floating)) or not value >= 0:
-            raise InputError(f"{name} must be a number ≥ 0, got {value!r}.")
 
 
 def type_level(spatial: AnnData, key: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -48,39 +41,6 @@ def type_level(spatial: AnnData, key: str) -> tuple[pd.DataFrame, pd.DataFrame, 
     if not isinstance(props, pd.DataFrame) or not isinstance(ab, pd.DataFrame):
         raise InputError(f"obsm[{key!r}] and obsm[{ab_key!r}] must be DataFrames from deconvolve.")
     return props, ab, spatial.uns[key]
-
-
-def check_cells_per_spot(spatial: AnnData, column: str) -> np.ndarray:
-    """``n_spots`` known cells per spot from ``obs[column]``, rounded to integers.
-
-    Raises
-    ------
-    InputError
-        The column is missing, not numeric, negative, NaN or infinite, or 0 in every spot
-        (nothing could be placed).
-    """
-    if column not in spatial.obs.columns:
-        raise InputError(
-            f"The spatial data has no obs column {column!r} for cells_per_spot; pass the column "
-            "holding the number of cells (or nuclei) per spot, or None to estimate it."
-        )
-    values = spatial.obs[column]
-    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
-        raise InputError(
-            f"obs[{column!r}] must be numeric (cells per spot), got dtype {values.dtype}."
-        )
-    values = values.to_numpy(dtype=np.float64)
-    if not np.all(np.isfinite(values)) or (values < 0).any():
-        raise InputError(f"obs[{column!r}] has negative, NaN or infinite cell counts.")
-    values = np.round(values)
-    if len(values) and not values.any():
-        raise InputError(
-            f"obs[{column!r}] gives 0 cells in every spot (after rounding), so no cell can be "
-            f"placed. Pass cells_per_spot= (--cells-per-spot on the command line) naming a "
-            "column with the number of cells in each spot, or leave it unset to estimate it "
-            "from the counts."
-        )
-    return values
 
 
 def read_spot_counts(adata: AnnData, layer: str | None, columns: np.ndarray, *,
@@ -126,10 +86,8 @@ def read_rows(matrix, rows: np.ndarray | None = None,
 def footprint_diameter(spatial: AnnData, coords: np.ndarray, given: float | None) -> float:
     """Footprint diameter: ``given``, else ``spot_diameter_fullres``, else half the spacing."""
     if given is not None:
-        if not given > 0:
-            raise InputError(f"spot_diameter must be > 0, got {given!r}.")
-        return float(given)
-    for lib in (spatial.uns.get("spatial") or {}).values():
+        return check_number("spot_diameter", given, above=0, finite=False, expected="> 0")
+    for lib in (spatial.uns.get(SPATIAL_UNS_KEY) or {}).values():
         scale = (lib or {}).get("scalefactors", {}) if isinstance(lib, dict) else {}
         if "spot_diameter_fullres" in scale:
             return float(scale["spot_diameter_fullres"])
