@@ -277,7 +277,9 @@ def choose_penalties(inputs: _Inputs, model: _Model, graph: _Graph,
             n_folds=config.cv.folds, seed=config.seed, n_iter=min(config.n_iter, 60),
             tol=max(config.tol, 1e-3), ops=ops, progress=progress, metric=model.metric,
         )
-    logger.info("chosen by cross-validation: lambda_ridge=%g lambda_spatial=%g", ridge, smooth)
+    if table["error"].notna().any():
+        logger.info("chosen by cross-validation: lambda_ridge=%g lambda_spatial=%g", ridge,
+                    smooth)
     return float(ridge), float(smooth), table
 
 
