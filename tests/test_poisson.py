@@ -52,8 +52,8 @@ def test_matches_an_independent_poisson_fit_per_spot():
 def test_objective_never_increases_with_smoothing_and_states():
     problem, _ = _problem(n_spots=64, n_types=6, seed=1)
     owner = np.array([0, 0, 1, 1, 2, 2])  # two states per type
-    res = solve_counts(problem, w=_graph(64), lambda_ridge=0.1 * problem.scale,
-                       lambda_spatial=0.05 * problem.scale, owner=owner, n_iter=300, tol=1e-10)
+    res = solve_counts(problem, w=_graph(64), penalty_ridge=0.1 * problem.scale,
+                       penalty_spatial=0.05 * problem.scale, owner=owner, n_iter=300, tol=1e-10)
     steps = np.diff(res.objective)
     assert (steps <= 1e-9 * abs(res.objective[0])).all()
     assert res.objective[-1] < res.objective[0]
@@ -85,7 +85,7 @@ def test_smoothing_makes_neighbours_agree():
     lap = sparse.diags(np.asarray(w.sum(axis=1)).ravel()) - w
 
     def roughness(lam):
-        x = solve_counts(problem, w=w, lambda_spatial=lam * problem.scale, tol=1e-9).x
+        x = solve_counts(problem, w=w, penalty_spatial=lam * problem.scale, tol=1e-9).x
         return float(np.trace(x.T @ (lap @ x)))
 
     assert roughness(0.1) < roughness(0.01) < roughness(0.0)

@@ -43,7 +43,7 @@ def test_no_penalty_equals_scipy_nnls_per_spot():
     np.testing.assert_allclose(res.x, expected, atol=1e-8)
     assert (expected == 0).sum() > 10  # the oracle has active constraints, not just lstsq
     # a graph that is present but weighted 0 changes nothing
-    res_w = solve(b, gram, yy, w=w, colors=colors, lambda_spatial=0.0, n_iter=5000, tol=1e-13)
+    res_w = solve(b, gram, yy, w=w, colors=colors, penalty_spatial=0.0, n_iter=5000, tol=1e-13)
     np.testing.assert_array_equal(res_w.x, res.x)
 
 
@@ -52,7 +52,7 @@ def test_objective_never_increases_and_matches_dense_formula():
     b, gram, yy = _stats(y, s)
     lam_r, lam_s = 0.3, 2.0
     x0 = np.random.default_rng(9).gamma(1.0, 2.0, size=b.shape)  # far from the optimum
-    res = solve(b, gram, yy, w=w, colors=colors, lambda_ridge=lam_r, lambda_spatial=lam_s,
+    res = solve(b, gram, yy, w=w, colors=colors, penalty_ridge=lam_r, penalty_spatial=lam_s,
                 x0=x0, n_iter=60, tol=1e-14)
     obj = res.objective
     assert len(obj) == res.n_sweeps + 1 and res.n_sweeps > 10
@@ -67,7 +67,7 @@ def test_kkt_conditions_at_convergence_with_both_penalties():
     y, s, w, colors = _problem(seed=1)
     b, gram, yy = _stats(y, s)
     lam_r, lam_s = 0.5, 3.0
-    res = solve(b, gram, yy, w=w, colors=colors, lambda_ridge=lam_r, lambda_spatial=lam_s,
+    res = solve(b, gram, yy, w=w, colors=colors, penalty_ridge=lam_r, penalty_spatial=lam_s,
                 n_iter=3000, tol=1e-12)
     assert res.converged
     x = res.x
@@ -90,7 +90,7 @@ def test_torch_cpu_matches_numpy(dtype, tol, atol):
     pytest.importorskip("torch")
     y, s, w, colors = _problem(n=80, seed=2)
     b, gram, yy = _stats(y, s)
-    kwargs = dict(w=w, colors=colors, lambda_ridge=0.2, lambda_spatial=1.5, n_iter=300)
+    kwargs = dict(w=w, colors=colors, penalty_ridge=0.2, penalty_spatial=1.5, n_iter=300)
     ref = solve(b, gram, yy, tol=1e-12, **kwargs)
     out = solve(b, gram, yy, tol=tol, ops=TorchOps("cpu", dtype), **kwargs)
     assert ref.converged and out.converged
@@ -106,11 +106,11 @@ def test_zero_spot_gets_zero_without_smoothing():
     b, gram, yy = _stats(y, s)
     x0 = np.ones_like(b)  # start it away from zero
     for lam_r in (0.0, 0.5):
-        res = solve(b, gram, yy, lambda_ridge=lam_r, x0=x0, n_iter=200, tol=1e-10)
+        res = solve(b, gram, yy, penalty_ridge=lam_r, x0=x0, n_iter=200, tol=1e-10)
         assert np.all(res.x[7] == 0)
         assert res.x[np.arange(40) != 7].sum() > 0
     # with smoothing it borrows from its neighbours instead
-    res = solve(b, gram, yy, w=w, colors=colors, lambda_spatial=1.0, n_iter=500, tol=1e-10)
+    res = solve(b, gram, yy, w=w, colors=colors, penalty_spatial=1.0, n_iter=500, tol=1e-10)
     assert res.x[7].sum() > 0
 
 
@@ -120,7 +120,7 @@ def test_solve_does_not_modify_its_inputs():
     x0 = np.full_like(b, 0.5)
     copies = [a.copy() for a in (b, gram, x0)]
     w_before = w.copy()
-    solve(b, gram, yy, w=w, colors=colors, lambda_spatial=1.0, x0=x0, n_iter=5)
+    solve(b, gram, yy, w=w, colors=colors, penalty_spatial=1.0, x0=x0, n_iter=5)
     for a, c in zip((b, gram, x0), copies, strict=True):
         np.testing.assert_array_equal(a, c)
     assert (w != w_before).nnz == 0
@@ -140,7 +140,7 @@ def test_state_metric_objective_matches_dense_formula_and_descends():
     metric = _state_metric(7, 3)
     lap = np.diag(np.asarray(w.sum(axis=1)).ravel()) - w.toarray()
     lam_r, lam_s = 0.2, 2.5
-    res = solve(b, gram, yy, w=w, colors=colors, lambda_ridge=lam_r, lambda_spatial=lam_s,
+    res = solve(b, gram, yy, w=w, colors=colors, penalty_ridge=lam_r, penalty_spatial=lam_s,
                 metric=metric, n_iter=400, tol=1e-12)
     x = res.x
     dense = (np.sum((y - x @ s) ** 2) + lam_r * np.sum(x**2)
@@ -158,7 +158,7 @@ def test_threads_do_not_change_the_answer():
     # big enough that each colour class is split over threads
     y, s, w, colors = _problem(n=3000, n_types=6, n_genes=30, seed=6)
     b, gram, yy = _stats(y, s)
-    kwargs = dict(w=w, colors=colors, lambda_ridge=0.1, lambda_spatial=1.0, n_iter=15, tol=0.0,
+    kwargs = dict(w=w, colors=colors, penalty_ridge=0.1, penalty_spatial=1.0, n_iter=15, tol=0.0,
                   metric=_state_metric(6, 4))
     one = solve(b, gram, yy, n_threads=1, **kwargs)
     two = solve(b, gram, yy, n_threads=2, **kwargs)

@@ -160,7 +160,7 @@ def fit(
     def stretch(graph, x, n):
         return solve(
             problem.b, problem.gram, problem.yy, w=graph, colors=colors,
-            lambda_ridge=lam_r, lambda_spatial=lam_s, x0=x, n_iter=n, tol=tol, ops=ops,
+            penalty_ridge=lam_r, penalty_spatial=lam_s, x0=x, n_iter=n, tol=tol, ops=ops,
             on_sweep=tick, metric=metric, track_objective=track_objective,
         )
 

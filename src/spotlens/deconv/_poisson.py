@@ -256,8 +256,8 @@ def solve_counts(
     problem: CountProblem,
     *,
     w: sparse.spmatrix | None = None,
-    lambda_ridge: float = 0.0,
-    lambda_spatial: float = 0.0,
+    penalty_ridge: float = 0.0,
+    penalty_spatial: float = 0.0,
     owner: np.ndarray | None = None,
     x0: np.ndarray | None = None,
     n_iter: int = 500,
@@ -271,10 +271,11 @@ def solve_counts(
     problem
         Counts, library sizes and signatures.
     w
-        ``n_spots × n_spots`` symmetric sparse graph; used when ``lambda_spatial > 0``.
-    lambda_ridge, lambda_spatial
-        Penalty weights, in counts (the caller multiplies unit-free weights by
-        ``problem.scale``): numbers, or one per spot (``n_spots``), which must then be equal
+        ``n_spots × n_spots`` symmetric sparse graph; used when ``penalty_spatial > 0``.
+    penalty_ridge, penalty_spatial
+        Absolute penalty weights ``λ_r``, ``λ_s`` of ``F``, in counts (the caller multiplies
+        the unit-free ``lambda_ridge`` / ``lambda_spatial`` of ``deconvolve`` by
+        ``problem.scales``): numbers, or one per spot (``n_spots``), which must then be equal
         at the two ends of every edge of ``w`` (e.g. one value per section).
     owner
         ``n_states`` cell type of each column (``Z = X M``); ``None``: columns are types.
@@ -293,6 +294,7 @@ def solve_counts(
     :class:`~spotlens.deconv._solver.SolverResult`; ``objective`` holds ``F`` after every
     iteration (index 0 is the start) and never increases.
     """
+    lambda_ridge, lambda_spatial = penalty_ridge, penalty_spatial
     s_bar = problem.s_bar
     n, n_states = problem.counts.shape[0], s_bar.shape[0]
     sigma = s_bar.sum(axis=1)
@@ -462,8 +464,8 @@ def cross_validate_counts(
         for g, (lr, ls) in enumerate(pairs):
             errors[g] = 0.0
             for f, (train, held) in enumerate(splits):
-                res = solve_counts(train, w=w, lambda_ridge=lr * scales[f],
-                                   lambda_spatial=ls * scales[f], owner=owner, x0=x[f],
+                res = solve_counts(train, w=w, penalty_ridge=lr * scales[f],
+                                   penalty_spatial=ls * scales[f], owner=owner, x0=x[f],
                                    n_iter=n_iter, tol=tol)
                 x[f] = res.x
                 errors[g] += held.held_out_deviance(x[f]) / n_folds
@@ -537,8 +539,8 @@ def fit_counts(problem, w, *, owner, sections, lambda_ridge, lambda_spatial, n_i
 
     def stretch(graph, x, n):
         return solve_counts(
-            problem, w=graph, lambda_ridge=lambda_ridge * scales,
-            lambda_spatial=lambda_spatial * scales, owner=owner, x0=x, n_iter=n, tol=tol,
+            problem, w=graph, penalty_ridge=lambda_ridge * scales,
+            penalty_spatial=lambda_spatial * scales, owner=owner, x0=x, n_iter=n, tol=tol,
             on_iter=tick,
         )
 

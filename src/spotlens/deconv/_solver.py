@@ -336,8 +336,8 @@ def solve(
     *,
     w: sparse.spmatrix | None = None,
     colors: Sequence[np.ndarray] | None = None,
-    lambda_ridge: float = 0.0,
-    lambda_spatial: float = 0.0,
+    penalty_ridge: float = 0.0,
+    penalty_spatial: float = 0.0,
     x0: np.ndarray | None = None,
     n_iter: int = 200,
     tol: float = 1e-5,
@@ -365,11 +365,13 @@ def solve(
     yy
         ``||Y||_F²`` (only shifts the objective).
     w
-        ``n_spots × n_spots`` symmetric sparse graph; required when ``lambda_spatial > 0``.
+        ``n_spots × n_spots`` symmetric sparse graph; required when ``penalty_spatial > 0``.
     colors
         Independent sets covering the spots (from ``color_graph``); required with ``w``.
-    lambda_ridge, lambda_spatial
-        Penalty weights (≥ 0).
+    penalty_ridge, penalty_spatial
+        Absolute penalty weights ``λ_ridge``, ``λ_spatial`` of the objective (≥ 0), in the
+        units of ``||Y − X S||²`` — not the unit-free ``lambda_ridge`` / ``lambda_spatial`` of
+        :func:`~spotlens.deconv.deconvolve`, which are multiplied by the data's scale first.
     x0
         Start (``n_spots × n_types``, ≥ 0); zeros when ``None``.
     n_iter
@@ -400,6 +402,7 @@ def solve(
     -------
     :class:`SolverResult`. Cost per sweep O(n·K² + nnz(W)·K).
     """
+    lambda_ridge, lambda_spatial = penalty_ridge, penalty_spatial
     ops = ops or NumpyOps()
     if numba is not None and isinstance(ops, NumpyOps):
         return _solve_compiled(
