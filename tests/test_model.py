@@ -10,7 +10,7 @@ import spotlens
 from spotlens._validation import InputError, check_counts
 from spotlens.deconv._counts import read_counts
 from spotlens.deconv._model import Problem, spatial_window, thin_counts
-from spotlens.deconv._poisson import SPATIAL_GRID as COUNT_SPATIAL_GRID
+from spotlens.deconv._count_fit import SPATIAL_GRID as COUNT_SPATIAL_GRID
 
 
 def _counts(seed=0, n=60, g=30):

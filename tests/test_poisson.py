@@ -11,7 +11,8 @@ from scipy import optimize, sparse
 from spotlens._validation import InputError
 from spotlens.deconv import deconvolve
 from spotlens.deconv._graph import edge_weights, knn
-from spotlens.deconv._poisson import CountProblem, cross_validate_counts, solve_counts
+from spotlens.deconv._count_fit import cross_validate_counts
+from spotlens.deconv._poisson import CountProblem, solve_counts
 
 
 def _problem(n_spots=60, n_genes=40, n_types=4, depth=300.0, seed=0):
@@ -263,7 +264,7 @@ def test_gene_dispersion_separates_scattered_genes_and_shrinks_sparse_ones():
 
 def test_dispersion_weights_fit_scattered_data_better_than_poisson():
     """On counts whose genes scatter unevenly, down-weighting the scattered genes helps."""
-    from spotlens.deconv._poisson import with_dispersion
+    from spotlens.deconv._count_fit import with_dispersion
 
     counts, s_bar, x, phi = _scattered_problem(n_spots=400, seed=6)
     plain = CountProblem.from_counts(counts, s_bar)

@@ -37,7 +37,8 @@ from ._fit_quality import spot_fit_quality
 from ._graph import color_graph, default_alpha, edge_weights, knn, section_attention
 from ._model import Problem, cross_validate, fit, poisson_gene_weights, spatial_window
 from ._ops import get_ops
-from ._poisson import CountProblem, cv_counts, fit_counts, with_dispersion
+from ._count_fit import cv_counts, fit_counts, with_dispersion
+from ._poisson import CountProblem
 from ._tiled import fit_tiled
 
 logger = logging.getLogger("spotlens")
