@@ -10,7 +10,8 @@
 """
 
 from ._api import DeconvolutionResult, deconvolve
-from ._cell_api import CellLevelResult, assign_cells, cell_level, cell_type_expression
+from ._cell_api import CellLevelResult, cell_level
+from ._cell_products import assign_cells, cell_type_expression
 from ._config import (
     AttentionSettings,
     CellLevelConfig,
