@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         xy = np.asarray(adata.obsm["spatial"], dtype=float)
         dist, nearest = cKDTree(grid.obsm["spatial"]).query(xy)
         r_grid, _ = pearson_per_gene(np.asarray(grid.X)[nearest], measured)
-        r_spots, _ = pearson_per_gene(model.predict_section(adata, image,
+        r_spots, _ = pearson_per_gene(model.predict_section(adata, image=image,
                                                             cache_dir=args.cache_dir), measured)
         truth = ad.AnnData(measured.astype(np.float32), obs=adata.obs[[]].copy(),
                            var=grid.var.copy())

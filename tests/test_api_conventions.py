@@ -68,11 +68,8 @@ EXCEPTIONS = {
         "are named by prefix + cell type and overwrite= guards existing ones"),
 }
 
-_HISTOLOGY = "histology restructuring (issue 14, points 2-3) reshapes this API"
 #: (check, function) -> what is pending; xfail(strict=False) until it lands.
-PENDING = {
-    ("keyword_only", "histology.HistologyModel.predict_section"): _HISTOLOGY,
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 
 def _public_callables():

@@ -74,7 +74,7 @@ def test_predict_writes_only_its_documented_keys(data, ridge_dir):
     assert adata.obsm["X_colour"].shape == (adata.n_obs, 3 * 25)  # 3 tile scales
     # the same numbers as the array API, and the model learnt the image
     model = load_model(ridge_dir)
-    np.testing.assert_allclose(table.to_numpy(), model.predict_section(data["S4"][0], image))
+    np.testing.assert_allclose(table.to_numpy(), model.predict_section(data["S4"][0], image=image))
     truth = section_log_expression(adata, ["TUM"])[:, 0]
     assert np.corrcoef(table["TUM"], truth)[0, 1] > 0.6
 

@@ -153,7 +153,7 @@ def test_ridge_model_saves_arrays_without_pickle(data, tmp_path):
     assert validation["expression_rank"] == "full" and validation["rank_scores"].keys() == {"full"}
     model = load_model(out)
     s4, image, _ = data["S4"]
-    pred = model.predict_section(s4, image)
+    pred = model.predict_section(s4, image=image)
     from spotlens.histology._metrics import section_log_expression
 
     r = np.corrcoef(pred[:, 0], section_log_expression(s4, ["TUM"])[:, 0])[0, 1]

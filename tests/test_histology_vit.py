@@ -240,7 +240,7 @@ def test_train_with_vit_weights_records_them_and_finds_them_after_a_move(data, c
     assert info["name"] == "vit" and info["dim"] == SMALL.dim
     assert info["weights_path"] == str(path.resolve())
     s4, image, _ = data["S4"]
-    before = load_model(out).predict_section(s4, image)
+    before = load_model(out).predict_section(s4, image=image)
     assert before.shape == (s4.n_obs, len(GENES)) and np.isfinite(before).all()
 
     moved = tmp_path / "elsewhere" / "uni.bin"
@@ -248,14 +248,14 @@ def test_train_with_vit_weights_records_them_and_finds_them_after_a_move(data, c
     shutil.move(path, moved)
     shutil.copy(path.parent / "config.json", moved.parent / "config.json")
     with pytest.raises(InputError, match="--encoder-weights"):
-        load_model(out).predict_section(s4, image)
-    after = load_model(out, encoder_weights=moved).predict_section(s4, image)
+        load_model(out).predict_section(s4, image=image)
+    after = load_model(out, encoder_weights=moved).predict_section(s4, image=image)
     np.testing.assert_allclose(after, before, atol=1e-6)
 
     other = _random_vit(SMALL, seed=9)  # same shapes, other weights: refused
     torch.save(other.state_dict(), moved)
     with pytest.raises(InputError, match="but that encoder now"):
-        load_model(out, encoder_weights=moved).predict_section(s4, image)
+        load_model(out, encoder_weights=moved).predict_section(s4, image=image)
 
 
 def test_cli_train_and_evaluate_with_encoder_weights(data, checkpoint, tmp_path):
@@ -320,4 +320,4 @@ def test_moved_vit_without_its_normalisation_is_refused(data, tmp_path):
     shutil.copy(hub / "model.bin", alone)
     s4, image, _ = data["S4"]
     with pytest.raises(InputError, match="prepares tiles differently"):
-        load_model(out, encoder_weights=alone).predict_section(s4, image)
+        load_model(out, encoder_weights=alone).predict_section(s4, image=image)

@@ -447,7 +447,7 @@ class HistologyModel:
         adata.obsm[features_key or self.features_key] = feats
         return None
 
-    def predict_section(self, adata: AnnData, image, *, mpp: float | None = None,
+    def predict_section(self, adata: AnnData, *, image, mpp: float | None = None,
                         cache_dir=None, progress: bool = False, check_image: bool = True,
                         spatial_key: str = SPATIAL_KEY,
                         library_id: str | None = None) -> np.ndarray:

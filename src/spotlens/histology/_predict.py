@@ -245,7 +245,7 @@ def evaluate(model_dir, sections, *, cache_dir=None, device: str = "cpu",
                 "another organism or gene naming (symbols vs Ensembl IDs)?"
             )
         logger.info("%s: predicting %d spots", name, adata.n_obs)
-        pred = model.predict_section(adata, image, cache_dir=cache_dir, progress=progress)
+        pred = model.predict_section(adata, image=image, cache_dir=cache_dir, progress=progress)
         res = score(pred, section_log_expression(adata, model.genes), model.genes)
         rows.append({"section": name, "mean_pearson": res["mean_pearson"],
                      "median_pearson": res["median_pearson"], "mse": res["mse"],
