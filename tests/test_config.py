@@ -124,3 +124,16 @@ def test_cli_config_file_reaches_any_setting_and_flags_override(tmp_path, monkey
     result = CliRunner().invoke(app, ["deconvolve", "-s", str(st), "-r", str(ref), "-o",
                                       str(tmp_path / "out2"), "--config", str(bad), "--quiet"])
     assert result.exit_code == 2 and "lamda_spatial" in result.output
+
+
+def test_cell_level_table_of_the_config_file(tmp_path):
+    path = tmp_path / "settings.toml"
+    path.write_text("lambda_spatial = 0.1\nseed = 4\n[cell_level]\nlambda_type = 0.2\n")
+    assert DeconvolutionConfig.from_file(path).lambda_spatial == 0.1  # the table is skipped
+    cell = CellLevelConfig.from_file(path, seed=4)
+    assert (cell.lambda_type, cell.seed, cell.n_candidates) == (0.2, 4, 10)
+    path.write_text("[cell_level]\nlambda_typ = 0.2\n")
+    with pytest.raises(InputError, match="Unknown cell-level setting.*lambda_typ"):
+        CellLevelConfig.from_file(path)
+    with pytest.raises(InputError, match="max_cells"):
+        CellLevelConfig(max_cells=1)

@@ -68,20 +68,27 @@ _FLAG_SETTINGS = {"attention": "use_attention"}
 
 
 def _settings(ctx: typer.Context, path: Path | None, **flags):
-    """The deconvolution settings: ``--config`` file, then the flags given on the command
-    line (a flag left at its default does not override the file)."""
-    from ..deconv import DeconvolutionConfig
+    """The deconvolution and cell-level settings: ``--config`` file, then the flags given on
+    the command line (a flag left at its default does not override the file)."""
+    from ..deconv import CellLevelConfig, DeconvolutionConfig
 
+    def given(name: str) -> bool:
+        flag = next((f for f, setting in _FLAG_SETTINGS.items() if setting == name), name)
+        return getattr(ctx.get_parameter_source(flag), "name", None) == "COMMANDLINE"
+
+    cell_flags = {"n_candidates": flags.pop("n_candidates")}
     if path is None:
-        return DeconvolutionConfig.from_dict(flags)
-    base = DeconvolutionConfig.from_file(path).flat()
-    given = {
-        name: value for name, value in flags.items()
-        if getattr(ctx.get_parameter_source(next(
-            (flag for flag, setting in _FLAG_SETTINGS.items() if setting == name), name
-        )), "name", None) == "COMMANDLINE"
-    }
-    return DeconvolutionConfig.from_dict({**base, **given})
+        cell = {k: v for k, v in cell_flags.items() if v is not None}
+        config = DeconvolutionConfig.from_dict(flags)
+        return config, CellLevelConfig.from_dict({**cell, "seed": config.seed})
+    config = DeconvolutionConfig.from_file(path).updated(
+        **{name: value for name, value in flags.items() if given(name)})
+    # the cell level follows the run's seed unless the file's cell_level table sets one
+    cell = CellLevelConfig.from_file(path, seed=config.seed).to_dict()
+    cell.update({k: v for k, v in cell_flags.items() if v is not None and given(k)})
+    if given("seed"):
+        cell["seed"] = config.seed
+    return config, CellLevelConfig.from_dict(cell)
 
 
 def _genes_per_type(value: str) -> int | None:
@@ -188,9 +195,10 @@ def deconvolve_command(
         help="Informative genes kept per cell type; 'all' keeps every expressed gene.")] = "200",
     config: Annotated[Path | None, typer.Option(
         "--config", metavar="FILE",
-        help="JSON or TOML file of deconvolution settings, by the names of "
-             "spotlens.deconv.DeconvolutionConfig (e.g. lambda_spatial = 0.1, [cv] folds = 3); "
-             "it reaches every setting, and flags given on the command line override it.",
+        help="JSON or TOML file of settings, by the names of "
+             "spotlens.deconv.DeconvolutionConfig (e.g. lambda_spatial = 0.1, [cv] folds = 3) "
+             "and, in a [cell_level] table, of CellLevelConfig (e.g. lambda_type = 0.2); it "
+             "reaches every setting, and flags given on the command line override it.",
         show_default=False)] = None,
     cell_level: CellLevelOption = False,
     cells_per_spot: Annotated[str | None, typer.Option(
@@ -222,12 +230,12 @@ def deconvolve_command(
         from ..io import read_reference, read_spatial
 
         check_device(device)
-        settings = _settings(ctx, config, k_neighbors=k_neighbors, lambda_ridge=lambda_ridge,
-                             lambda_spatial=lambda_spatial, use_attention=attention,
-                             likelihood=likelihood, seed=seed, n_iter=n_iter,
-                             min_cells_per_type=min_cells_per_type,
-                             n_genes_per_type=n_genes_per_type)
-        seed = settings.seed
+        settings, cell_settings = _settings(
+            ctx, config, k_neighbors=k_neighbors, lambda_ridge=lambda_ridge,
+            lambda_spatial=lambda_spatial, use_attention=attention, likelihood=likelihood,
+            seed=seed, n_iter=n_iter, min_cells_per_type=min_cells_per_type,
+            n_genes_per_type=n_genes_per_type, n_candidates=n_candidates,
+        )
         if not cell_level and (cells_per_spot is not None or n_candidates is not None):
             raise InputError("--cells-per-spot and --n-candidates apply to the cell-level step; "
                              "add --cell-level.")
@@ -253,9 +261,7 @@ def deconvolve_command(
                 cells = _cell_level(
                     st, ref, labels_key=labels_key, layer=layer,
                     reference_layer=reference_layer, spatial_key=spatial_key,
-                    cells_per_spot=cells_per_spot,
-                    n_candidates=10 if n_candidates is None else n_candidates, seed=seed,
-                    progress=progress,
+                    cells_per_spot=cells_per_spot, settings=cell_settings, progress=progress,
                 )
             _write_outputs(run, st, spatial_key=spatial_key, cells=cells)
 
@@ -281,7 +287,7 @@ def demo_command(
     """
     with log_to_stderr(quiet), errors(cli_terms=True):
         from ..metrics import accuracy
-        from ..deconv import deconvolve
+        from ..deconv import CellLevelConfig, deconvolve
 
         check_device(device)
         try:
@@ -300,7 +306,7 @@ def demo_command(
             if cell_level:
                 cells = _cell_level(st, ref, labels_key="cell_type", layer=None,
                                     reference_layer=None, spatial_key="spatial",
-                                    cells_per_spot=None, n_candidates=10, seed=seed,
+                                    cells_per_spot=None, settings=CellLevelConfig(seed=seed),
                                     progress=progress)
             _write_outputs(run, st, spatial_key="spatial", cells=cells)
         scores = accuracy(st.obsm[PROPORTIONS_KEY], st.obsm["true_proportions"])
@@ -350,18 +356,17 @@ def _cell_table(recall: dict, error: float, *, n_types: int, n_cells: int) -> st
 
 
 def _cell_level(st, ref, *, labels_key: str, layer: str | None, reference_layer: str | None,
-                spatial_key: str, cells_per_spot: str | None, n_candidates: int, seed: int,
-                progress: bool):
-    """Run the cell-level step into ``st`` and return the placed cells."""
+                spatial_key: str, cells_per_spot: str | None, settings, progress: bool):
+    """Run the cell-level step (``settings``: a CellLevelConfig) into ``st``; return the cells."""
     from ..deconv import assign_cells, cell_level
 
     cell_level(
         st, ref, labels_key=labels_key, layer=layer, reference_layer=reference_layer,
-        key=PROPORTIONS_KEY, cells_per_spot=cells_per_spot, n_candidates=n_candidates, seed=seed,
+        key=PROPORTIONS_KEY, cells_per_spot=cells_per_spot, **settings.to_dict(),
         key_added=CELL_WEIGHTS_KEY, inplace=True, progress=progress,
     )
     return assign_cells(st, ref, key=CELL_WEIGHTS_KEY, spatial_key=spatial_key,
-                        reference_layer=reference_layer, seed=seed)
+                        reference_layer=reference_layer, seed=settings.seed)
 
 
 def _write_outputs(run, st, *, spatial_key: str, cells=None) -> None:

@@ -23,6 +23,30 @@ LIKELIHOODS = ("auto", "quasi_poisson", "poisson", "gaussian")
 GENE_WEIGHTS = ("poisson", "none")
 
 
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """The settings in a ``.json`` or ``.toml`` file, as a dict.
+
+    Raises
+    ------
+    InputError
+        The file is missing, has another suffix, or does not parse.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Config file {str(path)!r} does not exist.")
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise InputError(f"Config file {str(path)!r}: use a .json or .toml file of settings.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise InputError(f"Config file {str(path)!r} is not valid: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"Config file {str(path)!r} must hold a table of settings.")
+    return data
+
+
 def _check_penalty(name: str, value) -> float | str:
     if isinstance(value, str) and value == "auto":
         return value
@@ -230,22 +254,10 @@ class DeconvolutionConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> DeconvolutionConfig:
-        """Config from a ``.json`` or ``.toml`` file of settings (as :meth:`from_dict`)."""
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"Config file {str(path)!r} does not exist.")
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix.lower() == ".toml":
-                data = tomllib.loads(text)
-            elif path.suffix.lower() == ".json":
-                data = json.loads(text)
-            else:
-                raise InputError(
-                    f"Config file {str(path)!r}: use a .json or .toml file of settings."
-                )
-        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise InputError(f"Config file {str(path)!r} is not valid: {exc}") from None
+        """Config from a ``.json`` or ``.toml`` file of settings (as :meth:`from_dict`); a
+        ``cell_level`` table in it is for :class:`CellLevelConfig` and is ignored here."""
+        data = read_settings(path)
+        data.pop("cell_level", None)
         return cls.from_dict(data)
 
     @classmethod
@@ -301,6 +313,29 @@ class CellLevelConfig:
     def to_dict(self) -> dict[str, Any]:
         """Settings as plain Python values."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> CellLevelConfig:
+        """Config from setting names (the keywords of ``cell_level``); others are refused."""
+        if not isinstance(settings, dict):
+            raise InputError(f"cell_level settings must be a table, got {settings!r}.")
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - valid)
+        if unknown:
+            raise InputError(
+                f"Unknown cell-level setting(s): {', '.join(unknown)}. Valid names: "
+                f"{', '.join(sorted(valid))}."
+            )
+        return cls(**settings)
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, seed: int | None = None) -> CellLevelConfig:
+        """Config from the ``cell_level`` table of a ``.json``/``.toml`` settings file;
+        ``seed`` (e.g. the deconvolution's) is used where the table sets none."""
+        table = dict(read_settings(path).get("cell_level", {}))
+        if seed is not None:
+            table.setdefault("seed", seed)
+        return cls.from_dict(table)
 
 
 __all__ = [
