@@ -1,4 +1,26 @@
-"""Expression from H&E at spot level: ridge baseline on tile features, held-out sections.
+"""Expression from H&E at spot level under the frozen protocol (issue 15), and the older table.
+
+Default (``python benchmarks/histology_her2st.py``): the frozen evaluation protocol of
+``spotlens.histology.run_protocol``. her2st: train C2–C5, test C6 (same patient) and B4
+(another patient); stutility_mob: train MOB1–3, test MOB4. Gene sets (top-250 expressed, HVG-50,
+SVG-50 by Moran's I; mitochondrial, ribosomal and housekeeping genes excluded), ridge penalty,
+projection rank and model type are all chosen on the training sections (nested
+leave-one-section-out); each test section's expression is read once, at the end. Features:
+frozen EfficientNet-Lite0 (ImageNet, 1280-d) on one-spot-diameter tiles (her2st 100 µm), and 25
+colour statistics of the same tiles. Every model row carries a spatial block-bootstrap 95 %
+interval and a paired interval against the frozen-feature ridge (HEST protocol); "training" and
+"section" feature standardisation are reported separately (the latter reads each test slide's
+own images: transductive).
+
+Run:  python benchmarks/histology_her2st.py [--features efficientnet-lite0 colour]
+          [--datasets her2st stutility_mob] [--n-boot 1000] [--out FILE]
+Writes benchmarks/results/histology_her2st_protocol.md. Encoder features are cached (default
+benchmarks/.cache/), so re-runs skip the encoder.
+
+``--legacy``: the earlier table (ridge, attention, graph and fine-tuned-head models, gene sets
+unfiltered, choices not nested; the issue-4 protocol below), written to
+benchmarks/results/histology_her2st.md.
+
 
 Protocol (issue 4): train on her2st C2–C5, evaluate on C6 (same patient) and B4 (another
 patient); train on stutility_mob MOB1–3, evaluate on MOB4. Features: EfficientNet-Lite0
@@ -8,7 +30,7 @@ leave-one-section-out CV on the training sections. Targets: log1p(normalize_tota
 of the top-50 HVGs (seurat_v3, batch = section) and the 250 most expressed genes, chosen on the
 training sections. Score: mean per-gene Pearson r on the held-out section, and MSE.
 
-Run:  python benchmarks/histology_her2st.py [--cache-dir DIR] [--no-cache] [--out FILE]
+Run:  python benchmarks/histology_her2st.py --legacy [--cache-dir DIR] [--no-cache] [--out FILE]
 Writes benchmarks/results/histology_her2st.md. Encoder features are cached (default
 benchmarks/.cache/), so re-runs skip the encoder.
 """
@@ -36,6 +58,7 @@ from spotlens.histology._features import colour_features, image_identity, multis
 from spotlens.histology._head import pre_head_encoder
 from spotlens.histology._metrics import evaluate, section_log_expression, select_target_genes
 from spotlens.histology._normalize import standardize_section
+from spotlens.histology._protocol import EvalSection, ProtocolConfig, run_protocol
 from spotlens.histology._rank import DEFAULT_RANKS, rank_label
 from spotlens.histology._tiles import DEFAULT_TILE_SCALES, spot_tiles, tile_geometry
 from spotlens.io import read_image
@@ -230,8 +253,9 @@ def fmt_table(rows) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
+def main_legacy(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--legacy", action="store_true")
     parser.add_argument("--cache-dir", default=str(HERE / ".cache"))
     parser.add_argument("--no-cache", action="store_true")
     parser.add_argument("--out", default=str(HERE / "results" / "histology_her2st.md"))
@@ -263,7 +287,7 @@ def main(argv=None) -> int:
         "",
         f"- date: {dt.date.today().isoformat()}",
         f"- machine: {machine_line()}",
-        "- command: `python benchmarks/histology_her2st.py"
+        "- command: `python benchmarks/histology_her2st.py --legacy"
         + (" --no-cache" if args.no_cache else "") + "`",
         "- protocol: her2st train C2–C5 → test C6 (same patient), B4 (other patient); "
         "stutility_mob train MOB1–3 → test MOB4. Targets log1p(normalize_total(counts, 1e4)) of "
@@ -327,5 +351,160 @@ def main(argv=None) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# The frozen protocol (issue 15)
+# --------------------------------------------------------------------------------------------
+
+PROTOCOL_FEATURES = ("efficientnet-lite0", "colour")
+MODEL_LABEL = {"ridge": "ridge (HEST, frozen features)", "rank1": "rank-1 baseline",
+               "ridge_rank": "ridge + rank (spotlens)", "selected": "selected (nested)"}
+SET_LABEL = {"top_expressed": "top-250", "hvg": "HVG-50", "svg": "SVG-50"}
+
+
+def frozen_features(adata, image_path: Path, tile_um, encoder, cache_dir, kinds) -> dict:
+    """Scale-1 (one spot diameter) tiles: encoder features and/or colour statistics."""
+    image = read_image(image_path)
+    geometry = tile_geometry(adata, image=image, tile_um=tile_um)
+    out = {}
+    if "efficientnet-lite0" in kinds:
+        out["efficientnet-lite0"] = multiscale_features(
+            image, geometry.centres_px, geometry.side_px, encoder, scales=(1.0,), out_px=224,
+            cache_dir=cache_dir, image_id="spot_tiles|" + image_identity(image_path),
+            tile_um=geometry.tile_um, mpp=geometry.mpp, progress=False)
+    if "colour" in kinds:
+        out["colour"] = colour_features(spot_tiles(adata, image, tile_um=tile_um, out_px=224))
+    return out
+
+
+def run_protocol_dataset(name: str, spec: dict, kinds, encoder, cache_dir, config, log):
+    folder = DATA / spec["dir"]
+    sections = spec["train"] + spec["test"]
+    adatas = {s: ad.read_h5ad(folder / f"{s}.h5ad") for s in sections}
+    t0 = time.perf_counter()
+    feats = {s: frozen_features(adatas[s], folder / spec["image"].format(s=s), spec["tile_um"],
+                                encoder, cache_dir, kinds) for s in sections}
+    timing = {"features_s": time.perf_counter() - t0}
+    results = {}
+    for kind in kinds:
+        t0 = time.perf_counter()
+        train = [EvalSection(s, adatas[s], feats[s][kind]) for s in spec["train"]]
+        test = [EvalSection(s, adatas[s], feats[s][kind]) for s in spec["test"]]
+        results[kind] = run_protocol(train, test, config)
+        timing[f"{kind}_s"] = time.perf_counter() - t0
+        log(f"  {name} / {kind}: protocol {timing[f'{kind}_s']:.0f} s")
+    return results, timing
+
+
+def _ci(r, lo, hi) -> str:
+    return "—" if not np.isfinite(r) else f"{r:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def fmt_protocol_table(kind: str, result) -> list[str]:
+    lines = [
+        "| section | gene set | std. | model | mean r [95 % CI] | Δ vs ridge [95 % CI] | "
+        "Δ section − training std. [95 % CI] | alpha | rank | chosen |",
+        "|---|---|---|---|---|---|---|---:|---:|---|",
+    ]
+    models = result.choices.models.set_index(["gene_set", "standardization", "model"])
+    for _, r in result.scores.iterrows():
+        m = models.loc[(r["gene_set"], r["standardization"], r["model"])]
+        lines.append(
+            f"| {r['section']} | {SET_LABEL[r['gene_set']]} | {r['standardization']} | "
+            f"{MODEL_LABEL[r['model']]} | {r['r']:.3f} [{r['low']:.3f}, {r['high']:.3f}] | "
+            f"{_ci(r['diff_ridge'], r['diff_low'], r['diff_high'])} | "
+            f"{_ci(r['diff_std'], r['diff_std_low'], r['diff_std_high'])} | "
+            f"{m['alpha']:.3g} | {m['rank']} | {r['chosen'] or ''} |")
+    return lines
+
+
+def fmt_loso(result) -> list[str]:
+    t = result.choices.models
+    t = t[t["loso_r"].notna() & (t["model"] != "selected")]
+    return [f"- {r.gene_set} / {r.standardization}: {r.model} LOSO r {r.loso_r:.3f}"
+            for r in t.itertuples()]
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--legacy" in argv:
+        return main_legacy(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache-dir", default=str(HERE / ".cache"))
+    parser.add_argument("--no-cache", action="store_true")
+    parser.add_argument("--out", default=str(HERE / "results" / "histology_her2st_protocol.md"))
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--features", nargs="+", default=list(PROTOCOL_FEATURES),
+                        choices=list(PROTOCOL_FEATURES))
+    parser.add_argument("--n-boot", type=int, default=1000)
+    args = parser.parse_args(argv)
+    cache_dir = None if args.no_cache else args.cache_dir
+    warnings.simplefilter("ignore", FutureWarning)
+    config = ProtocolConfig(n_boot=args.n_boot)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    start = time.perf_counter()
+    encoder = get_encoder("efficientnet-lite0") if "efficientnet-lite0" in args.features else None
+    body, timing_lines = [], []
+    for name in args.datasets:
+        log(f"{name}:")
+        results, timing = run_protocol_dataset(name, DATASETS[name], args.features, encoder,
+                                               cache_dir, config, log)
+        for kind, result in results.items():
+            table = fmt_protocol_table(kind, result)
+            print(f"\n{name}, {kind}:\n" + "\n".join(table), flush=True)
+            body += [f"## {name}: {kind} features", "", *table, "",
+                     "Nested leave-one-section-out mean r of the candidates (training "
+                     "sections only):", "", *fmt_loso(result), "",
+                     "Gene sets (chosen on the training sections): " + "; ".join(
+                         f"{SET_LABEL[k]}: {', '.join(v[:12])}{' …' if len(v) > 12 else ''}"
+                         for k, v in result.choices.genes.items()), ""]
+        timing_lines.append(
+            f"- {name}: features {timing['features_s']:.0f} s; "
+            + ", ".join(f"protocol on {k} {timing[f'{k}_s']:.0f} s" for k in results))
+    total = time.perf_counter() - start
+    lines = [
+        "# Expression from H&E at spot level: the frozen protocol (issue 15)",
+        "",
+        f"- date: {dt.date.today().isoformat()}",
+        f"- machine: {machine_line()}",
+        "- command: `python benchmarks/histology_her2st.py " + " ".join(argv) + "`",
+        "- protocol: `spotlens.histology.run_protocol` with `ProtocolConfig(n_boot="
+        f"{args.n_boot})`: her2st train C2–C5 → test C6, B4; stutility_mob train MOB1–3 → "
+        "test MOB4. Targets log1p(normalize_total(counts, 1e4)); gene sets chosen on the "
+        "training sections with mitochondrial, ribosomal (protein genes and rRNAs) and 16 "
+        "housekeeping genes excluded: "
+        "top-250 by mean, HVG-50 (seurat_v3, batch = section) and SVG-50 (mean Moran's I, "
+        "k = 6 nearest spots), HVG/SVG among genes detected in ≥ 10 % of training spots. "
+        "Models: ridge (HEST: standardise → PCA(256) → ridge, alpha by leave-one-section-out "
+        "CV over logspace(-2, 6, 33)); rank-1 baseline (that ridge projected onto the first "
+        "principal axis of the z-scored training expression); ridge + rank (the projection "
+        "rank from (5, 10, 20, 50, full) by the same CV); selected = the candidate (ridge or "
+        "ridge + rank) with the best nested leave-one-section-out mean r, genes and alpha "
+        "re-chosen inside each fold. Each test section's expression is read once, after every "
+        "model is fitted and every prediction made.",
+        "- intervals: spatial block bootstrap (square tiles of 4 × the median nearest-spot "
+        f"distance, {args.n_boot} replicates, percentile 95 %); Δ columns are paired (same "
+        "tiles for both predictions). On 'selected' rows, Δ section − training compares the two "
+        "selected routes, which may be different model types.",
+        "- std.: 'training' = features standardised with training-set moments (inductive); "
+        "'section' = each section's features z-scored over its own spots, the test sections' "
+        "too (uses the test slide's images, not its expression: transductive).",
+        "- features: EfficientNet-Lite0 ImageNet (1280-d, tiles of one spot diameter resized to "
+        "224 px); colour = 25 statistics of the same tiles.",
+        "",
+        *body,
+        "## Timings",
+        "",
+        *timing_lines,
+        f"- total: {total:.0f} s",
+    ]
+    out = write_atomic(args.out, "\n".join(lines) + "\n")
+    log(f"wrote {out}")
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

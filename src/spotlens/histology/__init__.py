@@ -12,6 +12,9 @@ The image layer (tiles, tissue masks, stain normalisation; images are read by
   reads it. Under it: the predictors (:class:`ExpressionModel` over an ``nn.Module``,
   :class:`RidgeBaseline`), the training loop (``_trainer.py``) and the model types
   (``_registry.py``).
+- :func:`run_protocol`: the frozen evaluation protocol (every choice nested in the training
+  sections, each test section read once; :func:`block_bootstrap_pearson` intervals, gene sets
+  from :func:`select_gene_sets`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,17 @@ _LAZY = {
     "predict": "._predict",
     "predict_image": "._predict",
     "train": "._train",
+    "BootstrapInterval": "._intervals",
+    "block_bootstrap_pearson": "._intervals",
+    "paired_block_bootstrap_pearson": "._intervals",
+    "GeneFilter": "._gene_sets",
+    "HOUSEKEEPING_GENES": "._gene_sets",
+    "select_gene_sets": "._gene_sets",
+    "EvalSection": "._protocol",
+    "ProtocolConfig": "._protocol",
+    "fit_protocol": "._protocol",
+    "run_protocol": "._protocol",
+    "score_protocol": "._protocol",
 }
 # public name -> (module, attribute) where they differ
 _ALIASES = {
@@ -65,6 +79,10 @@ __all__ = [
     "predict", "predict_image", "read_image", "register_encoder", "section_log_expression",
     "select_target_genes", "spot_tiles", "tile_cache_key", "tile_features", "tile_geometry",
     "tissue_mask", "train",
+    # the frozen evaluation protocol (issue 15)
+    "BootstrapInterval", "EvalSection", "GeneFilter", "HOUSEKEEPING_GENES", "ProtocolConfig",
+    "block_bootstrap_pearson", "fit_protocol", "paired_block_bootstrap_pearson", "run_protocol",
+    "score_protocol", "select_gene_sets",
 ]
 
 
