@@ -124,6 +124,8 @@ def test_cli_config_file_reaches_any_setting_and_flags_override(tmp_path, monkey
     result = CliRunner().invoke(app, ["deconvolve", "-s", str(st), "-r", str(ref), "-o",
                                       str(tmp_path / "out2"), "--config", str(bad), "--quiet"])
     assert result.exit_code == 2 and "lamda_spatial" in result.output
+    # the file's names stay the file's names (not translated into flags)
+    assert "k_neighbors" in result.output and "--k-neighbors" not in result.output
 
 
 def test_cell_level_table_of_the_config_file(tmp_path):

@@ -17,6 +17,7 @@ from ._common import (
     ProgressOption,
     QuietOption,
     SeedOption,
+    SettingsFileError,
     check_device,
     errors,
     log_to_stderr,
@@ -81,10 +82,13 @@ def _settings(ctx: typer.Context, path: Path | None, **flags):
         cell = {k: v for k, v in cell_flags.items() if v is not None}
         config = DeconvolutionConfig.from_dict(flags)
         return config, CellLevelConfig.from_dict({**cell, "seed": config.seed})
-    config = DeconvolutionConfig.from_file(path).updated(
-        **{name: value for name, value in flags.items() if given(name)})
-    # the cell level follows the run's seed unless the file's cell_level table sets one
-    cell = CellLevelConfig.from_file(path, seed=config.seed).to_dict()
+    try:  # names in the file's messages stay the file's names, not flags
+        from_file = DeconvolutionConfig.from_file(path)
+        # the cell level follows the run's seed unless the file's cell_level table sets one
+        cell = CellLevelConfig.from_file(path, seed=from_file.seed).to_dict()
+    except InputError as err:
+        raise SettingsFileError(f"--config {path}: {err}") from None
+    config = from_file.updated(**{name: value for name, value in flags.items() if given(name)})
     cell.update({k: v for k, v in cell_flags.items() if v is not None and given(k)})
     if given("seed"):
         cell["seed"] = config.seed

@@ -55,6 +55,10 @@ def check_device(device: str) -> None:
         raise InputError(str(err)) from err
 
 
+class SettingsFileError(InputError):
+    """Bad input in a ``--config`` file: its message keeps the file's setting names."""
+
+
 @contextmanager
 def errors(*, cli_terms: bool = False) -> Iterator[None]:
     """Turn bad input into a one-line message and exit code 2; a failed read/write into code 1.
@@ -66,7 +70,8 @@ def errors(*, cli_terms: bool = False) -> Iterator[None]:
         yield
     except (InputError, BackendError) as err:
         message = " ".join(str(err).split())
-        typer.echo(f"error: {cli_message(message) if cli_terms else message}", err=True)
+        translate = cli_terms and not isinstance(err, SettingsFileError)
+        typer.echo(f"error: {cli_message(message) if translate else message}", err=True)
         raise typer.Exit(EXIT_INPUT) from None
     except OSError as err:
         where = f"{err.filename}: " if err.filename else ""
