@@ -18,6 +18,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from .._metrics import pearson_columns
 from .._validation import InputError, check_counts
 
 
@@ -176,19 +177,7 @@ def pearson_per_gene(pred: np.ndarray, observed: np.ndarray) -> tuple[np.ndarray
     undefined
         ``n_genes`` bool, True where either column is constant.
     """
-    pred = np.asarray(pred, dtype=np.float64)
-    observed = np.asarray(observed, dtype=np.float64)
-    pc = pred - pred.mean(axis=0)
-    oc = observed - observed.mean(axis=0)
-    p_norm = np.sqrt((pc**2).sum(axis=0))
-    o_norm = np.sqrt((oc**2).sum(axis=0))
-    tol = 1e-12 * np.sqrt(pred.shape[0])
-    undefined = (p_norm <= tol * np.maximum(1.0, np.abs(pred).max(axis=0))) | (
-        o_norm <= tol * np.maximum(1.0, np.abs(observed).max(axis=0))
-    )
-    denom = np.where(undefined, 1.0, p_norm * o_norm)
-    r = np.where(undefined, 0.0, (pc * oc).sum(axis=0) / denom)
-    return np.clip(r, -1.0, 1.0), undefined
+    return pearson_columns(pred, observed)
 
 
 def evaluate(pred, observed, genes: Sequence[str]) -> dict:
