@@ -139,3 +139,17 @@ def test_cell_level_table_of_the_config_file(tmp_path):
         CellLevelConfig.from_file(path)
     with pytest.raises(InputError, match="max_cells"):
         CellLevelConfig(max_cells=1)
+
+
+def test_config_with_default_keywords_of_numpy_type_is_accepted(synthetic):
+    """A keyword left at its default (even as a NumPy integer) does not clash with config=."""
+    import numpy as np
+
+    st, ref = synthetic.spatial, synthetic.reference
+    cfg = DeconvolutionConfig(lambda_ridge=0.0, lambda_spatial=0.0, likelihood="poisson",
+                              fit_quality=False)
+    res = deconvolve(st, ref, inplace=False, progress=False, seed=np.int64(0),
+                     k_neighbors=np.int64(6), config=cfg)
+    assert res.uns["params"]["k_neighbors"] == 6
+    with pytest.raises(InputError, match="use_attention given both"):
+        deconvolve(st, ref, inplace=False, progress=False, use_attention=1, config=cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 from anndata import AnnData
 
 from .._backend import resolve_device
@@ -315,8 +316,12 @@ def resolve_config(config: DeconvolutionConfig | None, settings: dict) -> Deconv
 
 
 def _same(a, b) -> bool:
+    """``a`` equals the default ``b`` (a NumPy integer equals the int; True is not 1)."""
+    if isinstance(a, (bool, np.bool_)) != isinstance(b, bool) or isinstance(a, str) != isinstance(
+            b, str):
+        return False
     try:
-        return type(a) is type(b) and bool(a == b)
+        return bool(a == b)
     except (TypeError, ValueError):
         return False
 
