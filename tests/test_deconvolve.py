@@ -544,10 +544,10 @@ def test_bad_parameter_values(bundled, kwargs, message):
     ("kwargs", "message"),
     [
         (dict(alpha="auto"), "alpha must be > 0 or None"),
-        (dict(tol=None), "tol must be > 0"),
+        (dict(tol="tight"), "tol must be > 0"),
         (dict(attention_temperature="high"), "attention_temperature must be > 0"),
     ],
-    ids=["alpha='auto'", "tol=None", "attention_temperature='high'"],
+    ids=["alpha='auto'", "tol='tight'", "attention_temperature='high'"],
 )
 def test_non_numeric_parameters_are_input_errors(bundled, kwargs, message):
     st, ref = bundled
@@ -626,3 +626,18 @@ def test_bad_counts_in_a_backed_h5ad_are_reported_like_in_memory(bundled, tmp_pa
             deconvolve(backed, ref, **FIXED)
     finally:
         backed.file.close()
+
+
+@pytest.mark.parametrize(("likelihood", "tol"), [("poisson", 1e-4), ("gaussian", 1e-5)])
+def test_default_tolerance_follows_the_likelihood_and_is_recorded(bundled, likelihood, tol):
+    st, ref = bundled
+    res = deconvolve(st, ref, **{**FIXED, "likelihood": likelihood}, inplace=False)
+    assert res.uns["params"]["tol"] == tol
+    given = deconvolve(st, ref, **{**FIXED, "likelihood": likelihood, "tol": 1e-7},
+                       inplace=False)
+    assert given.uns["params"]["tol"] == 1e-7
+    # the tighter tolerance takes more iterations to nearly the same fit
+    assert given.uns["params"]["n_sweeps"] >= res.uns["params"]["n_sweeps"]
+    loose, tight = res.uns["objective"][-1], given.uns["objective"][-1]
+    assert tight <= loose <= tight + 1e-4 * abs(tight)
+    assert np.abs(given.proportions - res.proportions).to_numpy().mean() < 0.005

@@ -275,3 +275,37 @@ def test_dispersion_weights_fit_scattered_data_better_than_poisson():
     qp = solve_counts(weighted, x0=start, n_iter=2000, tol=1e-10).x
     err = [np.abs(v / v.sum(1, keepdims=True) - x).mean() for v in (po, qp)]
     assert err[1] < 0.9 * err[0]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_dense_and_sparse_passes_agree(monkeypatch, weighted):
+    """Dense counts go through matrix products, sparse ones through the compiled pass: the
+    statistics, the held-out deviance and the fit must not depend on which one ran."""
+    import spotlens.deconv._poisson as poisson
+
+    base, _ = _problem(n_spots=300, n_genes=50, depth=200.0, seed=7)
+    weight = np.linspace(0.2, 1.0, 50) if weighted else None
+    x = np.random.default_rng(1).random((300, 4))
+    out = {}
+    for path, density in (("dense", 0.0), ("sparse", 2.0)):
+        monkeypatch.setattr(poisson, "DENSE_MIN_DENSITY", density)
+        problem = CountProblem.from_counts(base.counts, base.s_bar, weight)
+        assert (problem._dense is None) == (path == "sparse")
+        acc, loglik = problem.statistics(x)
+        acc_fast, zeros = problem.statistics(x, loglik=False)
+        np.testing.assert_array_equal(acc_fast, acc)
+        assert not zeros.any()
+        fit = solve_counts(problem, w=_graph(300), penalty_spatial=0.05 * problem.scale,
+                           n_iter=200, tol=1e-9)
+        out[path] = acc, loglik, problem.held_out_deviance(x), fit.x
+    for dense, sparse_ in zip(out["dense"][:3], out["sparse"][:3], strict=True):
+        np.testing.assert_allclose(dense, sparse_, rtol=1e-9, atol=1e-12)
+    # rounding differs, so the iterates do too, but both reach the one minimum
+    np.testing.assert_allclose(out["dense"][3], out["sparse"][3], atol=2e-5)
+    # the dense copy is never made for sparse counts or beyond its size cap
+    monkeypatch.setattr(poisson, "DENSE_MIN_DENSITY", 0.4)
+    thin = CountProblem.from_counts(sparse.random(100, 200, density=0.05, random_state=0,
+                                                  format="csr"), base.s_bar[:, :1].repeat(200, 1))
+    assert thin._dense is None
+    monkeypatch.setattr(poisson, "DENSE_MAX_ENTRIES", 10)
+    assert CountProblem.from_counts(base.counts, base.s_bar)._dense is None

@@ -178,7 +178,7 @@ class DeconvolutionConfig:
     max_states_per_type: int = 5
     min_shared_genes: int = 10
     n_iter: int = 200
-    tol: float = 1e-5
+    tol: float | None = None
     seed: int = 0
     attention: AttentionSettings = field(default_factory=AttentionSettings)
     cv: CVSettings = field(default_factory=CVSettings)
@@ -213,7 +213,8 @@ class DeconvolutionConfig:
         check_int("max_states_per_type", self.max_states_per_type, minimum=1)
         check_int("min_shared_genes", self.min_shared_genes, minimum=1)
         check_int("n_iter", self.n_iter, minimum=1, expected="a positive integer")
-        check_number("tol", self.tol, above=0, finite=False, expected="> 0")
+        check_number("tol", self.tol, above=0, finite=False, none_ok=True,
+                     expected="> 0, or None (by likelihood)")
         check_int("seed", self.seed, minimum=0, expected="an integer ≥ 0")
         for name, kind in _GROUP_TYPES.items():
             if not isinstance(getattr(self, name), kind):

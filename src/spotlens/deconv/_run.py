@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -52,6 +52,11 @@ _HEAD_SPOTS = 2000
 #: panel of a few dozen chosen markers has no gene to spare (Poisson there). Set after the
 #: osmFISH held-out split was seen (README, osmFISH section), not by cross-validation.
 QUASI_MIN_GENES = 100
+#: Stopping tolerance (``tol=None``) of the count likelihood's fit (SQUAREM iterations) and of
+#: the least-squares one (Gauss-Seidel sweeps). On the development simulations (seeds 0-3,
+#: 24 fits) 1e-4 gave every Pearson r of 1e-5 to 3 decimals with ~40 % fewer passes.
+COUNT_TOL = 1e-4
+LEAST_SQUARES_TOL = 1e-5
 #: Stopping tolerance of the first (Poisson) fit that the quasi-Poisson gene weights come from.
 FIRST_FIT_TOL = 1e-3
 #: Largest slide on which likelihood="auto" fits the count likelihood (a standard Visium
@@ -345,6 +350,8 @@ def run_deconvolution(spatial: AnnData, reference: AnnData, data: DataKeys,
     """The five stages; returns the result that ``deconvolve`` writes or returns."""
     t0 = time.perf_counter()
     likelihood = choose_likelihood(config, spatial.n_obs, backend, client)
+    if config.tol is None:
+        config = replace(config, tol=LEAST_SQUARES_TOL if likelihood == "gaussian" else COUNT_TOL)
     inputs = read_inputs(spatial, reference, data)
     model = build_model(spatial, reference, inputs, data, config, likelihood,
                         auto=config.likelihood == "auto", key_added=key_added)
