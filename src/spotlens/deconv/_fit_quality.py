@@ -251,10 +251,20 @@ def _check_inputs(counts, x, signature, library):
 # --- kernels ---------------------------------------------------------------------------------
 
 
-def _unit_deviance(y: np.ndarray, mu: np.ndarray, phi: float) -> np.ndarray:
-    """NB2 (Poisson when ``φ ≈ 0``) unit deviance ``d(y, µ)``; ``y log(y/µ) = 0`` at ``y = 0``."""
+def _y_log_y_over_mu(y: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """``y log(y/µ)``, 0 at ``y = 0``: the part of the unit deviance that ``φ`` leaves alone."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        ylog = np.where(y > 0, y * np.log(np.where(y > 0, y, 1.0) / mu), 0.0)
+        return np.where(y > 0, y * np.log(np.where(y > 0, y, 1.0) / mu), 0.0)
+
+
+def _unit_deviance(y: np.ndarray, mu: np.ndarray, phi: float,
+                   ylog: np.ndarray | None = None) -> np.ndarray:
+    """NB2 (Poisson when ``φ ≈ 0``) unit deviance ``d(y, µ)``; ``y log(y/µ) = 0`` at ``y = 0``.
+
+    ``ylog``: :func:`_y_log_y_over_mu` of the same ``y, µ``, when the caller reuses it.
+    """
+    if ylog is None:
+        ylog = _y_log_y_over_mu(y, mu)
     if phi < _POISSON_PHI:
         return 2.0 * (ylog - (y - mu))
     r = 1.0 / phi
@@ -371,9 +381,10 @@ def _estimate_dispersion(y: sparse.csr_matrix, x, s, lib) -> float:
     p = np.count_nonzero(x[rows] > 0, axis=1)
 
     lookup = _row_lookup(mu)
+    ylog = _y_log_y_over_mu(yy, safe)
 
     def excess(phi: float) -> float:
-        dev = _unit_deviance(yy, safe, phi).sum(axis=1)
+        dev = _unit_deviance(yy, safe, phi, ylog).sum(axis=1)
         expected = _row_expected(lookup, *_expected_deviance_table(phi)) - p
         ok = expected >= 1.0
         if not ok.any():
