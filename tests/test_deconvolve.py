@@ -641,3 +641,12 @@ def test_default_tolerance_follows_the_likelihood_and_is_recorded(bundled, likel
     loose, tight = res.uns["objective"][-1], given.uns["objective"][-1]
     assert tight <= loose <= tight + 1e-4 * abs(tight)
     assert np.abs(given.proportions - res.proportions).to_numpy().mean() < 0.005
+
+
+@pytest.mark.parametrize(("likelihood", "spots"), [("poisson", 2_000), ("gaussian", 5_000)])
+def test_default_cv_patch_follows_the_likelihood_and_is_recorded(bundled, likelihood, spots):
+    st, ref = bundled
+    res = deconvolve(st, ref, likelihood=likelihood, lambda_ridge=0.0, progress=False,
+                     inplace=False)
+    assert res.uns["params"]["cv_max_spots"] == spots
+    assert res.uns["cv"]["error"].notna().any()  # the penalty was chosen

@@ -95,15 +95,17 @@ class CVSettings:
     folds
         Parts each spot's counts are split into.
     max_spots
-        Largest contiguous patch of spots the penalties are chosen on.
+        Largest contiguous patch of spots the penalties are chosen on; ``None``: 2,000 spots
+        under the count likelihood, 5,000 under least squares.
     """
 
     folds: int = 2
-    max_spots: int = 5_000
+    max_spots: int | None = None
 
     def __post_init__(self):
         check_int("cv_folds", self.folds, minimum=2)
-        check_int("cv_max_spots", self.max_spots, minimum=100)
+        check_int("cv_max_spots", self.max_spots, minimum=100, none_ok=True,
+                  expected="an integer ≥ 100, or None (by likelihood)")
 
 
 @dataclass(frozen=True)
