@@ -6,7 +6,7 @@ spotlens is developed), e.g.
     python benchmarks/histology_encoder.py --encoder vit \\
         --encoder-weights ~/models/uni/pytorch_model.bin
 
-Protocol as `benchmarks/histology_her2st.py` (and `spotlens.histology.train`): her2st train
+The issue-4 protocol (the study `benchmarks/studies/histology_her2st_legacy.py`): her2st train
 C2–C5 → C6 and B4, stutility_mob MOB1–3 → MOB4; tiles of 1, 2 and 4 spot diameters, features
 side by side and z-scored within each section; ridge (alpha and expression rank by
 leave-one-section-out CV), attention and graph models (early stopping on the last training
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -29,21 +28,23 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from spotlens.histology import Section
-from spotlens.histology._baseline import RidgeBaseline
-from spotlens.histology._encoders import get_encoder
-from spotlens.histology._features import image_identity, multiscale_features
-from spotlens.histology._metrics import evaluate, section_log_expression, select_target_genes
-from spotlens.histology._normalize import standardize_section
-from spotlens.histology._rank import DEFAULT_RANKS
-from spotlens.histology._tiles import DEFAULT_TILE_SCALES, tile_geometry
+from _histology import DATA, DATASETS, HERE, fit_network, machine_line
+from _machine import write_atomic
+from spotlens.histology import (
+    DEFAULT_RANKS,
+    DEFAULT_TILE_SCALES,
+    RidgeBaseline,
+    Section,
+    evaluate,
+    get_encoder,
+    image_identity,
+    multiscale_features,
+    section_log_expression,
+    select_target_genes,
+    standardize_section,
+    tile_geometry,
+)
 from spotlens.io import read_image
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import write_atomic  # noqa: E402
-from histology_her2st import DATA, DATASETS, fit_network, machine_line  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
 GOALS = {"C6": 0.30, "B4": 0.20, "MOB4": 0.40}  # issue 4, top-250 genes
 GENE_SET_LABEL = {"hvg": "HVG-50", "top_expressed": "top-250 expressed"}
 

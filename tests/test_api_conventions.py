@@ -50,6 +50,9 @@ EXCEPTIONS = {
     ("keyword_only", "pl.overlay"): (
         "`genes` is what is drawn, required and without a default, as in sc.pl.violin(adata, "
         "keys)"),
+    ("keyword_only", "pl.prediction"): (
+        "`gene` is what is drawn, required and without a default, as in sc.pl.violin(adata, "
+        "keys) and pl.overlay"),
     ("keyword_only", "io.write_h5ad"): (
         "the destination path is the second positional argument, as in anndata's "
         "adata.write_h5ad(filename)"),

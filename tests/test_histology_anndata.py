@@ -37,7 +37,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ridge_dir(data, tmp_path_factory):
     return train(pairs(data, ["S1", "S2", "S3"]), genes=GENES, model="ridge", encoder="colour",
-                 out_px=32, out=tmp_path_factory.mktemp("ridge"), progress=False)
+                 out_px=32, tile_scales=(1, 2, 4), out=tmp_path_factory.mktemp("ridge"),
+                 progress=False)
 
 
 def _snapshot(adata):
@@ -62,8 +63,12 @@ def test_predict_writes_only_its_documented_keys(data, ridge_dir):
     adata = adata.copy()
     before = _snapshot(adata)
     assert predict(adata, model=ridge_dir, image=image) is None
-    _same(before, adata, obsm={"histology_prediction", "X_colour"}, uns={"histology_prediction"})
+    _same(before, adata, obsm={"histology_prediction", "histology_prediction_std", "X_colour"},
+          uns={"histology_prediction"})
     table = adata.obsm["histology_prediction"]
+    std = adata.obsm["histology_prediction_std"]
+    assert std.shape == table.shape and std.index.equals(table.index)
+    assert list(std.columns) == GENES and (std.to_numpy() >= 0).all()
     assert list(table.columns) == GENES and table.index.equals(adata.obs_names)
     record = adata.uns["histology_prediction"]
     assert record["genes"] == GENES
@@ -71,6 +76,7 @@ def test_predict_writes_only_its_documented_keys(data, ridge_dir):
     assert params["model_type"] == "ridge" and params["encoder"] == "colour"
     assert params["spatial_key"] == "spatial" and params["library_id"] == "S4"
     assert params["tile_um"] == pytest.approx(20.0) and params["mpp"] == pytest.approx(1.0)
+    assert "bootstrap" in params["uncertainty"]
     assert adata.obsm["X_colour"].shape == (adata.n_obs, 3 * 25)  # 3 tile scales
     # the same numbers as the array API, and the model learnt the image
     model = load_model(ridge_dir)
@@ -83,20 +89,22 @@ def test_predict_inplace_false_returns_the_result_and_changes_nothing(data, ridg
     adata, image, _ = data["S4"]
     adata = adata.copy()
     before = _snapshot(adata)
-    table = predict(adata, model=ridge_dir, image=image, inplace=False)
+    result = predict(adata, model=ridge_dir, image=image, inplace=False)
     _same(before, adata)
     written = adata.copy()
     predict(written, model=ridge_dir, image=image, key_added="pred", features_key="feats")
-    assert {"pred", "feats"} <= set(written.obsm) and "pred" in written.uns
-    pd.testing.assert_frame_equal(table, written.obsm["pred"])
+    assert {"pred", "pred_std", "feats"} <= set(written.obsm) and "pred" in written.uns
+    pd.testing.assert_frame_equal(result.expression, written.obsm["pred"])
+    pd.testing.assert_frame_equal(result.std, written.obsm["pred_std"])
 
 
 def test_predict_honours_spatial_key_and_library_id(data, ridge_dir):
     adata, image, _ = data["S4"]
-    base = predict(adata.copy(), model=ridge_dir, image=image, inplace=False)
+    base = predict(adata.copy(), model=ridge_dir, image=image, inplace=False).expression
     moved = adata.copy()
     moved.obsm["centres"] = moved.obsm.pop("spatial")
-    again = predict(moved, model=ridge_dir, image=image, spatial_key="centres", inplace=False)
+    again = predict(moved, model=ridge_dir, image=image, spatial_key="centres",
+                    inplace=False).expression
     pd.testing.assert_frame_equal(base, again)
     with pytest.raises(InputError, match=r"no obsm\['spatial'\]"):
         predict(moved, model=ridge_dir, image=image)
@@ -104,7 +112,8 @@ def test_predict_honours_spatial_key_and_library_id(data, ridge_dir):
     two.uns["spatial"] = {"S4": adata.uns["spatial"]["S4"], "other": {"scalefactors": {}}}
     with pytest.raises(InputError, match="2 libraries"):
         predict(two, model=ridge_dir, image=image)
-    picked = predict(two, model=ridge_dir, image=image, library_id="S4", inplace=False)
+    picked = predict(two, model=ridge_dir, image=image, library_id="S4",
+                     inplace=False).expression
     pd.testing.assert_frame_equal(base, picked)
     with pytest.raises(InputError, match="no library 'nope'"):
         predict(two, model=ridge_dir, image=image, library_id="nope")
@@ -146,9 +155,12 @@ def test_model_class_fit_save_load_predict_round_trip(data, tmp_path):
     s4, image, _ = data["S4"]
     before = fitted.predict(s4.copy(), image=image, inplace=False)
     folder = fitted.save(tmp_path / "m")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.npz"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.npz",
+                                                        "uncertainty.npz"]
     again = HistologyModel.load(folder)
-    pd.testing.assert_frame_equal(before, again.predict(s4.copy(), image=image, inplace=False))
+    after = again.predict(s4.copy(), image=image, inplace=False)
+    pd.testing.assert_frame_equal(before.expression, after.expression)
+    pd.testing.assert_frame_equal(before.std, after.std, rtol=1e-5)  # float32 on disk
     assert isinstance(again.predictor, RidgeBaseline)
 
 

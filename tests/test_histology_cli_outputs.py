@@ -23,8 +23,8 @@ from typer.testing import CliRunner
 from spotlens.cli import app
 
 MANIFEST = "spotlens_run.json"
-NETWORK_FILES = ("config.json", "model.pt", "checkpoint.pt", "checkpoint-final.pt",
-                 "checkpoint.json")
+NETWORK_FILES = ("config.json", "model.pt", "uncertainty.npz", "checkpoint.pt",
+                 "checkpoint-final.pt", "checkpoint.json")
 runner = CliRunner()
 
 
@@ -39,8 +39,8 @@ def folder(tmp_path_factory):
 def train(folder, out, *args):
     return runner.invoke(app, [
         "histology", "train", "--sections", str(folder / "S1.h5ad"), str(folder / "S2.h5ad"),
-        "--genes", "TUM,STR,G02", "--encoder", "colour", "--out-px", "32", "--no-progress",
-        "-o", str(out), *map(str, args)])
+        "--genes", "TUM,STR,G02", "--model-type", "attention", "--encoder", "colour",
+        "--out-px", "32", "--no-progress", "-o", str(out), *map(str, args)])
 
 
 def predict(folder, model, out, *args):
@@ -118,8 +118,9 @@ def test_train_rerun_into_a_finished_model_is_refused_unless_overwrite(folder, t
     assert replaced.exit_code == 0, replaced.output
     # the network run's files are gone, the user's file stays, the ridge model is listed
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", "model.npz", MANIFEST, "notes.txt"])
-    assert set(listed(out)) == {"config.json", "model.npz"} and manifest(out)["complete"]
+        ["config.json", "model.npz", "uncertainty.npz", MANIFEST, "notes.txt"])
+    assert set(listed(out)) == {"config.json", "model.npz", "uncertainty.npz"}
+    assert manifest(out)["complete"]
     assert json.loads((out / "config.json").read_text())["model_type"] == "ridge"
     assert f"wrote {out / MANIFEST}" in replaced.stdout
 

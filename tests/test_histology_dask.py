@@ -85,6 +85,8 @@ def test_cluster_prediction_equals_single_machine(kind, models, crop, client, si
     assert many.X.dtype == np.float32
     np.testing.assert_allclose(many.X, one.X, atol=TOL, rtol=0)
     assert np.ptp(one.X, axis=0).min() > 10 * TOL  # the predictions vary across the crop
+    std = "histology_prediction_std"  # the uncertainty: the same, region by region
+    np.testing.assert_allclose(many.layers[std], one.layers[std], atol=TOL, rtol=1e-4)
     cluster = many.uns["histology_prediction"]["params"].pop("cluster")
     assert cluster["n_regions"] >= 8 and cluster["region_um"] == REGION_UM
     # attention reads the stored training bank, not the slide's other spots: no halo needed
@@ -98,7 +100,7 @@ def test_graph_model_needs_its_halo(models, crop, client, single):
     model = load_model(models["graph"])
     grid = single["graph"]
     side = tile_geometry(grid, tile_um=model.config["tiles"]["tile_um"], mpp=MPP).side_px
-    pred, info = predict_on_cluster(model, grid, crop, client=client, mpp=MPP, side_px=side,
+    pred, _, info = predict_on_cluster(model, grid, crop, client=client, mpp=MPP, side_px=side,
                                     region_um=REGION_UM, halo_hops=0)
     assert info["halo_hops"] == 0
     assert np.abs(pred - grid.X).max() > 100 * TOL

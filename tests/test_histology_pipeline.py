@@ -85,7 +85,8 @@ def pairs(data, names):
 def model_dir(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("model")
     return train(pairs(data, ["S1", "S2", "S3"]), genes=GENES, model="attention",
-                 encoder="colour", out_px=32, config=FAST, out=out, progress=False)
+                 encoder="colour", out_px=32, tile_scales=(1, 2, 4), config=FAST, out=out,
+                 progress=False)
 
 
 # -- round trip ----------------------------------------------------------------------------------
@@ -286,7 +287,8 @@ def test_cli_train_evaluate_predict(data, tmp_path):
     model = tmp_path / "model"
     res = runner.invoke(app, [
         "histology", "train", "--sections", str(folder / "S1.h5ad"), str(folder / "S2.h5ad"),
-        "--genes", "hvg", "--encoder", "colour", "--out-px", "32", "--epochs", "3",
+        "--genes", "hvg", "--model-type", "attention", "--encoder", "colour", "--out-px", "32",
+        "--epochs", "3",
         "--no-progress", "-q", "-o", str(model)])
     assert res.exit_code == 0, res.output
     cfg = json.loads((model / "config.json").read_text())
@@ -326,12 +328,13 @@ def test_cli_train_evaluate_predict(data, tmp_path):
     for bad, message in [("x", "--expression-rank must be 'auto', 'full' or a positive"),
                          ("0", "--expression-rank must be a positive integer")]:
         res = runner.invoke(app, ["histology", "train", "--sections", str(folder / "S1.h5ad"),
-                                  str(folder / "S2.h5ad"), "--expression-rank", bad, "-q",
+                                  str(folder / "S2.h5ad"), "--expression-rank", bad,
+                                  "--model-type", "attention", "-q",
                                   "-o", str(tmp_path / "m5")])
         assert res.exit_code == 2 and message in res.output
     res = runner.invoke(app, ["histology", "train", "--sections", str(folder / "S1.h5ad"),
                               str(folder / "S2.h5ad"), "--encoder", "colour", "--finetune-head",
-                              "-q", "-o", str(tmp_path / "m6")])
+                              "--model-type", "attention", "-q", "-o", str(tmp_path / "m6")])
     assert res.exit_code == 2 and "'colour' has none to fine-tune" in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "p"]  # no failed run's
 

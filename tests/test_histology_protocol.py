@@ -419,3 +419,54 @@ def test_protocol_bad_input(sections):
         ProtocolConfig(candidates=("forest",))
     with pytest.raises(InputError, match="gene_sets"):
         ProtocolConfig(gene_sets=())
+
+
+def test_networks_are_reported_not_selected_and_markers_get_gene_intervals(sections):
+    # the package's networks fit on the protocol's features with a fixed budget; listed as
+    # reported they are scored beside the others but the nested selection never sees them
+    train, test = sections
+    config = dataclasses.replace(CONFIG, gene_sets=("svg",), reported=("attention",),
+                                 network_epochs=3, markers=("G6", "G12", "NOPE"))
+    result = run_protocol(train, test, config)
+    scores = result.scores
+    assert set(scores["gene_set"]) == {"svg", "markers"}
+    assert "attention" in set(scores["model"])
+    models = result.choices.models
+    assert models.query("model == 'attention'")["loso_r"].isna().all()
+    assert set(models.query("model == 'selected'")["chosen"]) <= set(config.candidates)
+    assert result.choices.genes["markers"] == ("G6", "G12")  # a gene in no section is dropped
+    # the route: the best candidate and standardisation by nested LOSO r, per gene set
+    route = result.choices.route.set_index("gene_set")
+    assert set(route.index) == {"svg", "markers"}
+    for gene_set, row in route.iterrows():
+        loso = models.query("gene_set == @gene_set and model in @config.candidates")
+        assert row["loso_r"] == loso["loso_r"].max()
+        assert row["model"] in config.candidates
+    markers = result.per_gene.query("gene_set == 'markers'")
+    assert markers[["low", "high"]].notna().all().all()
+    assert ((markers["low"] <= markers["r"]) & (markers["r"] <= markers["high"])).all()
+    assert result.per_gene.query("gene_set == 'svg'")["low"].isna().all()
+
+
+def test_network_candidates_are_chosen_by_the_nested_selection_only(sections, monkeypatch):
+    train, _ = sections
+    config = dataclasses.replace(CONFIG, gene_sets=("svg",), standardizations=("section",),
+                                 candidates=("ridge", "graph"), network_epochs=2)
+    fits = []
+    fit = _protocol._fit_model
+    monkeypatch.setattr(_protocol, "_fit_model",
+                        lambda name, *a, **k: fits.append(name) or fit(name, *a, **k))
+    fitted = fit_protocol(train, config)
+    # one fit per outer fold (3) and the final one on all training sections
+    assert fits.count("graph") == len(train) + 1
+    loso = fitted.choices.models.query("model == 'graph'")["loso_r"]
+    assert loso.notna().all()
+
+
+def test_protocol_network_and_marker_settings_bad_input():
+    with pytest.raises(InputError, match="reported"):
+        ProtocolConfig(reported=("forest",))
+    with pytest.raises(InputError, match="network_epochs"):
+        ProtocolConfig(network_epochs=0)
+    with pytest.raises(InputError, match="markers"):
+        ProtocolConfig(markers="ERBB2")

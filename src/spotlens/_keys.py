@@ -13,7 +13,9 @@ place and the documentation can point at one list. Inputs named by the user (``s
   carry ``obsm[SPATIAL_KEY]`` and ``uns[SPOT_DIAMETER_KEY]``.
 - Readers: ``obsm[SPATIAL_KEY]`` and ``uns[SPATIAL_UNS_KEY][library_id]``.
 - Plotting: ``uns[colors_key(key)]`` (scanpy's palette convention).
-- Histology: ``obsm[features_key(encoder)]``, ``uns[HISTOLOGY_PREDICTION_KEY]``,
+- Histology: ``obsm[features_key(encoder)]``, ``obsm[HISTOLOGY_PREDICTION_KEY]`` and
+  ``uns[HISTOLOGY_PREDICTION_KEY]``, ``obsm[prediction_std_key(K)]`` (the prediction's
+  uncertainty; a layer of that name in :func:`~spotlens.histology.predict_image`'s AnnData),
   ``obs[SECTION_KEY]``.
 - Example data with ground truth (:mod:`spotlens.datasets`): the ``TRUE_*`` and
   ``PSEUDO_SPOTS_*`` names below.
@@ -100,6 +102,17 @@ def cell_counts_key(key_added: str) -> str:
 def colors_key(key: str) -> str:
     """Return the ``uns`` key of the colours of ``obs[key]`` or ``obsm[key]`` (scanpy's)."""
     return f"{key}_colors"
+
+
+def prediction_std_key(key_added: str = HISTOLOGY_PREDICTION_KEY) -> str:
+    """Return the key of the per-spot, per-gene uncertainty (s.d.) of a histology prediction.
+
+    Examples
+    --------
+    >>> prediction_std_key("histology_prediction")
+    'histology_prediction_std'
+    """
+    return f"{key_added}_std"
 
 
 def features_key(encoder: str) -> str:

@@ -33,8 +33,8 @@ logger = logging.getLogger("spotlens")
 
 #: Files 'train' writes (see spotlens.histology._folder); without a manifest, any of them in
 #: OUT marks an earlier run's model, which --resume continues.
-TRAIN_OUTPUTS = ("config.json", "model.pt", "model.npz", "checkpoint.pt", "checkpoint-final.pt",
-                 "checkpoint.json")
+TRAIN_OUTPUTS = ("config.json", "model.pt", "model.npz", "uncertainty.npz", "checkpoint.pt",
+                 "checkpoint-final.pt", "checkpoint.json")
 EVALUATE_OUTPUTS = ("evaluation.csv", "pearson_per_gene.csv")
 #: Besides OUT/<gene>.png for each --plot-genes (listed in the manifest).
 PREDICT_OUTPUTS = ("predicted.h5ad",)
@@ -103,11 +103,12 @@ def _sections(ctx: typer.Context, sections: list[Path], images: list[Path] | Non
 
 def _genes(value: str):
     value = value.strip()
-    if value in ("hvg", "top_expressed"):
+    if value in ("hvg", "top_expressed", "svg"):
         return value
     genes = [g.strip() for g in value.split(",") if g.strip()]
     if not genes:
-        raise InputError("--genes must be 'hvg', 'top_expressed' or a comma-separated list.")
+        raise InputError("--genes must be 'hvg', 'top_expressed', 'svg' or a comma-separated "
+                         "list.")
     return genes
 
 
@@ -137,13 +138,18 @@ def train_command(
              "refused unless --overwrite; an interrupted training run there is resumed.")],
     images: ImagesOption = None,
     model_type: Annotated[str, typer.Option(
-        "--model-type", metavar="attention|graph|ridge",
-        help="Spot-interaction attention, graph autoencoder + GCN, or PCA + ridge.")
-    ] = "attention",
+        "--model-type", metavar="ridge|attention|graph",
+        help="PCA + ridge (penalty and projection rank by leave-one-section-out CV), "
+             "spot-interaction attention, or graph autoencoder + GCN. The defaults of this "
+             "command are the route the frozen protocol selects "
+             "(benchmarks/results/histology_her2st_protocol.md).")
+    ] = "ridge",
     genes: Annotated[str, typer.Option(
-        metavar="hvg|top_expressed|G1,G2,...",
-        help="Target genes: 50 highly variable genes, the 250 most expressed, or a list; chosen "
-             "on the training sections and recorded with the model.")] = "hvg",
+        metavar="hvg|top_expressed|svg|G1,G2,...",
+        help="Target genes: 50 highly variable genes, the 250 most expressed, 50 spatially "
+             "variable genes (Moran's I), or a list; chosen on the training sections as the "
+             "frozen protocol does (mitochondrial, ribosomal and housekeeping genes excluded) "
+             "and recorded with the model.")] = "hvg",
     encoder: Annotated[str, typer.Option(
         help="Tile encoder: 'efficientnet-lite0', 'resnet50' or 'vit' (with --encoder-weights), "
              "a TorchScript file, or 'colour' (25 colour statistics).")] = "efficientnet-lite0",
@@ -164,12 +170,15 @@ def train_command(
     standardize: Annotated[bool, typer.Option(
         "--standardize/--no-standardize",
         help="Z-score image features within each section (removes section-wide stain "
-             "shifts).")] = True,
+             "shifts; reads the whole slide's images, never its expression).")] = True,
     out_px: Annotated[int, typer.Option(min=8, help="Tile side after resizing, px.")] = 224,
-    epochs: Annotated[int, typer.Option(min=1, help="Maximum training epochs.")] = 300,
+    epochs: Annotated[int, typer.Option(
+        min=1, help="Maximum training epochs (attention, graph).")] = 300,
     patience: Annotated[int, typer.Option(
-        min=1, help="Stop after this many epochs without a better validation score.")] = 40,
-    dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout.")] = 0.2,
+        min=1, help="Stop after this many epochs without a better validation score (attention, "
+                    "graph).")] = 40,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.95,
+                                            help="Dropout (attention, graph).")] = 0.2,
     expression_rank: Annotated[str, typer.Option(
         metavar="auto|full|N",
         help="Project predictions onto N principal axes of the training expression; 'auto' "
@@ -179,7 +188,8 @@ def train_command(
         "--finetune-head/--no-finetune-head",
         help="Train a copy of the encoder's last layer with the model (attention, graph; "
              "efficientnet-lite0 only; several minutes on a CPU).")] = False,
-    lr: Annotated[float, typer.Option(min=1e-8, help="Learning rate of the model.")] = 1e-3,
+    lr: Annotated[float, typer.Option(
+        min=1e-8, help="Learning rate of the model (attention, graph).")] = 1e-3,
     cache_dir: CacheOption = None,
     device: DeviceOption = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of initialisation and dropout.")] = 0,
@@ -192,10 +202,13 @@ def train_command(
     progress: ProgressOption = True,
     quiet: QuietOption = False,
 ) -> None:
-    """Train on sections with expression and H&E; write OUT/config.json and OUT/model.pt.
+    """Train on sections with expression and H&E; write OUT/config.json and the model file.
 
-    Early stopping on the last section listed (training on the others), then a refit on all
-    sections for the best number of epochs. OUT/spotlens_run.json, written last, records the
+    By default: ridge on the spots' EfficientNet-Lite0 features (z-scored within each section)
+    for 50 HVGs, penalty and projection rank by leave-one-section-out CV (OUT/model.npz) — the
+    route the frozen protocol selects. Networks (--model-type attention|graph): early stopping
+    on the last section listed (training on the others), then a refit on all sections for the
+    best number of epochs (OUT/model.pt). OUT/spotlens_run.json, written last, records the
     run. Re-running into OUT resumes an interrupted run; a finished one needs --overwrite.
 
     Sections are checked before any tile is encoded: a known scale (--mpp where neither the
@@ -203,7 +216,7 @@ def train_command(
     stored low-resolution copy, and the --genes present.
 
     Example: spotlens histology train --sections C2.h5ad C3.h5ad C4.h5ad C5.h5ad
-    --genes top_expressed --tile-um 100 -o her2st_model
+    --tile-um 100 -o her2st_model
 
     Example (JPEGs of unrecorded scale): spotlens histology train --sections MOB1.h5ad
     MOB2.h5ad MOB3.h5ad --mpp 4.16 -o mob_model
@@ -234,7 +247,7 @@ def train_command(
         except ValueError as err:
             raise InputError(f"--tile-scales must be numbers separated by commas, got "
                              f"{tile_scales!r}.") from err
-        planned = ["config.json", MODEL_TYPES[model_type].file]
+        planned = ["config.json", MODEL_TYPES[model_type].file, "uncertainty.npz"]
         if MODEL_TYPES[model_type].trains_network:
             planned += ["checkpoint.pt", "checkpoint-final.pt", "checkpoint.json"]
         with _undone_if_empty(out), output_folder(out, known=TRAIN_OUTPUTS, overwrite=overwrite,

@@ -5,8 +5,9 @@ The image layer (tiles, tissue masks, stain normalisation; images are read by
 ``import spotlens.histology`` stays light.
 
 - AnnData in, documented keys out: :func:`image_features` (``obsm["X_<encoder>"]``),
-  :func:`predict` (``obsm[key_added]``, ``uns[key_added]``), :func:`predict_image` (a grid over
-  an image alone, a new AnnData), :func:`evaluate`.
+  :func:`predict` (``obsm[key_added]``, its uncertainty ``obsm[key_added + "_std"]``,
+  ``uns[key_added]``; with ``inplace=False`` a :class:`HistologyPrediction`),
+  :func:`predict_image` (a grid over an image alone, a new AnnData), :func:`evaluate`.
 - :class:`HistologyModel`: fit / predict / save / load for every model type (``"attention"``,
   ``"graph"``, ``"ridge"``); :func:`train` fits one and writes its folder, :func:`load_model`
   reads it. Under it: the predictors (:class:`ExpressionModel` over an ``nn.Module``,
@@ -14,7 +15,14 @@ The image layer (tiles, tissue masks, stain normalisation; images are read by
   (``_registry.py``).
 - :func:`run_protocol`: the frozen evaluation protocol (every choice nested in the training
   sections, each test section read once; :func:`block_bootstrap_pearson` intervals, gene sets
-  from :func:`select_gene_sets`).
+  from :func:`select_gene_sets`). :func:`train`'s defaults are the route it selects
+  (``benchmarks/results/histology_her2st_protocol.md``).
+- Features for your own models and benchmarks: :func:`multiscale_features` (tiles of several
+  sizes around each spot, encoded and put side by side, cached), :func:`standardize_section`
+  (z-score each feature over one section's spots), :data:`DEFAULT_TILE_SCALES` (the tile
+  sides, in spot diameters, of a multi-scale model) and :data:`DEFAULT_RANKS` (the projection
+  ranks a ridge model chooses from: ``RidgeBaseline(ranks=DEFAULT_RANKS)`` is ``train``'s
+  ridge).
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from typing import Any
 
 from ..io import SlideImage, read_image  # re-exported: images are read in spotlens.io
 from ._stain import DEFAULT_REFERENCE, StainReference, fit_macenko, macenko_normalize
-from ._tiles import TileGeometry, extract_tiles, spot_tiles, tile_geometry
+from ._rank import DEFAULT_RANKS
+from ._tiles import DEFAULT_TILE_SCALES, TileGeometry, extract_tiles, spot_tiles, tile_geometry
 from ._tissue import grid_spots, tissue_mask
 
 _LAZY = {
@@ -35,6 +44,8 @@ _LAZY = {
     "COLOUR_FEATURE_NAMES": "._features",
     "colour_features": "._features",
     "image_identity": "._features",
+    "multiscale_features": "._features",
+    "standardize_section": "._normalize",
     "tile_cache_key": "._features",
     "tile_features": "._features",
     "RidgeBaseline": "._baseline",
@@ -46,6 +57,7 @@ _LAZY = {
     "Section": "._train_data",
     "TrainConfig": "._train_data",
     "HistologyModel": "._model",
+    "HistologyPrediction": "._model",
     "MODEL_TYPES": "._registry",
     "image_features": "._predict",
     "load_model": "._predict",
@@ -72,6 +84,7 @@ _ALIASES = {
 
 __all__ = [
     "COLOUR_FEATURE_NAMES", "DEFAULT_REFERENCE", "Encoder", "ExpressionModel", "HistologyModel",
+    "HistologyPrediction",
     "MODEL_TYPES", "RidgeBaseline", "Section", "SlideImage", "StainReference", "TileGeometry",
     "TrainConfig", "available_encoders", "colour_features", "evaluate", "evaluate_model",
     "extract_tiles", "fit_macenko", "get_encoder", "grid_spots", "image_features",
@@ -83,6 +96,8 @@ __all__ = [
     "BootstrapInterval", "EvalSection", "GeneFilter", "HOUSEKEEPING_GENES", "ProtocolConfig",
     "block_bootstrap_pearson", "fit_protocol", "paired_block_bootstrap_pearson", "run_protocol",
     "score_protocol", "select_gene_sets",
+    # features and settings for benchmarks of one's own (issue 14)
+    "DEFAULT_RANKS", "DEFAULT_TILE_SCALES", "multiscale_features", "standardize_section",
 ]
 
 

@@ -181,7 +181,7 @@ def region_moments(features: np.ndarray, n_core: int) -> dict[str, np.ndarray]:
 
 
 def predict_region(task: dict, features: np.ndarray,
-                   moments: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   moments: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Run on a worker: predict the region's spots from their features.
 
     ``moments`` are the whole slide's feature sums when the model standardises features within
@@ -189,7 +189,8 @@ def predict_region(task: dict, features: np.ndarray,
 
     Returns
     -------
-    The core's global spot indices and their ``n_core × n_genes`` float32 predictions.
+    The core's global spot indices, their ``n_core × n_genes`` float32 predictions and their
+    uncertainty (same shape; None when the model has no ensemble).
     """
     model = _worker_model(task["model"], task["model_stamp"], task["device"],
                           task.get("encoder_weights"))
@@ -197,7 +198,10 @@ def predict_region(task: dict, features: np.ndarray,
     pred = model.predict_features(features, task["centres"], moments=moments,
                                   adjacency=task["adjacency"])
     n_core = task["n_core"]
-    return task["core"], np.asarray(pred[:n_core], dtype=np.float32)
+    std = None
+    if model.has_uncertainty:  # the ensemble reads each spot's own tile: no halo needed
+        std = model.uncertainty_features(features[:n_core], moments=moments)
+    return task["core"], np.asarray(pred[:n_core], dtype=np.float32), std
 
 
 def predict_on_cluster(
@@ -211,7 +215,7 @@ def predict_on_cluster(
     region_um: float | None = None,
     device: str = "cpu",
     halo_hops: int | None = None,
-) -> tuple[np.ndarray, dict]:
+) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Predict every spot of ``spots`` on a Dask cluster, one task per image region.
 
     Parameters
@@ -238,7 +242,8 @@ def predict_on_cluster(
 
     Returns
     -------
-    ``n_spots × n_genes`` float32 predictions (rows in ``spots`` order), and a summary
+    ``n_spots × n_genes`` float32 predictions (rows in ``spots`` order), their uncertainty
+    (same shape; None when the model has no ensemble), and a summary
     (``n_regions``, ``region_um``, ``halo_hops``, ``n_computed``: spots computed including
     halos).
     """
@@ -274,11 +279,14 @@ def predict_on_cluster(
         moments = {k: sum(p[k] for p in parts) for k in parts[0]}
     futures = client.map(predict_region, tasks, features, moments=moments, pure=False)
     out = np.empty((len(coords), len(model.genes)), dtype=np.float32)
+    std = np.empty_like(out) if model.has_uncertainty else None
     for done, future in enumerate(as_completed(futures), start=1):
-        core, pred = future.result()
+        core, pred, spread = future.result()
         out[core] = pred
+        if std is not None:
+            std[core] = spread
         logger.debug("region %d of %d done", done, len(futures))
-    return out, {"n_regions": len(tasks), "region_um": float(region_um), "halo_hops": hops,
+    return out, std, {"n_regions": len(tasks), "region_um": float(region_um), "halo_hops": hops,
                  "n_computed": int(n_computed)}
 
 

@@ -6,9 +6,13 @@ A folder written by :func:`~spotlens.histology.train` (or :meth:`HistologyModel.
   the network settings (:class:`~spotlens.histology.TrainConfig` as a dict, None for ridge),
   seed, encoder (:class:`EncoderSpec`), tile geometry (:class:`TileSettings`: µm, px, µm/px,
   scales, spot pitch), target genes and the rule that chose them, the training sections
-  (:class:`SectionRecord`) and the held-out validation scores;
+  (:class:`SectionRecord`), the held-out validation scores and the uncertainty ensemble's
+  record (``uncertainty``: file, method, members; None when the folder has none);
 - the predictor's file, named by the model type (``model.pt`` for a network,
   ``model.npz`` for ridge; see ``_registry.py``);
+- ``uncertainty.npz``: the block-bootstrap ensemble of ridge heads whose spread is the
+  per-spot, per-gene uncertainty of predictions (``_uncertainty.py``); folders written before
+  it existed lack it (and ``config.json["uncertainty"]``) and predict without uncertainty;
 - while (and after) training a network: ``checkpoint.pt``, ``checkpoint-final.pt`` and
   ``checkpoint.json`` (:class:`CheckpointSidecar`), so an interrupted run resumes.
 
@@ -166,6 +170,11 @@ class ModelConfig:
         Seed of the initialisation and dropout.
     spotlens_version
         The version that wrote the folder.
+    uncertainty
+        The uncertainty ensemble: ``file`` (``"uncertainty.npz"``), ``method``, ``n_boot``
+        (members), ``block_spacings`` (bootstrap tile side, in spot spacings), ``alpha``,
+        ``seed``; None = the folder has none (written before spotlens stored one, or
+        trained with ``n_bootstrap=0``).
     """
 
     model_type: str
@@ -179,6 +188,7 @@ class ModelConfig:
     train_config: Mapping[str, Any] | None = None
     seed: int = 0
     spotlens_version: str = ""
+    uncertainty: Mapping[str, Any] | None = None
     format: str = field(default=FORMAT)
 
     def to_dict(self) -> dict:
@@ -196,6 +206,7 @@ class ModelConfig:
             "gene_rule": self.gene_rule,
             "sections": [asdict(s) for s in self.sections],
             "validation": None if self.validation is None else dict(self.validation),
+            "uncertainty": None if self.uncertainty is None else dict(self.uncertainty),
         }
 
     @classmethod
@@ -221,6 +232,7 @@ class ModelConfig:
                                for s in d.get("sections", ())),
                 validation=d.get("validation"), train_config=d.get("train_config"),
                 seed=int(d.get("seed", 0)), spotlens_version=d.get("spotlens_version", ""),
+                uncertainty=d.get("uncertainty"),
             )
         except (KeyError, TypeError) as err:
             raise InputError(f"{where} is incomplete or damaged ({err!r}).") from err

@@ -6,20 +6,25 @@ One class for every model type (``"attention"``, ``"graph"``, ``"ridge"``; see
 image into features and the features into predictions. AnnData in, documented keys out:
 
 - :meth:`HistologyModel.features` writes ``obsm["X_<encoder>"]``;
-- :meth:`HistologyModel.predict` writes ``obsm[key_added]`` (predicted expression) and
-  ``uns[key_added]`` (genes and parameters), and the features;
-- with ``inplace=False`` both return the result and change nothing.
+- :meth:`HistologyModel.predict` writes ``obsm[key_added]`` (predicted expression),
+  ``obsm[key_added + "_std"]`` (its per-spot, per-gene uncertainty, when the model folder has
+  an ensemble: ``_uncertainty.py``) and ``uns[key_added]`` (genes and parameters), and the
+  features;
+- with ``inplace=False`` both return the result (:class:`HistologyPrediction` for
+  :meth:`~HistologyModel.predict`) and change nothing.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._keys import HISTOLOGY_PREDICTION_KEY, SPATIAL_KEY
+from .._keys import HISTOLOGY_PREDICTION_KEY, SPATIAL_KEY, prediction_std_key
 from .._keys import features_key as obsm_features_key
 from .._validation import InputError
 from ..io import SlideImage, read_image
@@ -29,9 +34,35 @@ from ._image_check import check_section_image
 from ._normalize import standardize_section
 from ._registry import MODEL_TYPES, ModelType
 from ._tiles import TileGeometry, _check_on_image, tile_geometry
+from ._uncertainty import ENSEMBLE_FILE, RidgeEnsemble
+
+logger = logging.getLogger("spotlens")
 
 VALUES = "log1p(normalize_total(counts, 1e4)), predicted"
+STD_VALUES = "s.d. over the uncertainty ensemble, log-normalised units"
+NO_UNCERTAINTY = ("not available: the model folder has no uncertainty ensemble (written before "
+                  "spotlens stored one, or trained with n_bootstrap=0); retrain to get it")
 _MAX_MPP_RATIO = 2.0  # a scan this much coarser than the training scans is refused
+
+
+@dataclass(frozen=True)
+class HistologyPrediction:
+    """What :meth:`HistologyModel.predict` returns with ``inplace=False``.
+
+    Attributes
+    ----------
+    expression
+        DataFrame ``n_spots × n_genes``, predicted ``log1p(normalize_total(counts, 1e4))``,
+        index = ``obs_names``, columns = the model's genes (written as ``obsm[key_added]``).
+    std
+        DataFrame of the same shape: the per-spot, per-gene uncertainty, the standard
+        deviation over the model's block-bootstrap ensemble (log-normalised units, ≥ 0;
+        ``_uncertainty.py``), written as ``obsm[key_added + "_std"]``; None when the model
+        folder has no ensemble.
+    """
+
+    expression: pd.DataFrame
+    std: pd.DataFrame | None = None
 
 
 class HistologyModel:
@@ -53,10 +84,13 @@ class HistologyModel:
     encoder_weights
         Where the encoder's checkpoint is now when it moved since training (None: the path
         recorded in ``config.json``, if the encoder reads one).
+    ensemble
+        The uncertainty ensemble (:class:`~spotlens.histology._uncertainty.RidgeEnsemble`),
+        or None when the model has none (:attr:`has_uncertainty`).
     """
 
     def __init__(self, settings: ModelConfig, predictor, *, path: Path | None = None,
-                 device: str = "cpu", encoder_weights=None):
+                 device: str = "cpu", encoder_weights=None, ensemble=None):
         self.settings = settings
         self.path = path
         self.genes: list[str] = list(settings.genes)
@@ -64,6 +98,7 @@ class HistologyModel:
         self.encoder_weights = None if encoder_weights is None else str(encoder_weights)
         self._predictor = predictor
         self._encoder = None
+        self.ensemble: RidgeEnsemble | None = ensemble
 
     def __repr__(self) -> str:
         return (f"HistologyModel({self.path}, {self.settings.model_type}, "
@@ -82,7 +117,8 @@ class HistologyModel:
         return fit_model(sections, **kwargs)
 
     def save(self, path) -> Path:
-        """Write the model folder: the predictor's file, then ``config.json`` (atomically).
+        """Write the model folder: the predictor's file, ``uncertainty.npz`` when the model has
+        an ensemble, then ``config.json`` (each atomically).
 
         Raises
         ------
@@ -91,6 +127,8 @@ class HistologyModel:
         """
         folder = model_dir(path, create=True)
         self.model_type.save(self._predictor, folder / self.settings.model_file)
+        if self.ensemble is not None:
+            self.ensemble.save(folder / ENSEMBLE_FILE)
         self.settings.write(folder)
         self.path = folder
         return folder
@@ -98,6 +136,9 @@ class HistologyModel:
     @classmethod
     def load(cls, path, *, device: str = "cpu", encoder_weights=None) -> HistologyModel:
         """Open a model folder written by :meth:`save` (or :func:`~spotlens.histology.train`).
+
+        A folder without an uncertainty ensemble (written before spotlens stored one) opens
+        and predicts; its predictions carry no uncertainty (:attr:`has_uncertainty` False).
 
         Parameters
         ----------
@@ -125,8 +166,16 @@ class HistologyModel:
         if not model_path.is_file():
             raise InputError(f"{path} has no {settings.model_file}; training did not finish.")
         predictor = MODEL_TYPES[settings.model_type].load(model_path, device=device)
+        ensemble = None
+        if settings.uncertainty is not None:
+            ens_path = path / settings.uncertainty.get("file", ENSEMBLE_FILE)
+            if ens_path.is_file():
+                ensemble = RidgeEnsemble.load(ens_path)
+            else:
+                logger.warning("%s records an uncertainty ensemble but %s is missing; "
+                               "predictions will carry no uncertainty", path, ens_path.name)
         return cls(settings, predictor, path=path, device=device,
-                   encoder_weights=encoder_weights)
+                   encoder_weights=encoder_weights, ensemble=ensemble)
 
     # -- what the model reads ------------------------------------------------------------------
     @property
@@ -143,6 +192,11 @@ class HistologyModel:
     def predictor(self):
         """The fitted predictor: an :class:`ExpressionModel` or a :class:`RidgeBaseline`."""
         return self._predictor
+
+    @property
+    def has_uncertainty(self) -> bool:
+        """Whether predictions carry an uncertainty (the folder has an ensemble)."""
+        return self.ensemble is not None
 
     @property
     def tile_scales(self) -> tuple[float, ...]:
@@ -295,6 +349,38 @@ class HistologyModel:
         pred = self.model_type.predict(self._predictor, features, coords, adjacency=adjacency)
         return np.asarray(pred, dtype=np.float32)
 
+    def uncertainty_features(self, features: np.ndarray, *,
+                             moments: dict | None = None) -> np.ndarray:
+        """The uncertainty of :meth:`predict_features`'s predictions of the same features.
+
+        Parameters
+        ----------
+        features, moments
+            As in :meth:`predict_features`.
+
+        Returns
+        -------
+        ``n_spots × n_genes`` float32 ≥ 0: the standard deviation of the spot's prediction
+        over the model's block-bootstrap ensemble, log-normalised expression units
+        (``_uncertainty.py``).
+
+        Raises
+        ------
+        InputError
+            If the model has no ensemble (a folder written before spotlens stored one, or
+            trained with ``n_bootstrap=0``), or the feature width differs from training.
+        """
+        if self.ensemble is None:
+            raise InputError(f"This model has no uncertainty ensemble ({self.path or 'in memory'}"
+                             f"): {NO_UNCERTAINTY}.")
+        dim = self.n_features
+        if features.ndim != 2 or features.shape[1] != dim:
+            raise InputError(f"Features have shape {features.shape}; the model expects "
+                             f"n_spots × {dim} features.")
+        if self.standardize:
+            features = standardize_section(features, moments)
+        return self.ensemble.std(features)
+
     # -- AnnData -------------------------------------------------------------------------------
     def check_scale(self, image: SlideImage, mpp: float | None) -> None:
         """Refuse an image much coarser (µm/px) than the training scans.
@@ -388,15 +474,16 @@ class HistologyModel:
                 library_id: str | None = None, mpp: float | None = None,
                 key_added: str = HISTOLOGY_PREDICTION_KEY, features_key: str | None = None,
                 inplace: bool = True, cache_dir=None, progress: bool = False,
-                check_image: bool = True) -> pd.DataFrame | None:
-        """Predict every spot's expression of the model's genes from its tiles.
+                check_image: bool = True) -> HistologyPrediction | None:
+        """Predict every spot's expression of the model's genes from its tiles, with uncertainty.
 
         Parameters
         ----------
         adata, image, spatial_key, library_id, mpp, cache_dir, progress, check_image
             As in :meth:`features`.
         key_added
-            Key of ``obsm`` and ``uns`` written.
+            Key of ``obsm`` and ``uns`` written (the uncertainty: ``obsm[key_added + "_std"]``,
+            :func:`spotlens._keys.prediction_std_key`).
         features_key
             ``obsm`` key of the features; None = :attr:`features_key` (``"X_<encoder>"``).
         inplace
@@ -405,13 +492,18 @@ class HistologyModel:
 
         Returns
         -------
-        With ``inplace=False``: DataFrame ``n_spots × n_genes`` of predicted log-normalised
-        expression (``log1p(normalize_total(counts, 1e4))``), index = ``obs_names``, columns
-        = :attr:`genes`. With ``inplace=True`` it is written to ``obsm[key_added]``, and
+        With ``inplace=False``: :class:`HistologyPrediction` with ``expression``, a DataFrame
+        ``n_spots × n_genes`` of predicted log-normalised expression
+        (``log1p(normalize_total(counts, 1e4))``), index = ``obs_names``, columns =
+        :attr:`genes`, and ``std``, the same shape: each spot's and gene's uncertainty, the
+        standard deviation of the prediction over the model's block-bootstrap ensemble
+        (log-normalised units, ≥ 0; None when the model folder has no ensemble). With
+        ``inplace=True`` they are written to ``obsm[key_added]`` and
+        ``obsm[key_added + "_std"]`` (the latter only with an ensemble), and
         ``uns[key_added]`` = ``{"genes": [...], "params": {model, model_type, encoder,
-        tile_um (µm), mpp (µm/px), spatial_key, library_id, image, values,
-        spotlens_version}}``; the features (``n_spots × n_features``) to
-        ``obsm[features_key]``.
+        tile_um (µm), mpp (µm/px), spatial_key, library_id, image, values, uncertainty
+        (the ensemble's method and members, or why there is none), spotlens_version}}``; the
+        features (``n_spots × n_features``) to ``obsm[features_key]``.
 
         Raises
         ------
@@ -423,29 +515,47 @@ class HistologyModel:
         >>> model = HistologyModel.load("her2st_model")  # doctest: +SKIP
         >>> model.predict(adata, image="C6_HE_fullres.jpg")  # doctest: +SKIP
         >>> adata.obsm["histology_prediction"]["ERBB2"]  # doctest: +SKIP
+        >>> adata.obsm["histology_prediction_std"]["ERBB2"]  # doctest: +SKIP
         """
         image, geometry = self._geometry(adata, image, mpp=mpp, spatial_key=spatial_key,
                                          library_id=library_id, check_image=check_image)
         feats = self._section_features(image, geometry, cache_dir=cache_dir,
                                        progress=progress)
         pred = self.predict_features(feats, geometry.centres_px)
-        table = pd.DataFrame(pred, index=adata.obs_names.copy(), columns=list(self.genes))
+        index, genes = adata.obs_names.copy(), list(self.genes)
+        table = pd.DataFrame(pred, index=index, columns=genes)
+        std = None
+        if self.has_uncertainty:
+            std = pd.DataFrame(self.uncertainty_features(feats), index=index.copy(),
+                               columns=list(genes))
         if not inplace:
-            return table
+            return HistologyPrediction(table, std)
         params = {"model": None if self.path is None else str(self.path),
                   "model_type": self.settings.model_type,
                   "encoder": self.settings.encoder.name, "tile_um": geometry.tile_um,
                   "mpp": geometry.mpp, "spatial_key": spatial_key,
                   "library_id": geometry.library_id,
-                  "image": None if image.path is None else str(image.path), "values": VALUES}
+                  "image": None if image.path is None else str(image.path), "values": VALUES,
+                  "uncertainty": self.uncertainty_description()}
         from .._version import __version__
 
         params["spotlens_version"] = __version__
+        if std is None:
+            logger.warning("%s: predictions carry no uncertainty (%s)", self.path or "model",
+                           NO_UNCERTAINTY)
         adata.obsm[key_added] = table
+        if std is not None:
+            adata.obsm[prediction_std_key(key_added)] = std
         adata.uns[key_added] = {"genes": list(self.genes),
                                 "params": {k: v for k, v in params.items() if v is not None}}
         adata.obsm[features_key or self.features_key] = feats
         return None
+
+    def uncertainty_description(self) -> str:
+        """One line on the uncertainty this model stores (``uns[key]["params"]["uncertainty"]``)."""
+        if self.ensemble is None:
+            return NO_UNCERTAINTY
+        return f"{STD_VALUES}: {self.ensemble.method}, {self.ensemble.n_boot} members"
 
     def predict_section(self, adata: AnnData, *, image, mpp: float | None = None,
                         cache_dir=None, progress: bool = False, check_image: bool = True,

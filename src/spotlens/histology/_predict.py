@@ -1,8 +1,9 @@
 """Using a trained model: AnnData in, documented keys out, as squidpy's image features.
 
 - :func:`image_features` writes the tiles' features to ``obsm["X_<encoder>"]``;
-- :func:`predict` writes predicted expression to ``obsm[key_added]`` with its genes and
-  parameters in ``uns[key_added]`` (and the features);
+- :func:`predict` writes predicted expression to ``obsm[key_added]``, its per-spot, per-gene
+  uncertainty to ``obsm[key_added + "_std"]`` (when the model folder has an ensemble), its
+  genes and parameters in ``uns[key_added]`` (and the features);
 - :func:`predict_image` lays a grid of pseudo-spots over an H&E image alone and returns a new
   AnnData of predictions (on this machine or on a Dask cluster);
 - :func:`evaluate` scores a model on sections with measured expression.
@@ -19,10 +20,10 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._keys import HISTOLOGY_PREDICTION_KEY, SPATIAL_KEY
+from .._keys import HISTOLOGY_PREDICTION_KEY, SPATIAL_KEY, prediction_std_key
 from .._validation import InputError
 from ..io import SlideImage, check_mpp, read_image
-from ._model import VALUES, HistologyModel
+from ._model import VALUES, HistologyModel, HistologyPrediction
 from ._sections import _section_name
 from ._tiles import _check_on_image, tile_geometry
 
@@ -153,15 +154,25 @@ def predict(
     device: str = "cpu",
     progress: bool = False,
     check_image: bool = True,
-) -> pd.DataFrame | None:
-    """Predict every spot's expression of the model's genes from its H&E tiles.
+) -> HistologyPrediction | None:
+    """Predict every spot's expression of the model's genes from its H&E tiles, with uncertainty.
+
+    The uncertainty is the standard deviation of each spot's and gene's prediction over the
+    model folder's ensemble of ridge heads refitted on block-bootstrap replicates of the
+    training spots (``uncertainty.npz``; ``train(..., n_bootstrap=)``, see
+    ``spotlens/histology/_uncertainty.py``): large where the spot's image features are unlike
+    the training spots' or the gene is poorly explained by them. For a ``"ridge"`` model it is
+    the model's own bootstrap spread; for a network, that of a ridge readout of the same
+    features. It is not a prediction interval for the measured value. Model folders written
+    before spotlens stored an ensemble predict without it (a warning says so).
 
     Parameters
     ----------
     adata, model, image, spatial_key, library_id, mpp, cache_dir, device, progress, check_image
         As in :func:`image_features`.
     key_added
-        ``obsm`` and ``uns`` key of the predictions (default ``"histology_prediction"``).
+        ``obsm`` and ``uns`` key of the predictions (default ``"histology_prediction"``); the
+        uncertainty goes to ``obsm[key_added + "_std"]`` (``"histology_prediction_std"``).
     features_key
         ``obsm`` key of the features; None = ``"X_<encoder name>"`` (e.g. ``X_colour``).
     inplace
@@ -170,13 +181,17 @@ def predict(
 
     Returns
     -------
-    With ``inplace=False``: DataFrame ``n_spots × n_genes``, predicted log-normalised
-    expression ``log1p(normalize_total(counts, 1e4))``, index = ``obs_names``, columns = the
-    model's genes. With ``inplace=True`` (None returned) it is written to
-    ``obsm[key_added]``; ``uns[key_added]`` = ``{"genes": [...], "params": {"model",
+    With ``inplace=False``: :class:`~spotlens.histology.HistologyPrediction` with
+    ``expression``, a DataFrame ``n_spots × n_genes`` of predicted log-normalised expression
+    ``log1p(normalize_total(counts, 1e4))`` (index = ``obs_names``, columns = the model's
+    genes), and ``std``, a DataFrame of the same shape of uncertainties (log-normalised
+    units, ≥ 0), None when the model folder has no ensemble. With ``inplace=True`` (None
+    returned) they are written to ``obsm[key_added]`` and ``obsm[key_added + "_std"]`` (only
+    with an ensemble); ``uns[key_added]`` = ``{"genes": [...], "params": {"model",
     "model_type", "encoder", "tile_um" (µm), "mpp" (µm/px), "spatial_key", "library_id",
-    "image", "values", "spotlens_version"}}``; ``obsm[features_key]`` = the
-    ``n_spots × n_features`` features.
+    "image", "values", "uncertainty" (the ensemble's method and members, or why there is
+    none), "spotlens_version"}}``; ``obsm[features_key]`` = the ``n_spots × n_features``
+    features.
 
     Raises
     ------
@@ -187,7 +202,9 @@ def predict(
     --------
     >>> predict(adata, model="her2st_model", image="C6_HE_fullres.jpg")  # doctest: +SKIP
     >>> adata.obsm["histology_prediction"]["ERBB2"]  # doctest: +SKIP
-    >>> table = predict(adata, model=m, image=img, inplace=False)  # doctest: +SKIP
+    >>> adata.obsm["histology_prediction_std"]["ERBB2"]  # its uncertainty  # doctest: +SKIP
+    >>> result = predict(adata, model=m, image=img, inplace=False)  # doctest: +SKIP
+    >>> result.expression["ERBB2"], result.std["ERBB2"]  # doctest: +SKIP
     """
     _check_adata(adata, "predict")
     return _model(model, device).predict(
@@ -309,13 +326,16 @@ def predict_image(
     Returns
     -------
     AnnData ``n_grid × n_genes``: ``X`` = predicted log-normalised expression (float32),
-    ``var_names`` = model genes; ``obsm["spatial"]`` = centres ``(x, y)`` in full-resolution
+    ``var_names`` = model genes; ``layers["histology_prediction_std"]`` = its uncertainty
+    (float32 ≥ 0, log-normalised units, as in :func:`predict`; absent when the model folder
+    has no ensemble); ``obsm["spatial"]`` = centres ``(x, y)`` in full-resolution
     px; ``obs["array_row"]``, ``obs["array_col"]``, ``obs["in_tissue"]``;
     ``uns["spatial"][<image stem>]`` = ``{"images": {"hires"}, "scalefactors":
     {"spot_diameter_fullres" (= the tile side), "tissue_hires_scalef", "microns_per_pixel",
     "spot_spacing_fullres"}, "metadata"}`` (for ``sc.pl.spatial`` and
     :func:`spotlens.pl.overlay`); ``uns["histology_prediction"]["params"]`` = model folder,
-    model type, encoder, tile µm, spacing µm, µm/px, spotlens version.
+    model type, encoder, tile µm, spacing µm, µm/px, uncertainty (method or why there is
+    none), spotlens version.
 
     Raises
     ------
@@ -353,28 +373,36 @@ def predict_image(
     grid = grid_spots(image, spacing_um=spacing, mpp=mpp, mask=mask,
                       spot_diameter_um=tiles.tile_um, library_id=path.stem)
     logger.info("%d pseudo-spots on tissue; predicting %d genes", grid.n_obs, len(model.genes))
-    cluster = None
+    cluster = std = None
     if client is None:
-        pred = model.predict(grid, image=image, mpp=mpp, cache_dir=cache_dir, inplace=False,
-                             progress=progress, check_image=False).to_numpy()  # own thumbnail
+        result = model.predict(grid, image=image, mpp=mpp, cache_dir=cache_dir, inplace=False,
+                               progress=progress, check_image=False)  # its own thumbnail
+        pred = result.expression.to_numpy()
+        std = None if result.std is None else result.std.to_numpy()
     else:
         from ._distributed import predict_on_cluster
 
         geometry = tile_geometry(grid, image=image, tile_um=tiles.tile_um, mpp=mpp)
         _check_on_image(grid, geometry, image, "spatial")
         image.close()  # the workers read the pixels; drop any decoded here for the mask
-        pred, cluster = predict_on_cluster(
+        pred, std, cluster = predict_on_cluster(
             model, grid, path, client=client, mpp=mpp, side_px=geometry.side_px,
             region_um=region_um, device=device)
     result = AnnData(X=pred, obs=grid.obs.copy(),
                      var=pd.DataFrame(index=pd.Index(model.genes, name=None)))
+    if std is None:
+        logger.warning("%s: predictions carry no uncertainty (%s)", model.path or "model",
+                       model.uncertainty_description())
+    else:
+        result.layers[prediction_std_key(HISTOLOGY_PREDICTION_KEY)] = std
     result.obsm["spatial"] = grid.obsm["spatial"]
     result.uns["spatial"] = grid.uns["spatial"]
     result.uns[HISTOLOGY_PREDICTION_KEY] = {"params": {
         "model": str(model.path), "model_type": model.settings.model_type,
         "encoder": model.settings.encoder.name, "tile_um": tiles.tile_um,
         "spacing_um": float(spacing), "mpp": float(mpp), "image": str(path),
-        "values": VALUES, "spotlens_version": __version__,
+        "values": VALUES, "uncertainty": model.uncertainty_description(),
+        "spotlens_version": __version__,
     }}
     if cluster is not None:
         result.uns[HISTOLOGY_PREDICTION_KEY]["params"]["cluster"] = cluster

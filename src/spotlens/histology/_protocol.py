@@ -11,7 +11,9 @@ after every model is fitted and every test prediction made:
 3. **The model type** (``"selected"``): for each training section ``h``, every candidate is
    fitted on the other training sections (genes chosen on them, its settings by its own
    leave-one-section-out CV on them: nested) and scored on ``h``; the candidate with the best
-   mean score is refitted on all training sections.
+   mean score is refitted on all training sections. The **route** of a gene set is the
+   candidate and feature standardisation with the best such score over both
+   standardisations (what ``spotlens histology train`` does by default).
 4. **Scoring**: each test section's expression is read once and every model's predictions are
    scored on it: mean per-gene Pearson r with a spatial block-bootstrap interval
    (:mod:`~spotlens.histology._intervals`), and paired intervals for each model minus the
@@ -40,103 +42,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from anndata import AnnData
 
 from .._validation import InputError
-from ._gene_sets import DEFAULT_FILTER, GENE_SET_NAMES, GeneFilter, select_gene_sets
+from ._gene_sets import select_gene_sets
 from ._intervals import block_bootstrap_pearson, paired_block_bootstrap_pearson
 from ._metrics import pearson_per_gene, section_log_expression
 from ._normalize import standardize_section
-from ._protocol_models import MODELS, FeatureBank, Fitted
+from ._protocol_config import MARKERS, MODELS, EvalSection, ProtocolConfig, _check_sections
+from ._protocol_models import FeatureBank, Fitted
 
 logger = logging.getLogger("spotlens")
-
-STANDARDIZATIONS = ("training", "section")
-BASELINES = ("ridge", "rank1")
-
-
-@dataclass(frozen=True)
-class EvalSection:
-    """One section as the protocol sees it.
-
-    Attributes
-    ----------
-    name
-        Section name (``"C6"``).
-    adata
-        ``n_spots × n_genes`` raw counts in ``X`` and spot centres in ``obsm["spatial"]``.
-    features
-        ``n_spots × n_features`` frozen image features of the spots' tiles, rows in
-        ``adata``'s spot order.
-    """
-
-    name: str
-    adata: AnnData
-    features: np.ndarray
-
-
-@dataclass(frozen=True)
-class ProtocolConfig:
-    """Settings of the protocol (all fixed before any section is read).
-
-    Attributes
-    ----------
-    gene_sets
-        Sets scored, from ``("top_expressed", "hvg", "svg")``.
-    n_top, n_hvg, n_svg
-        Their sizes.
-    exclude
-        Genes never targets (:class:`~spotlens.histology._gene_sets.GeneFilter`).
-    candidates
-        Model types the nested selection chooses from (names of :data:`MODELS`).
-    standardizations
-        Feature standardisations reported, from ``("training", "section")``.
-    alphas
-        Ridge penalties tried (None: ``logspace(-2, 6, 33)``).
-    n_components
-        PCA components of the ridge models.
-    n_boot, level, block_size, seed
-        Block bootstrap (:func:`~spotlens.histology._intervals.block_bootstrap_pearson`).
-    spatial_key
-        ``obsm`` key of the spot centres.
-    """
-
-    gene_sets: tuple[str, ...] = GENE_SET_NAMES
-    n_top: int = 250
-    n_hvg: int = 50
-    n_svg: int = 50
-    exclude: GeneFilter = DEFAULT_FILTER
-    candidates: tuple[str, ...] = ("ridge", "ridge_rank")
-    standardizations: tuple[str, ...] = STANDARDIZATIONS
-    alphas: tuple[float, ...] | None = None
-    n_components: int = 256
-    n_boot: int = 1000
-    level: float = 0.95
-    block_size: float | None = None
-    seed: int = 0
-    spatial_key: str = "spatial"
-
-    def __post_init__(self):
-        for what, values, allowed in (
-            ("gene_sets", self.gene_sets, GENE_SET_NAMES),
-            ("candidates", self.candidates, tuple(MODELS)),
-            ("standardizations", self.standardizations, STANDARDIZATIONS),
-        ):
-            bad = [v for v in values if v not in allowed]
-            if not values or bad:
-                raise InputError(f"{what} must be a non-empty subset of {allowed}; got "
-                                 f"{tuple(values)!r}.")
-        if isinstance(self.n_boot, bool) or not isinstance(self.n_boot, int) or self.n_boot < 2:
-            raise InputError(f"n_boot must be an integer ≥ 2, got {self.n_boot!r}.")
-        if not (isinstance(self.level, float) and 0 < self.level < 1):
-            raise InputError(f"level must be a fraction in (0, 1) (e.g. 0.95), got "
-                             f"{self.level!r}.")
-
-    def set_sizes(self, gene_set: str | None = None) -> dict[str, int]:
-        """``n_top``/``n_hvg``/``n_svg`` keywords; sets not asked for (or not ``gene_set``): 0."""
-        sizes = {"top_expressed": self.n_top, "hvg": self.n_hvg, "svg": self.n_svg}
-        wanted = self.gene_sets if gene_set is None else (gene_set,)
-        return {f"n_{k.split('_')[0]}": (v if k in wanted else 0) for k, v in sizes.items()}
 
 
 def _fit_model(name: str, bank: FeatureBank, names: tuple[str, ...], ys: dict,
@@ -159,13 +74,18 @@ class ProtocolChoices:
     genes
         Gene set name -> genes, in rank order.
     models
-        One row per ``(gene_set, standardization, model)``: ``alpha``, ``rank`` and, for
-        ``"selected"``, the model type chosen (``chosen``); rows ``"loso:<candidate>"`` hold
-        each candidate's nested leave-one-section-out mean r (``loso_r``).
+        One row per ``(gene_set, standardization, model)``: ``alpha``, ``rank``, ``loso_r``
+        (a candidate's nested leave-one-section-out mean r; NaN for the others) and, for
+        ``"selected"``, the model type chosen (``chosen``).
+    route
+        One row per gene set: the ``standardization`` and ``model`` (a candidate) with the
+        best nested leave-one-section-out mean r over both standardisations, and that
+        ``loso_r`` (ties: the first standardisation, then the first candidate listed).
     """
 
     genes: dict[str, tuple[str, ...]]
     models: pd.DataFrame
+    route: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 @dataclass
@@ -179,36 +99,14 @@ class FittedProtocol:
     n_features: int = 0
 
 
+def _coords(section: EvalSection, config: ProtocolConfig) -> np.ndarray:
+    return np.asarray(section.adata.obsm[config.spatial_key], dtype=np.float64)
+
+
 def _features(section: EvalSection, standardization: str) -> np.ndarray:
     x = np.asarray(section.features, dtype=np.float64)
     return np.asarray(standardize_section(x), dtype=np.float64) if standardization == "section" \
         else x
-
-
-def _check_sections(sections, what: str, *, need_counts: bool, spatial_key: str):
-    if isinstance(sections, EvalSection):
-        sections = [sections]
-    sections = list(sections)
-    if not sections:
-        raise InputError(f"{what} must hold at least one EvalSection.")
-    names = [s.name for s in sections if isinstance(s, EvalSection)]
-    if len(names) != len(sections):
-        raise InputError(f"{what} must be EvalSection objects.")
-    if len(set(names)) != len(names):
-        raise InputError(f"{what} has repeated section names: {names}.")
-    for s in sections:
-        x = np.asarray(s.features)
-        if x.ndim != 2 or x.shape[0] != s.adata.n_obs:
-            raise InputError(
-                f"Section {s.name!r}: features must be n_spots × n_features with "
-                f"n_spots = {s.adata.n_obs}, got shape {x.shape}.")
-        if not np.all(np.isfinite(x)):
-            raise InputError(f"Section {s.name!r}: features contain NaN or infinite values.")
-        if spatial_key not in s.adata.obsm:
-            raise InputError(f"Section {s.name!r} has no obsm[{spatial_key!r}].")
-        if need_counts and s.adata.X is None:
-            raise InputError(f"Training section {s.name!r} has no counts in X.")
-    return sections
 
 
 def _fold_targets(train: list[EvalSection], gene_set: str, config: ProtocolConfig) -> list:
@@ -217,12 +115,22 @@ def _fold_targets(train: list[EvalSection], gene_set: str, config: ProtocolConfi
     folds = []
     for held in train:
         rest = [s for s in train if s is not held]
-        genes = select_gene_sets({s.name: s.adata for s in rest}, exclude=config.exclude,
-                                 spatial_key=config.spatial_key,
-                                 **config.set_sizes(gene_set))[gene_set]
+        genes = _markers(rest, config) if gene_set == MARKERS else select_gene_sets(
+            {s.name: s.adata for s in rest}, exclude=config.exclude,
+            spatial_key=config.spatial_key, **config.set_sizes(gene_set))[gene_set]
         ys = {s.name: section_log_expression(s.adata, genes) for s in rest}
         folds.append((held.name, tuple(ys), ys, section_log_expression(held.adata, genes)))
     return folds
+
+
+def _markers(train: list[EvalSection], config: ProtocolConfig) -> list[str]:
+    """``config.markers`` found in at least one of the sections ``train``."""
+    known = {g for s in train for g in s.adata.var_names}
+    present = [g for g in dict.fromkeys(config.markers) if g in known]
+    if not present:
+        raise InputError(f"None of the markers {list(config.markers)} is in the training "
+                         "sections.")
+    return present
 
 
 def _loso_select(folds: list, bank: FeatureBank,
@@ -231,7 +139,8 @@ def _loso_select(folds: list, bank: FeatureBank,
     scores = {c: [] for c in config.candidates}
     for held, names, ys, y_held in folds:
         for cand in config.candidates:
-            pred = _fit_model(cand, bank, names, ys, config).predict(bank.features[held])
+            pred = _fit_model(cand, bank, names, ys, config).predict(
+                bank.features[held], bank.coords.get(held))
             scores[cand].append(float(pearson_per_gene(pred, y_held)[0].mean()))
     means = {c: float(np.mean(v)) for c, v in scores.items()}
     best = max(config.candidates, key=lambda c: means[c])  # ties -> the first listed
@@ -276,16 +185,20 @@ def fit_protocol(train_sections: Sequence[EvalSection],
         raise InputError(f"Training sections have features of different widths: {widths}.")
     genes = select_gene_sets({s.name: s.adata for s in train}, exclude=config.exclude,
                              spatial_key=config.spatial_key, **config.set_sizes())
-    rows, predictors = [], {}
+    if config.markers:
+        genes[MARKERS] = _markers(train, config)
+    rows, routes, predictors = [], [], {}
     names = tuple(s.name for s in train)
-    banks = {std: FeatureBank({s.name: _features(s, std) for s in train}, config.n_components)
-             for std in config.standardizations}
-    for gene_set in config.gene_sets:
+    coords = {s.name: _coords(s, config) for s in train}
+    banks = {std: FeatureBank({s.name: _features(s, std) for s in train}, config.n_components,
+                              coords) for std in config.standardizations}
+    for gene_set in config.scored_sets:
         ys = {s.name: section_log_expression(s.adata, genes[gene_set]) for s in train}
         folds = _fold_targets(train, gene_set, config)
+        best = None
         for std in config.standardizations:
             chosen, loso = _loso_select(folds, banks[std], config)
-            for name in dict.fromkeys((*BASELINES, *config.candidates)):
+            for name in config.models:
                 fitted = _fit_model(name, banks[std], names, ys, config)
                 predictors[gene_set, std, name] = fitted
                 rows.append({"gene_set": gene_set, "standardization": std, "model": name,
@@ -294,9 +207,14 @@ def fit_protocol(train_sections: Sequence[EvalSection],
             rows.append({"gene_set": gene_set, "standardization": std, "model": "selected",
                          **predictors[gene_set, std, chosen].params, "chosen": chosen,
                          "loso_r": loso[chosen]})
+            if best is None or loso[chosen] > best["loso_r"]:
+                best = {"gene_set": gene_set, "standardization": std, "model": chosen,
+                        "loso_r": loso[chosen]}
             logger.info("protocol %s / %s: selected %s (LOSO r %s)", gene_set, std, chosen,
                         ", ".join(f"{k} {v:.3f}" for k, v in loso.items()))
-    choices = ProtocolChoices({k: tuple(v) for k, v in genes.items()}, pd.DataFrame(rows))
+        routes.append(best)
+    choices = ProtocolChoices({k: tuple(v) for k, v in genes.items()},
+                              pd.DataFrame(rows).astype({"loso_r": float}), pd.DataFrame(routes))
     return FittedProtocol(config, choices, predictors, names, widths.pop())
 
 
@@ -323,7 +241,8 @@ class ProtocolResult:
         ``chosen`` (for ``"selected"``), ``n_spots``, ``n_genes``, ``n_blocks``.
     per_gene
         Long table of per-gene r: ``section``, ``gene_set``, ``standardization``, ``model``,
-        ``gene``, ``r``.
+        ``gene``, ``r``, and ``low``/``high`` (the gene's block-bootstrap interval; for the
+        ``"markers"`` set only, NaN otherwise).
     """
 
     choices: ProtocolChoices
@@ -369,21 +288,21 @@ def score_protocol(fitted: FittedProtocol, test_sections: Sequence[EvalSection]
                 f"sections {fitted.n_features}: use the same encoder and tiles.")
     genes = fitted.choices.genes
     # every prediction first: features only
-    preds = {(s.name, *key): model.predict(_features(s, key[1]))
+    preds = {(s.name, *key): model.predict(_features(s, key[1]), _coords(s, config))
              for s in test for key, model in fitted.predictors.items()}
-    union = list(dict.fromkeys(g for gs in config.gene_sets for g in genes[gs]))
+    union = list(dict.fromkeys(g for gs in config.scored_sets for g in genes[gs]))
     chosen = fitted.choices.models.set_index(["gene_set", "standardization", "model"])["chosen"]
     rows, per_gene = [], []
     for s in test:
         observed_all = _read_expression(s, union)  # the one read of this section
-        coords = np.asarray(s.adata.obsm[config.spatial_key], dtype=np.float64)
+        coords = _coords(s, config)
         boot = {"block_size": config.block_size, "n_boot": config.n_boot,
                 "level": config.level, "seed": config.seed}
-        for gene_set in config.gene_sets:
+        for gene_set in config.scored_sets:
             cols = [union.index(g) for g in genes[gene_set]]
             observed = observed_all[:, cols]
             for std in config.standardizations:
-                for model in (*dict.fromkeys((*BASELINES, *config.candidates)), "selected"):
+                for model in (*config.models, "selected"):
                     pred = preds[s.name, gene_set, std, model]
                     ci = block_bootstrap_pearson(pred, observed, coords, **boot)
                     row = {"section": s.name, "gene_set": gene_set, "standardization": std,
@@ -405,9 +324,14 @@ def score_protocol(fitted: FittedProtocol, test_sections: Sequence[EvalSection]
                                n_genes=len(cols), n_blocks=ci.n_blocks)
                     rows.append(row)
                     r, _ = pearson_per_gene(pred, observed)
+                    genes_ci = [block_bootstrap_pearson(pred[:, [j]], observed[:, [j]], coords,
+                                                        **boot) if gene_set == MARKERS else None
+                                for j in range(len(cols))]
                     per_gene.append(pd.DataFrame({
                         "section": s.name, "gene_set": gene_set, "standardization": std,
-                        "model": model, "gene": list(genes[gene_set]), "r": r}))
+                        "model": model, "gene": list(genes[gene_set]), "r": r,
+                        "low": [np.nan if c is None else c.low for c in genes_ci],
+                        "high": [np.nan if c is None else c.high for c in genes_ci]}))
     return ProtocolResult(fitted.choices, pd.DataFrame(rows),
                           pd.concat(per_gene, ignore_index=True))
 

@@ -16,6 +16,9 @@ Model types (:data:`MODELS`), each ``fit(bank, names, ys, config) -> Fitted``:
   specific signal);
 - ``"ridge_rank"``: spotlens' ridge, the projection rank chosen by the same CV
   (:mod:`~spotlens.histology._rank`).
+
+The package's networks (``"attention"``, ``"graph"``) are candidates too
+(``_protocol_networks.py``, on the same :class:`FeatureBank`).
 """
 
 from __future__ import annotations
@@ -62,11 +65,16 @@ class FeatureBank:
         Section name -> ``n_spots × n_features``.
     n_components
         PCA components (capped by spots and features), as :class:`RidgeBaseline`.
+    coords
+        Section name -> ``n_spots × 2`` spot centres (for the network models, which look at
+        neighbouring spots); None: no coordinates.
     """
 
-    def __init__(self, features: Mapping[str, np.ndarray], n_components: int):
+    def __init__(self, features: Mapping[str, np.ndarray], n_components: int,
+                 coords: Mapping[str, np.ndarray] | None = None):
         self.features = {k: np.asarray(v, dtype=np.float64) for k, v in features.items()}
         self.n_components = int(n_components)
+        self.coords = {k: np.asarray(v, dtype=np.float64) for k, v in (coords or {}).items()}
         self._paths: dict[tuple[str, ...], _Path] = {}
 
     def path(self, names: tuple[str, ...]) -> _Path:
@@ -84,9 +92,13 @@ class FeatureBank:
 
 @dataclass
 class Fitted:
-    """A fitted protocol model: ``predict(features) -> n_spots × n_genes`` and its choices."""
+    """A fitted protocol model and its choices.
 
-    predict: Callable[[np.ndarray], np.ndarray]
+    ``predict(features, coords) -> n_spots × n_genes``: ``features`` ``n_spots × n_features``,
+    ``coords`` ``n_spots × 2`` spot centres (read by the network models only).
+    """
+
+    predict: Callable[[np.ndarray, np.ndarray | None], np.ndarray]
     params: dict = field(default_factory=dict)
 
 
@@ -149,21 +161,23 @@ def _alphas(config) -> np.ndarray:
 
 def _fit_ridge(bank, names, ys, config) -> Fitted:
     predict, alpha, _ = fit_ridge_cv(bank, names, ys, alphas=_alphas(config))
-    return Fitted(predict, {"alpha": alpha, "rank": "full"})
+    return Fitted(lambda x, coords=None: predict(x), {"alpha": alpha, "rank": "full"})
 
 
 def _fit_rank1(bank, names, ys, config) -> Fitted:
     predict, alpha, _ = fit_ridge_cv(bank, names, ys, alphas=_alphas(config))
     axes = ExpressionAxes.fit(np.vstack([ys[n] for n in names]), max_rank=1)
-    return Fitted(lambda x: axes.project(predict(x), 1), {"alpha": alpha, "rank": "1"})
+    return Fitted(lambda x, coords=None: axes.project(predict(x), 1),
+                  {"alpha": alpha, "rank": "1"})
 
 
 def _fit_ridge_rank(bank, names, ys, config) -> Fitted:
     predict, alpha, rank = fit_ridge_cv(bank, names, ys, alphas=_alphas(config),
                                         ranks=DEFAULT_RANKS)
-    return Fitted(predict, {"alpha": alpha, "rank": rank_label(rank)})
+    return Fitted(lambda x, coords=None: predict(x), {"alpha": alpha, "rank": rank_label(rank)})
 
 
 #: model name -> fit(bank, section names, expression by section, config) -> :class:`Fitted`
+#: (the ridge family; the networks are in ``_protocol_networks.py``)
 MODELS: dict[str, Callable[..., Fitted]] = {
     "ridge": _fit_ridge, "rank1": _fit_rank1, "ridge_rank": _fit_ridge_rank}

@@ -26,7 +26,10 @@ from ._tiles import _check_on_image, _library, section_mpp, tile_geometry
 
 logger = logging.getLogger("spotlens")
 
-GENE_RULES = ("hvg", "top_expressed")
+#: gene rules -> the sets of :func:`~spotlens.histology.select_gene_sets` (the protocol's)
+GENE_RULES = ("hvg", "top_expressed", "svg")
+#: their sizes, as the protocol's (``ProtocolConfig`` defaults)
+GENE_RULE_SIZES = {"hvg": {"n_hvg": 50}, "top_expressed": {"n_top": 250}, "svg": {"n_svg": 50}}
 _MPP_MISMATCH = 0.1  # a given mpp this far (relative) from the section's own is reported
 
 
@@ -134,7 +137,12 @@ def prepare_sections(sections, *, mpp=None, tile_um: float | None = None
 
 
 def _choose_genes(genes, adatas: dict[str, AnnData]) -> tuple[list[str], str]:
-    """The target genes and the rule that chose them (``"hvg"``, ``"top_expressed"``, ``"list"``).
+    """The target genes and the rule that chose them (``"hvg"``, ``"top_expressed"``, ``"svg"``,
+    ``"list"``).
+
+    A rule chooses on the training sections exactly as the frozen protocol does
+    (:func:`~spotlens.histology.select_gene_sets`: mitochondrial, ribosomal and housekeeping
+    genes excluded; 50 HVGs, 250 most expressed or 50 spatially variable genes).
 
     Raises
     ------
@@ -142,14 +150,16 @@ def _choose_genes(genes, adatas: dict[str, AnnData]) -> tuple[list[str], str]:
         For an unknown rule, an empty list, duplicates, or names in none of the sections (the
         message lists them with close matches among the sections' genes).
     """
-    from ._metrics import select_target_genes
+    from ._gene_sets import select_gene_sets
 
     if isinstance(genes, str):
         if genes not in GENE_RULES:
             raise InputError(
-                f"genes must be 'hvg', 'top_expressed' or a list of gene names, got {genes!r}."
+                f"genes must be 'hvg', 'top_expressed', 'svg' or a list of gene names, got "
+                f"{genes!r}."
             )
-        return list(select_target_genes(adatas)[genes]), genes
+        sizes = {"n_top": 0, "n_hvg": 0, "n_svg": 0, **GENE_RULE_SIZES[genes]}
+        return list(select_gene_sets(adatas, **sizes)[genes]), genes
     genes = [str(g) for g in genes]
     if not genes:
         raise InputError("The gene list is empty.")

@@ -22,8 +22,10 @@ from ._model import HistologyModel
 from ._normalize import standardize_section
 from ._registry import MODEL_TYPES
 from ._sections import _choose_genes, prepare_sections
-from ._tiles import DEFAULT_TILE_SCALES, check_tile_scales
+from ._defaults import DEFAULT_GENES, DEFAULT_MODEL, DEFAULT_STANDARDIZE, DEFAULT_TRAIN_SCALES
+from ._tiles import check_tile_scales
 from ._train_data import TrainConfig
+from ._uncertainty import DEFAULT_N_BOOTSTRAP, ENSEMBLE_FILE, check_n_bootstrap, fit_ensemble
 
 logger = logging.getLogger("spotlens")
 
@@ -31,14 +33,14 @@ logger = logging.getLogger("spotlens")
 def train(
     sections,
     *,
-    genes="hvg",
-    model: str = "attention",
+    genes=DEFAULT_GENES,
+    model: str | None = None,
     encoder: str = "efficientnet-lite0",
     encoder_weights=None,
     tile_um: float | None = None,
     mpp=None,
-    tile_scales=DEFAULT_TILE_SCALES,
-    standardize: bool = True,
+    tile_scales=DEFAULT_TRAIN_SCALES,
+    standardize: bool = DEFAULT_STANDARDIZE,
     out_px: int = 224,
     config=None,
     cache_dir=None,
@@ -47,6 +49,7 @@ def train(
     out,
     resume: bool = True,
     progress: bool = True,
+    n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
 ) -> Path:
     """Train a model of spot expression from H&E tiles and write it to a folder.
 
@@ -57,9 +60,15 @@ def train(
     :func:`~spotlens.histology._image_check.check_section_image`), and the target genes are
     chosen (named genes must be in at least one section). Nothing is written before that.
 
-    Steps: cut tiles of several sizes around every spot, encode them and put the features side
-    by side (:func:`multiscale_features`; cached in ``cache_dir``), z-score them within each
-    section (:func:`standardize_section`), choose the target genes on the training sections,
+    The defaults are the route the frozen evaluation protocol selects on her2st's training
+    sections (:func:`run_protocol`, nested leave-one-section-out; ``_defaults.py``,
+    ``benchmarks/results/histology_her2st_protocol.md``): ridge with alpha and projection rank
+    by leave-one-section-out CV, on 50 HVGs, tiles of 1, 2 and 4 spot diameters, features
+    z-scored within each section.
+
+    Steps: cut tiles around every spot (of several sizes with ``tile_scales``), encode them and
+    put the features side by side (:func:`multiscale_features`; cached in ``cache_dir``),
+    z-score them within each section (:func:`standardize_section`), choose the target genes on the training sections,
     compute their log-normalised expression ``log1p(normalize_total(counts, 1e4))`` (genes a
     section lacks are 0), then fit. For ``"attention"``/``"graph"``: early stopping on the last
     training section (training on the others), then a refit on all sections for the best number
@@ -84,10 +93,13 @@ def train(
         ``obsm["spatial"]``; ``image`` the full-resolution H&E file path (or a
         :class:`SlideImage` opened from a file).
     genes
-        ``"hvg"`` (50 highly variable genes, seurat_v3 with batch = section), ``"top_expressed"``
-        (250 most expressed genes) or a list of gene names.
+        ``"hvg"`` (50 highly variable genes, seurat_v3 with batch = section; the default),
+        ``"top_expressed"`` (250 most expressed genes), ``"svg"`` (50 spatially variable
+        genes, Moran's I) — chosen as the protocol does (:func:`select_gene_sets`:
+        mitochondrial, ribosomal and housekeeping genes excluded) — or a list of gene names.
     model
-        ``"attention"``, ``"graph"`` or ``"ridge"`` (``_registry.MODEL_TYPES``).
+        ``"ridge"``, ``"attention"`` or ``"graph"`` (``_registry.MODEL_TYPES``). None (the
+        default): ``config.model`` when a :class:`TrainConfig` is given, else ``"ridge"``.
     encoder
         Encoder name or TorchScript file for :func:`get_encoder`, or ``"colour"`` for the 25
         colour statistics of :func:`colour_features` (no torch needed with ``"ridge"``).
@@ -107,16 +119,18 @@ def train(
         none (JPEG/PNG without it in the AnnData): the model tiles new images in µm.
     tile_scales
         Tile sides as multiples of the scale-1 tile; features of all are concatenated.
-        Default ``(1, 2, 4)``: the spot and two wider fields of view around it.
+        Default ``(1, 2, 4)``: the spot and two wider fields of view around it (what the
+        protocol selects over the spot's tile alone).
     standardize
         Z-score every feature within each section (:func:`standardize_section`; sections are
         standardised the same way at prediction). True by default: it removes section-wide
-        stain and scanner shifts.
+        stain and scanner shifts. Transductive: a section's features depend on all its spots'
+        images (never on its expression).
     out_px
         Tile side in px after resizing.
     config
         :class:`TrainConfig` for ``"attention"``/``"graph"`` (its ``model`` and ``seed`` are
-        overridden by ``model`` and ``seed``); None = defaults.
+        overridden by ``model`` when given, and ``seed``); None = defaults.
     cache_dir
         Folder of cached encoder features; None = no cache.
     device
@@ -130,11 +144,18 @@ def train(
         settings (a larger ``config.epochs`` continues training).
     progress
         Progress bars for encoding and training.
+    n_bootstrap
+        Members of the uncertainty ensemble: ridge heads refitted on block-bootstrap
+        replicates of the training spots (``_uncertainty.py``; closed form, seconds), whose
+        spread :func:`predict` stores as the per-spot, per-gene uncertainty. For ``"ridge"``
+        it is the model's own bootstrap; for a network, that of a ridge readout of the same
+        features. 0 = no ensemble (predictions then carry no uncertainty).
 
     Returns
     -------
     The model folder ``out`` (:meth:`HistologyModel.save`) with ``config.json``
-    (:class:`~spotlens.histology._folder.ModelConfig`) and ``model.pt`` (or ``model.npz``).
+    (:class:`~spotlens.histology._folder.ModelConfig`), ``model.pt`` (or ``model.npz``) and,
+    unless ``n_bootstrap=0``, ``uncertainty.npz`` (recorded in ``config.json["uncertainty"]``).
     ``config.json["validation"]`` holds the held-out score the settings were chosen on:
     ``section`` (the early-stopping section, or ``"leave-one-section-out"`` for ridge),
     ``mean_pearson``, ``expression_rank`` (``"10"``, ``"full"``) and ``rank_scores`` (rank
@@ -158,8 +179,9 @@ def train(
         unknown gene rule, a bad model type,
         ``finetune_head=True`` with an encoder other than EfficientNet-Lite0,
         ``encoder_weights`` for colour features or a checkpoint that does not fit the encoder
-        (:func:`get_encoder`), ``"ridge"`` with fewer than 2 sections, or a checkpoint in
-        ``out`` from a different run (pass ``resume=False`` or another ``out``).
+        (:func:`get_encoder`), ``"ridge"`` with fewer than 2 sections, ``n_bootstrap`` not 0
+        or an integer ≥ 2, or a checkpoint in ``out`` from a different run (pass
+        ``resume=False`` or another ``out``).
 
     Examples
     --------
@@ -174,18 +196,20 @@ def train(
                        encoder_weights=encoder_weights, tile_um=tile_um, mpp=mpp,
                        tile_scales=tile_scales, standardize=standardize, out_px=out_px,
                        config=config, cache_dir=cache_dir, device=device, seed=seed,
-                       checkpoint_dir=out, resume=resume, progress=progress)
+                       checkpoint_dir=out, resume=resume, progress=progress,
+                       n_bootstrap=n_bootstrap)
     out = fitted.save(out)
     logger.info("wrote %s", out)
     return out
 
 
-def fit_model(sections, *, genes="hvg", model: str = "attention",
+def fit_model(sections, *, genes=DEFAULT_GENES, model: str | None = None,
               encoder: str = "efficientnet-lite0", encoder_weights=None,
-              tile_um: float | None = None, mpp=None, tile_scales=DEFAULT_TILE_SCALES,
-              standardize: bool = True, out_px: int = 224, config=None, cache_dir=None,
+              tile_um: float | None = None, mpp=None, tile_scales=DEFAULT_TRAIN_SCALES,
+              standardize: bool = DEFAULT_STANDARDIZE, out_px: int = 224, config=None, cache_dir=None,
               device: str = "cpu", seed: int = 0, checkpoint_dir=None, resume: bool = True,
-              progress: bool = True) -> HistologyModel:
+              progress: bool = True,
+              n_bootstrap: int = DEFAULT_N_BOOTSTRAP) -> HistologyModel:
     """Fit a :class:`HistologyModel` in memory; the arguments are those of :func:`train`.
 
     ``checkpoint_dir`` (``train``'s ``out``): where a network writes its checkpoints and
@@ -199,7 +223,10 @@ def fit_model(sections, *, genes="hvg", model: str = "attention",
     from .._version import __version__
     from ._metrics import section_log_expression
 
+    if model is None:
+        model = config.model if isinstance(config, TrainConfig) else DEFAULT_MODEL
     kind = _check_arguments(sections, model)
+    n_bootstrap = check_n_bootstrap(n_bootstrap)
     if tile_um is not None:
         tile_um = check_mpp(tile_um, what="tile_um", unit="µm")
     tile_scales = check_tile_scales(tile_scales)
@@ -235,14 +262,32 @@ def fit_model(sections, *, genes="hvg", model: str = "attention",
     predictor, validation, train_cfg = kind.fit(
         names, data, gene_list, config=net_config, folder=folder, fingerprint=run_id,
         device=device, resume=resume, progress=progress, head=head)
+    ensemble, record = _uncertainty(names, data, predictor, kind, head, n_bootstrap, seed)
     settings = ModelConfig(
         model_type=model, model_file=kind.file, encoder=spec, tiles=tiles,
         genes=tuple(gene_list), gene_rule=rule, validation=validation, train_config=train_cfg,
         sections=tuple(_section_record(n, data[n]) for n in names), seed=int(seed),
-        spotlens_version=__version__)
-    fitted = HistologyModel(settings, predictor, device=device)
+        spotlens_version=__version__, uncertainty=record)
+    fitted = HistologyModel(settings, predictor, device=device, ensemble=ensemble)
     fitted._encoder = enc
     return fitted
+
+
+def _uncertainty(names, data, predictor, kind, head, n_boot: int, seed: int):
+    """The uncertainty ensemble and its ``config.json`` record (None, None with 0 members)."""
+    from ._intervals import DEFAULT_BLOCK_SPACINGS
+
+    if n_boot == 0:
+        return None, None
+    if head is not None:  # the ensemble reads what the network reads: the head's features
+        data = {n: {**data[n], "features": standardize_section(
+            predictor.head_features(data[n]["features"]))} for n in names}
+    ensemble = fit_ensemble(names, data, ridge=predictor if kind.name == "ridge" else None,
+                            n_boot=n_boot, seed=seed)
+    record = {"file": ENSEMBLE_FILE, "method": ensemble.method, "n_boot": int(n_boot),
+              "block_spacings": float(DEFAULT_BLOCK_SPACINGS), "alpha": ensemble.alpha,
+              "seed": int(seed)}
+    return ensemble, record
 
 
 def _check_arguments(sections, model: str):

@@ -15,6 +15,7 @@ from scipy import sparse
 
 from .._validation import InputError
 from ..pp import knn
+from ._metrics import pearson_per_gene
 from ._rank import check_rank
 from ._registry import NETWORKS
 
@@ -153,11 +154,12 @@ def _graph_tensors(coords: np.ndarray, k: int, torch, device):
 
 
 def _pearson_mean(pred: np.ndarray, obs: np.ndarray) -> float:
-    p = pred - pred.mean(0)
-    o = obs - obs.mean(0)
-    denom = np.sqrt((p**2).sum(0) * (o**2).sum(0))
-    r = np.divide((p * o).sum(0), denom, out=np.zeros(p.shape[1]), where=denom > 0)
-    return float(r.mean())
+    """Mean over genes of the per-gene Pearson r across spots (0 for a constant column).
+
+    ``pred``, ``obs``: ``n_spots × n_genes``. The package's one Pearson kernel
+    (:func:`~spotlens.histology._metrics.pearson_per_gene`), averaged.
+    """
+    return float(pearson_per_gene(pred, obs)[0].mean())
 
 
 @dataclass

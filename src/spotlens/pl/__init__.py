@@ -2,6 +2,7 @@
 
 from ._cells import cells
 from ._overlay import overlay
+from ._prediction import prediction
 from ._proportions import proportions, proportions_to_obs
 
-__all__ = ["cells", "overlay", "proportions", "proportions_to_obs"]
+__all__ = ["cells", "overlay", "prediction", "proportions", "proportions_to_obs"]

@@ -5,8 +5,9 @@ weights are available on this machine, so this times the same architectures with
 weights (speed does not depend on the values): ViT-B/16 (Phikon's size) and ViT-L/16 with
 layer scale (UNI's size), 224-px tiles, against EfficientNet-Lite0 (the default encoder).
 
-Run:  python benchmarks/vit_encoder_speed.py [--tiles N] [--out FILE]
-Writes benchmarks/results/vit_encoder_speed.md.
+Run:  python benchmarks/studies/vit_encoder_speed.py [--tiles N] [--out FILE]
+Writes benchmarks/studies/results/vit_encoder_speed.md. A study (it builds ViTs of the
+pathology models' sizes from spotlens' private ``_vit`` module).
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ import torch
 from spotlens.histology._encoders import get_encoder
 from spotlens.histology._vit import VisionTransformerFeatures, ViTConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine, write_atomic  # noqa: E402
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the shared helper benchmarks/_machine.py, not spotlens
+from _machine import machine, write_atomic  # noqa: E402
 HER2ST_TILES = 3579  # her2st's 1,193 spots at 3 tile scales
 
 ARCHITECTURES = {
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         "# Tile encoder speed on CPU: EfficientNet-Lite0 and ViT sizes of pathology models", "",
         f"- date: {dt.date.today().isoformat()}",
         f"- machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "- command: `python benchmarks/vit_encoder_speed.py`",
+        "- command: `python benchmarks/studies/vit_encoder_speed.py`",
         "- ViTs with random weights (speed does not depend on them); 224-px tiles, batches of "
         "16, inference mode; her2st = 1,193 spots × 3 tile scales = 3,579 tiles, encoded once "
         "and then read from the feature cache.", "",

@@ -1,6 +1,7 @@
 """Experiment: fine-tune EfficientNet-Lite0's head convolution on expression, on 2 CPU cores.
 
-The models in ``histology_her2st.py`` read frozen encoder features. This script asks whether
+A study (a one-off experiment; it may use spotlens' private modules). The models in
+``histology_her2st_legacy.py`` read frozen encoder features. This script asks whether
 training the encoder's last layer helps, at a cost a CPU can pay: the tiles go once through
 the frozen network up to its last block (``320 × 7 × 7`` maps, averaged to ``320 × 4 × 4`` to
 keep them small) and are cached; on them a copy of the pretrained head convolution (1×1,
@@ -9,7 +10,7 @@ z-scoring of its 3 × 1280 outputs, dropout 0.3 and a linear layer to the z-scor
 are trained with MSE (AdamW, weight decay 1e-2). Head learning rate 0 = the frozen head (the
 same network with the pretrained features), as a control.
 
-Protocol as ``histology_her2st.py`` (top-250 expressed genes): early stopping on the last
+Protocol as ``histology_her2st_legacy.py`` (top-250 expressed genes): early stopping on the last
 training section while training on the others (patience 40 epochs), then a refit on all
 training sections for that number of epochs, scored on the held-out sections; two seeds.
 
@@ -19,8 +20,9 @@ them with the attention or graph model. The results file was written by an earli
 this script with its own copies of them (z-scoring with the sample sd + 1e-4 instead of the
 population sd: a relative difference under 0.5 % in the features at these section sizes).
 
-Run:  python benchmarks/histology_head_finetune.py   (writes
-benchmarks/results/histology_head_finetune.md; pre-head maps cached in benchmarks/.cache/)
+Run:  python benchmarks/studies/histology_head_finetune.py   (writes
+benchmarks/studies/results/histology_head_finetune.md; pre-head maps cached in
+benchmarks/.cache/)
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ from spotlens.histology._tiles import DEFAULT_TILE_SCALES, tile_geometry
 from spotlens.io import read_image
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+BENCH = HERE.parent
+sys.path.insert(0, str(BENCH))  # the shared helpers benchmarks/_machine.py, _histology.py
+from _histology import DATA, DATASETS  # noqa: E402
 from _machine import machine, write_atomic  # noqa: E402
-from histology_her2st import DATA, DATASETS  # noqa: E402
 
 
 class LinearReadout(torch.nn.Module):
@@ -126,7 +129,7 @@ def mean_r(model, x, y) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache-dir", default=str(HERE / ".cache"))
+    parser.add_argument("--cache-dir", default=str(BENCH / ".cache"))
     parser.add_argument("--out", default=str(HERE / "results" / "histology_head_finetune.md"))
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args(argv)
@@ -164,10 +167,10 @@ def main(argv=None) -> int:
         "# Fine-tuning the encoder's head convolution on expression (experiment)",
         "",
         f"- date: {dt.date.today().isoformat()}; machine: {machine()}",
-        "- command: `python benchmarks/histology_head_finetune.py`",
+        "- command: `python benchmarks/studies/histology_head_finetune.py`",
         "- what: see the script's docstring; mean per-gene Pearson r over the 250 most "
         "expressed genes on the held-out sections, no reduced-rank projection. Compare with "
-        "`histology_her2st.md` (ridge on frozen features: C6 0.248, B4 0.158, MOB4 0.362 "
+        "`histology_her2st_legacy.md` (ridge on frozen features: C6 0.248, B4 0.158, MOB4 0.362 "
         "with the projection).",
         "",
         "| dataset | head | seed | epochs (early stopping) | held-out mean Pearson r | "
