@@ -204,8 +204,8 @@ def train_command(
 ) -> None:
     """Train on sections with expression and H&E; write OUT/config.json and the model file.
 
-    By default: ridge on the spots' EfficientNet-Lite0 features (z-scored within each section)
-    for 50 HVGs, penalty and projection rank by leave-one-section-out CV (OUT/model.npz) — the
+    By default: ridge on the spots' EfficientNet-Lite0 features at three fields of view
+    (--tile-scales 1,2,4; z-scored within each section) for 50 HVGs, penalty and projection rank by leave-one-section-out CV (OUT/model.npz) — the
     route the frozen protocol selects. Networks (--model-type attention|graph): early stopping
     on the last section listed (training on the others), then a refit on all sections for the
     best number of epochs (OUT/model.pt). OUT/spotlens_run.json, written last, records the
