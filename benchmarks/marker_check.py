@@ -133,6 +133,12 @@ def marker_check(proportions: pd.DataFrame, scores: pd.DataFrame) -> tuple[pd.Se
     return r, summary
 
 
+def dominant_types(proportions: pd.DataFrame, n: int = 3) -> str:
+    """The ``n`` types that have the largest proportion in the most spots, with their counts."""
+    top = proportions.dropna(how="all").idxmax(axis=1).value_counts().head(n)
+    return ", ".join(f"{t} {c}" for t, c in top.items())
+
+
 def spotlens_defaults(spatial: AnnData, reference: AnnData) -> pd.DataFrame:
     """spotlens with its defaults."""
     res = spotlens.deconv.deconvolve(spatial, reference, progress=False, inplace=False)
@@ -212,17 +218,21 @@ def main(argv: list[str] | None = None, methods: Mapping[str, Method] | None = N
             props = fn(fit_on, reference)
             seconds = time.perf_counter() - t0
             r, summary = marker_check(props, scores)
+            dominant = dominant_types(props)
             print(f"{name} {method}: mean r {summary['mean_r']:.3f} "
-                  f"({summary['n_scored']}/{summary['n_types']} types), {seconds:.1f} s")
+                  f"({summary['n_scored']}/{summary['n_types']} types), {seconds:.1f} s; "
+                  f"dominant: {dominant}")
             print("  " + ", ".join(f"{t} {v:.2f}" for t, v in r.items()))
-            rows.append((name, method, len(shared), len(_all_markers(markers)), summary, r,
-                         seconds))
+            rows.append((name, method, len(shared), len(_all_markers(markers)), summary,
+                         dominant, r, seconds))
     lines += ["## Results", "",
+              "'dominant': the types with the largest proportion in the most spots (spots).", "",
               "| pair | method | shared genes | held-out markers | types scored | mean r | "
-              "seconds |", "|---|---|---:|---:|---:|---:|---:|"]
-    for name, method, n_shared, n_mark, summary, _, seconds in rows:
+              "dominant | seconds |", "|---|---|---:|---:|---:|---:|---|---:|"]
+    for name, method, n_shared, n_mark, summary, dominant, _, seconds in rows:
         lines.append(f"| {name} | {method} | {n_shared} | {n_mark} | {summary['n_scored']}/"
-                     f"{summary['n_types']} | {summary['mean_r']:.3f} | {seconds:.1f} |")
+                     f"{summary['n_types']} | {summary['mean_r']:.3f} | {dominant} | "
+                     f"{seconds:.1f} |")
     lines += ["", "## Per type", ""]
     for name, method, *_, r, _ in rows:
         lines.append(f"- {name}, {method}: " + ", ".join(f"{t} {v:.2f}" for t, v in r.items()))
