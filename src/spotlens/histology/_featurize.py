@@ -85,6 +85,48 @@ def split_head(enc, spec: EncoderSpec, finetune_head: bool) -> tuple[Any, Encode
     return trunk, spec, head
 
 
+def open_trained_encoder(info: EncoderSpec, device: str, encoder_weights=None):
+    """The encoder a model was trained with, checked against what :class:`EncoderSpec` recorded.
+
+    ``encoder_weights`` is where the checkpoint is now when it moved since training (None: the
+    path recorded at training). A fine-tuned head is split off (the model reads the trunk).
+
+    Raises
+    ------
+    InputError
+        If the encoder available now has other weights than the one used in training,
+        prepares tiles differently (input size, normalisation), or its checkpoint file is
+        neither where training recorded it nor at ``encoder_weights``.
+    """
+    weights = encoder_weights or info.weights_path
+    if weights is not None and not Path(weights).expanduser().is_file():
+        raise InputError(
+            f"The model's encoder ({info.argument}) reads its weights from {weights}, "
+            "which is not there. Pass the file: load_model(..., encoder_weights=PATH) (CLI: "
+            "--encoder-weights PATH); it must be the same checkpoint (SHA-256 checked)."
+        )
+    enc, now = encoder_spec(info.argument, device, weights)
+    if info.head is not None:  # the model fine-tuned the encoder's head: it reads the trunk
+        enc, now, _ = split_head(enc, now, True)
+    if now.weights_id != info.weights_id or now.dim != info.dim:
+        raise InputError(
+            f"The model was trained on features of {info.name} with weights "
+            f"{info.weights_id[:24]}… ({info.dim} features), but that encoder now "
+            f"has weights {now.weights_id[:24]}… ({now.dim} features). Features of "
+            "another encoder do not fit this model; install the original weights or retrain."
+        )
+    if info.identity and now.identity != info.identity:
+        # same weights, other input size or normalisation (e.g. a ViT whose config.json
+        # stayed behind): the features would differ silently
+        raise InputError(
+            f"The model's encoder now prepares tiles differently: trained with "
+            f"{info.identity.split('|', 2)[2]}, now {now.identity.split('|', 2)[2]} "
+            "(input px | mean | std). For 'vit', put the config.json the weights came with "
+            "beside them."
+        )
+    return enc
+
+
 def section_features(image: SlideImage, encoder, geometry, out_px: int, scales, *,
                      cache_dir=None, progress: bool = False) -> np.ndarray:
     """``n_spots × (n_scales · dim)`` float32 features of a section's tiles at every scale.

@@ -28,7 +28,7 @@ from .._keys import HISTOLOGY_PREDICTION_KEY, SPATIAL_KEY, prediction_std_key
 from .._keys import features_key as obsm_features_key
 from .._validation import InputError
 from ..io import SlideImage, read_image
-from ._featurize import encoder_spec, section_features, split_head
+from ._featurize import open_trained_encoder, section_features
 from ._folder import COLOUR_ENCODER, ModelConfig, model_dir
 from ._image_check import check_section_image
 from ._normalize import standardize_section
@@ -232,34 +232,8 @@ class HistologyModel:
         info = self.settings.encoder
         if info.name == COLOUR_ENCODER or self._encoder is not None:
             return self._encoder
-        weights = self.encoder_weights or info.weights_path
-        if weights is not None and not Path(weights).expanduser().is_file():
-            raise InputError(
-                f"The model's encoder ({info.argument}) reads its weights from {weights}, "
-                "which is not there. Pass the file: load_model(..., encoder_weights=PATH) (CLI: "
-                "--encoder-weights PATH); it must be the same checkpoint (SHA-256 checked)."
-            )
-        enc, now = encoder_spec(info.argument, self.device, weights)
-        if info.head is not None:  # the model fine-tuned the encoder's head: it reads the trunk
-            enc, now, _ = split_head(enc, now, True)
-        if now.weights_id != info.weights_id or now.dim != info.dim:
-            raise InputError(
-                f"The model was trained on features of {info.name} with weights "
-                f"{info.weights_id[:24]}… ({info.dim} features), but that encoder now "
-                f"has weights {now.weights_id[:24]}… ({now.dim} features). Features of "
-                "another encoder do not fit this model; install the original weights or retrain."
-            )
-        if info.identity and now.identity != info.identity:
-            # same weights, other input size or normalisation (e.g. a ViT whose config.json
-            # stayed behind): the features would differ silently
-            raise InputError(
-                f"The model's encoder now prepares tiles differently: trained with "
-                f"{info.identity.split('|', 2)[2]}, now {now.identity.split('|', 2)[2]} "
-                "(input px | mean | std). For 'vit', put the config.json the weights came with "
-                "beside them."
-            )
-        self._encoder = enc
-        return enc
+        self._encoder = open_trained_encoder(info, self.device, self.encoder_weights)
+        return self._encoder
 
     # -- arrays --------------------------------------------------------------------------------
     def _through_head(self, features: np.ndarray) -> np.ndarray:
