@@ -277,3 +277,28 @@ def test_bad_input_raises(change, match):
     y, x, s, kwargs = change(*_small())
     with pytest.raises(InputError, match=match):
         spot_fit_quality(y, x, s, **kwargs)
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.3])
+def test_compiled_sums_equal_table_lookup_on_every_branch(phi):
+    """The compiled row sums equal the NumPy table lookup, also for means below the table
+    (counted as 0), above it (1/µ expansion) and floored means under a count."""
+    rng = np.random.default_rng(5)
+    n, g = 700, 30  # more than one thread's rows
+    mu = np.exp(rng.uniform(np.log(1e-12), np.log(5e4), size=(n, g)))
+    mu[0, :3] = [0.0, 1e-9, 2e3]
+    counts = rng.poisson(np.minimum(mu, 1e4)).astype(float)
+    counts[0, 0] = 2.0  # a count where the mean is 0: floored, finite
+    y = sparse.csr_matrix(counts)
+    grid, table, e_inf = _fit_quality._expected_deviance_table(phi)
+    x, s, lib = mu, np.eye(g), np.ones(n)  # µ = lib · x S = mu
+    dev, expected = _fit_quality._deviance_and_expectation(y, x, s, lib, phi, grid, table, e_inf)
+    dense = y.toarray()
+    safe = np.maximum(mu, _fit_quality._MU_FLOOR)
+    ref_dev = (_fit_quality._zero_deviance(mu, phi).sum(1)
+               + (np.where(dense > 0, _fit_quality._unit_deviance(dense, safe, phi)
+                           - _fit_quality._zero_deviance(safe, phi), 0.0)).sum(1))
+    ref_expected = _fit_quality._expected(mu, grid, table, e_inf).sum(1)
+    assert np.all(np.isfinite(dev))
+    np.testing.assert_allclose(dev, ref_dev, rtol=1e-10)
+    np.testing.assert_allclose(expected, ref_expected, rtol=1e-12)

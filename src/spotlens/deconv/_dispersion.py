@@ -21,27 +21,55 @@ from collections.abc import Callable
 import numpy as np
 from scipy import sparse
 
+from ._ops import jit, map_threads, row_ranges
+
 #: Smallest dispersion kept (a size of 10⁴: indistinguishable from Poisson at spot depths).
 MIN_DISPERSION = 1e-4
-#: Spots per dense block when summing over all entries.
-_BLOCK = 2048
+#: Spots per dense block of expected counts when summing over all entries.
+_BLOCK = 512
+
+
+def _mean_powers(mu, out, lo, hi):
+    """Add column sums of ``μ``, ``μ²``, ``μ³``, ``μ⁴`` over rows ``lo:hi`` to ``out`` (4 × genes)."""
+    for i in range(lo, hi):
+        for g in range(mu.shape[1]):
+            m = mu[i, g]
+            m2 = m * m
+            out[0, g] += m
+            out[1, g] += m2
+            out[2, g] += m2 * m
+            out[3, g] += m2 * m2
+
+
+_mean_powers = jit(_mean_powers)
 
 
 def _moments(counts, expected, n_spots_block: int) -> dict[str, np.ndarray]:
-    """Per-gene sums over spots: ``(y − μ)² − μ``, ``μ``, ``μ²``, ``μ³``, ``μ⁴`` (one pass)."""
+    """Per-gene sums over spots: ``(y − μ)² − μ``, ``μ``, ``μ²``, ``μ³``, ``μ⁴`` (one pass).
+
+    ``Σ (y − μ)² = Σ y² − 2 Σ y μ + Σ μ²``: the terms with ``y`` need only its non-zeros; the
+    powers of ``μ`` are summed by a compiled pass, rows split over threads.
+    """
     counts = sparse.csr_matrix(counts)
     n, n_genes = counts.shape
-    out = {key: np.zeros(n_genes) for key in ("resid", "mu", "mu2", "mu3", "mu4")}
+    y2 = np.bincount(counts.indices, weights=np.asarray(counts.data, np.float64) ** 2,
+                     minlength=n_genes)
+    cross = np.zeros(n_genes)
+    ranges = row_ranges(min(n, n_spots_block))
+    powers = np.zeros((len(ranges), 4, n_genes))
     for lo in range(0, n, n_spots_block):
         hi = min(lo + n_spots_block, n)
-        mu = np.asarray(expected(lo, hi), dtype=np.float64)
-        y = counts[lo:hi].toarray()
-        out["resid"] += ((y - mu) ** 2 - mu).sum(axis=0)
-        out["mu"] += mu.sum(axis=0)
-        out["mu2"] += (mu * mu).sum(axis=0)
-        out["mu3"] += (mu**3).sum(axis=0)
-        out["mu4"] += (mu**4).sum(axis=0)
-    return out
+        mu = np.ascontiguousarray(expected(lo, hi), dtype=np.float64)
+        block = counts[lo:hi]
+        rows = np.repeat(np.arange(hi - lo), np.diff(block.indptr))
+        cross += np.bincount(block.indices, weights=block.data * mu[rows, block.indices],
+                             minlength=n_genes)
+        parts = row_ranges(hi - lo)
+        map_threads(lambda a, b, t, mu=mu: _mean_powers(mu, powers[t], a, b),
+                    [(a, b, t) for t, (a, b) in enumerate(parts)])
+    mu_sum, mu2, mu3, mu4 = powers.sum(axis=0)
+    return {"resid": y2 - 2.0 * cross + mu2 - mu_sum, "mu": mu_sum, "mu2": mu2, "mu3": mu3,
+            "mu4": mu4}
 
 
 def _shrunk(m: dict[str, np.ndarray]) -> np.ndarray:

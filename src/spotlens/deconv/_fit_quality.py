@@ -12,6 +12,8 @@ from scipy.optimize import brentq
 from scipy.special import digamma, gammaln
 
 from .._validation import InputError, check_number
+from ._fit_quality_kernels import _row_deviance_sums
+from ._ops import map_threads, row_ranges
 
 #: Spots per block of fitted means (a block is ``_BLOCK × n_genes`` float64).
 _BLOCK = 4096
@@ -420,20 +422,24 @@ def _deviance_and_expectation(y, x, s, lib, phi, grid, table, e_inf):
     """Per spot ``D_i = Σ_g d(y_ig, µ_ig)`` and ``Σ_g E[d(Y, µ_ig)]``, one block at a time.
 
     ``D_i = Σ_g d(0, µ_ig) + Σ_nz [d(y, µ) − d(0, µ)]``: the dense block of means gives the
-    first sum and the expectation, the non-zeros correct the first sum.
+    first sum and the expectation, the non-zeros correct the first sum (one compiled pass,
+    :func:`spotlens.deconv._fit_quality_kernels._row_deviance_sums`, rows split over threads).
     """
     n = y.shape[0]
     deviance = np.empty(n)
     expected = np.empty(n)
+    step = float(grid[1] - grid[0])
     for lo, hi in _blocks(n):
         mu = lib[lo:hi, None] * (x[lo:hi] @ s)
         block = y[lo:hi]
-        rows = np.repeat(np.arange(hi - lo), np.diff(block.indptr))
-        mu_nz = np.maximum(mu[rows, block.indices], _MU_FLOOR)
-        extra = _unit_deviance(block.data, mu_nz, phi) - _zero_deviance(mu_nz, phi)
-        deviance[lo:hi] = _zero_deviance(mu, phi).sum(axis=1) + np.bincount(
-            rows, weights=extra, minlength=hi - lo)
-        expected[lo:hi] = _expected(mu, grid, table, e_inf).sum(axis=1)
+
+        def rows(a, b, mu=mu, block=block, lo=lo):
+            _row_deviance_sums(mu, block.indptr, block.indices, block.data, phi,
+                               phi < _POISSON_PHI, _MU_MIN, _MU_TABLE_MAX, _MU_FLOOR,
+                               float(grid[0]), step, table, e_inf,
+                               deviance[lo:hi], expected[lo:hi], a, b)
+
+        map_threads(rows, row_ranges(hi - lo))
     return deviance, expected
 
 
