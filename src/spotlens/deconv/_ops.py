@@ -25,9 +25,20 @@ except ImportError:  # pragma: no cover
 MIN_TASK = 256
 
 
-def jit(fn: Callable) -> Callable:
-    """Compile ``fn`` with numba (no GIL, cached on disk); ``fn`` itself without numba."""
-    return fn if numba is None else numba.njit(nogil=True, cache=True)(fn)
+#: Floating-point liberties a kernel may take with ``jit(fn, reassociate=True)``: reorder sums
+#: (so they vectorise), fuse multiply-adds and divide by reciprocals. Results move by rounding
+#: only (~1e-16 relative); NaN and infinity keep their IEEE meaning.
+REASSOCIATE = frozenset({"reassoc", "contract", "arcp"})
+
+
+def jit(fn: Callable, *, reassociate: bool = False) -> Callable:
+    """Compile ``fn`` with numba (no GIL, cached on disk); ``fn`` itself without numba.
+
+    ``reassociate``: allow :data:`REASSOCIATE` (for inner products in hot loops).
+    """
+    if numba is None:
+        return fn
+    return numba.njit(nogil=True, cache=True, fastmath=set(REASSOCIATE) if reassociate else False)(fn)
 
 
 def usable_threads(n_threads: int | None = None) -> int:

@@ -95,7 +95,7 @@ def _ratio_products(indptr, indices, data, x, s_t, lo, hi, acc, loglik, want_log
         loglik[i] = ll
 
 
-_ratio_products = jit(_ratio_products)
+_ratio_products = jit(_ratio_products, reassociate=True)
 
 
 @dataclass(frozen=True)
