@@ -238,6 +238,33 @@ def test_cli_commands_share_common_not_each_other(importer, target):
 
 
 # --------------------------------------------------------------------------------------------
+# Size: small modules, short entry points (issue 14)
+# --------------------------------------------------------------------------------------------
+
+MAX_MODULE_LINES = 500
+MAX_BODY_LINES = 100
+#: (module, function) whose body (after the docstring) stays short: the public entry points
+#: delegate to stages, validation and kernels.
+ENTRY_POINTS = [("spotlens.deconv._api", "deconvolve"), ("spotlens.histology._train", "train")]
+
+
+@pytest.mark.parametrize("module", sorted(m for m in _modules() if m != "spotlens"))
+def test_no_module_is_over_500_lines(module):
+    n_lines = len(_modules()[module].read_text(encoding="utf-8").splitlines())
+    assert n_lines <= MAX_MODULE_LINES, (
+        f"{module} has {n_lines} lines; split a cohesive piece into a sibling module")
+
+
+@pytest.mark.parametrize("module, function", ENTRY_POINTS)
+def test_entry_point_bodies_are_short(module, function):
+    tree = ast.parse(_modules()[module].read_text(encoding="utf-8"))
+    (node,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function]
+    body = node.body[1:] if ast.get_docstring(node) else node.body
+    n_lines = node.end_lineno - body[0].lineno + 1
+    assert n_lines <= MAX_BODY_LINES, f"{module}.{function}: {n_lines} lines of body"
+
+
+# --------------------------------------------------------------------------------------------
 # Benchmarks: what a user runs imports only public names (issue 14)
 # --------------------------------------------------------------------------------------------
 

@@ -17,8 +17,11 @@ place and the documentation can point at one list. Inputs named by the user (``s
   ``uns[HISTOLOGY_PREDICTION_KEY]``, ``obsm[prediction_std_key(K)]`` (the prediction's
   uncertainty; a layer of that name in :func:`~spotlens.histology.predict_image`'s AnnData),
   ``obs[SECTION_KEY]``.
-- Example data with ground truth (:mod:`spotlens.datasets`): the ``TRUE_*`` and
-  ``PSEUDO_SPOTS_*`` names below.
+- Nuclei (:func:`spotlens.histology.segment_nuclei`): a new AnnData with ``obsm[SPATIAL_KEY]``,
+  ``obs[NUCLEUS_SPOT_KEY]`` and ``uns[NUCLEI_KEY]``; :func:`~spotlens.histology.count_nuclei`
+  writes ``obs[N_NUCLEI_KEY]`` of the spots.
+- Example data with ground truth (:mod:`spotlens.datasets`): the ``TRUE_*``, ``CELL_TYPE_*``
+  and ``PSEUDO_SPOTS_*`` names below.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ SPOT_DIAMETER_KEY = "spot_diameter"
 SECTION_KEY = "section"
 #: ``uns`` key of the parameters of a histology expression prediction.
 HISTOLOGY_PREDICTION_KEY = "histology_prediction"
+#: ``uns`` key of a nucleus segmentation's parameters (and label image) in its nuclei AnnData.
+NUCLEI_KEY = "nuclei"
+#: ``obs`` column of a nuclei AnnData naming the spot each nucleus falls in (NA outside).
+NUCLEUS_SPOT_KEY = "spot"
+#: ``obs`` key of the number of segmented nuclei in each spot.
+N_NUCLEI_KEY = "n_nuclei"
 
 # ground truth written by the synthetic factories and the bundled example
 #: ``obsm``: true proportions (``n_spots × n_types``) of :func:`spotlens.datasets.synthetic`
@@ -49,6 +58,12 @@ TRUE_CELL_COUNTS_KEY = "true_cell_counts"
 TRUE_PROFILES_KEY = "true_profiles"
 #: ``uns``: the settings of :func:`spotlens.datasets.synthetic`.
 SYNTHETIC_KEY = "synthetic"
+#: ``obs`` columns of the bundled osmFISH reference (:func:`spotlens.datasets.osmfish_cortex`):
+#: its cell types (the default ``labels_key``), the fine types, and with ``fine=True`` the coarse
+#: types kept beside the fine ones.
+CELL_TYPE_KEY = "cell_type"
+CELL_TYPE_FINE_KEY = "cell_type_fine"
+CELL_TYPE_COARSE_KEY = "cell_type_coarse"
 #: ``obsm`` / ``var`` / ``uns`` keys of :func:`spotlens.datasets.pseudo_spots` (its own names).
 PSEUDO_SPOTS_PROPORTIONS_KEY = "proportions_true"
 PSEUDO_SPOTS_CELL_COUNTS_KEY = "cell_counts_true"

@@ -5,20 +5,19 @@ Every error names the problem and the fix; none of these helpers modifies its in
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from ._matrix import CHUNK_VALUES, is_backed, row_blocks  # re-exported: CHUNK_VALUES, row_blocks
+
 
 class InputError(ValueError):
     """Bad user input; the message names the problem and the fix."""
 
-
-#: Values (non-zeros of a sparse matrix, entries of a dense one) read and checked per chunk.
-CHUNK_VALUES = 1 << 24
 
 #: Label text that means "no label" (compared after ``str.strip().lower()``): what pandas,
 #: R and spreadsheets write for a missing value, and what ``astype(str)`` makes of NaN/None.
@@ -215,46 +214,6 @@ def check_unique_names(adata: AnnData, *, what: str, obs_name: str) -> None:
         )
 
 
-def row_blocks(matrix, *, chunk_values: int | None = None) -> Iterator[tuple[int, object]]:
-    """Yield ``(start, block)``: consecutive blocks of rows of an ``n_obs × n_genes`` matrix.
-
-    Each block holds ``max(1, chunk_values // n_genes)`` rows whatever the storage, so an
-    in-memory matrix and the same matrix on disk are cut at the same rows (and sums over the
-    blocks agree to the last bit). A block is a CSR matrix (sparse input, in memory or backed)
-    or a NumPy array (dense input), in the stored dtype; no block is validated or converted.
-
-    Parameters
-    ----------
-    matrix
-        SciPy sparse (any format), a NumPy array, or a matrix that stays on disk and supports
-        row slicing (``matrix[start:stop]``): ``X`` of an AnnData read with ``backed="r"``
-        (``anndata`` CSR/CSC dataset) or an ``h5py`` dataset.
-    chunk_values
-        Values per block, counting every entry of a row (``n_genes``) even when sparse;
-        ``None`` takes :data:`CHUNK_VALUES` (``2**24``).
-    """
-    chunk_values = CHUNK_VALUES if chunk_values is None else chunk_values
-    n, n_genes = matrix.shape
-    step = max(1, chunk_values // max(1, n_genes))
-    if sparse.issparse(matrix):
-        matrix = sparse.csr_matrix(matrix)  # no copy when it already is CSR
-    for start in range(0, n, step):
-        block = matrix[start : start + step]
-        yield start, (sparse.csr_matrix(block) if sparse.issparse(block) else np.asarray(block))
-
-
-def is_backed(matrix) -> bool:
-    """Whether ``matrix`` is a 2-D matrix read from disk on demand (not NumPy, not SciPy)."""
-    shape = getattr(matrix, "shape", None)
-    return (
-        not sparse.issparse(matrix)
-        and not isinstance(matrix, np.ndarray)
-        and shape is not None
-        and len(shape) == 2
-        and hasattr(matrix, "__getitem__")
-    )
-
-
 class CountCheck:
     """:func:`check_counts` over chunks of values, with the message of one whole-matrix check.
 
@@ -323,7 +282,7 @@ def check_counts(matrix, *, what: str) -> None:
     """
     if is_backed(matrix):
         check = CountCheck(what)
-        for _, block in row_blocks(matrix):
+        for _, block in row_blocks(matrix, chunk_values=CHUNK_VALUES):
             check.add(block.data if sparse.issparse(block) else block)
         check.finish()
         return

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from .._keys import SPATIAL_KEY
 from ._bundled import (
     REFERENCE_FILE,
     SPATIAL_FILE,
@@ -64,7 +65,7 @@ def _compact(adata: ad.AnnData) -> ad.AnnData:
     if not np.array_equal(x.data, np.round(x.data)):
         raise ValueError("counts are not integers")
     out = ad.AnnData(X=x, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.var_names.copy()))
-    out.obsm["spatial"] = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    out.obsm[SPATIAL_KEY] = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)
     return out
 
 

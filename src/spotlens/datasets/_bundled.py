@@ -9,7 +9,13 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._keys import TRUE_CELL_COUNTS_KEY, TRUE_PROPORTIONS_KEY
+from .._keys import (
+    CELL_TYPE_COARSE_KEY,
+    CELL_TYPE_FINE_KEY,
+    CELL_TYPE_KEY,
+    TRUE_CELL_COUNTS_KEY,
+    TRUE_PROPORTIONS_KEY,
+)
 
 SPATIAL_FILE = "osmfish_cortex_spatial.h5ad"
 REFERENCE_FILE = "osmfish_cortex_reference.h5ad"
@@ -116,8 +122,8 @@ def osmfish_cortex(*, fine: bool = False) -> tuple[AnnData, AnnData]:
     _truth_frames(spatial, fine=fine)
     _writable_names(spatial, reference)
     if fine:
-        reference.obs["cell_type_coarse"] = reference.obs["cell_type"]
-        reference.obs["cell_type"] = reference.obs["cell_type_fine"]
+        reference.obs[CELL_TYPE_COARSE_KEY] = reference.obs[CELL_TYPE_KEY]
+        reference.obs[CELL_TYPE_KEY] = reference.obs[CELL_TYPE_FINE_KEY]
     return spatial, reference
 
 
@@ -126,7 +132,7 @@ def _writable_names(spatial: AnnData, reference: AnnData) -> None:
 
     Names become HDF5 keys when results are written to h5ad, and anndata refuses '/' there.
     """
-    for column in ("cell_type", "cell_type_fine"):
+    for column in (CELL_TYPE_KEY, CELL_TYPE_FINE_KEY):
         if column in reference.obs:
             labels = reference.obs[column].astype(str).str.replace("/", "-", regex=False)
             reference.obs[column] = labels.astype("category")

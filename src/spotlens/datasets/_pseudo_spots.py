@@ -8,8 +8,9 @@ a method never sees the cells it has to find. The spots lie in regions whose com
 follows a named pattern (a dominant type, missing types, a rare type, ...). This is our own
 implementation, not a port of the R package.
 
-The pure kernels below take and return arrays; :func:`pseudo_spots` validates, calls them and
-builds the AnnData objects.
+The pure kernels here and in ``_regions.py`` (where the regions lie, their composition prior)
+and ``_spot_counts.py`` (the cells and counts of each spot) take and return arrays;
+:func:`pseudo_spots` validates, calls them and builds the AnnData objects.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scipy import sparse
-from scipy.spatial import cKDTree
 
 from .._keys import (
     PSEUDO_SPOTS_CELL_COUNTS_KEY,
@@ -40,6 +40,7 @@ from .._validation import (
     check_unique_names,
     get_matrix,
 )
+from ._regions import check_regions, name_regions, region_labels, region_prior
 from ._simulate import grid_coordinates
 from ._spot_counts import (  # noqa: F401  (pick_cells, thin_counts: re-exported for tests)
     SPOT_CONCENTRATION,
@@ -52,128 +53,12 @@ from ._synthetic import SPACING_UM, _names
 
 logger = logging.getLogger("spotlens")
 
-#: The region kinds :func:`pseudo_spots` knows, each a way to draw a composition prior.
-REGION_KINDS = ("uniform", "dominant", "missing", "rare", "diverse")
-#: Share of the prior mass taken by the dominant type of a ``"dominant"`` region (uniform range).
-DOMINANT_SHARE = (0.5, 0.8)
-#: Prior of the rare type of a ``"rare"`` region (uniform range).
-RARE_SHARE = (0.01, 0.05)
 #: Standard deviation of the log of a spot's target library size around ``library_size``.
 LIBRARY_LOG_SD = 0.3
-_LLOYD_ITERATIONS = 10
 _SOURCE = "doi:10.7554/eLife.88431 (Sang-aram et al. 2024, synthspot)"
 
 
-# --- pure kernels ----------------------------------------------------------------------------
-
-
-def region_labels(coords: np.ndarray, n_regions: int, rng: np.random.Generator) -> np.ndarray:
-    """Split spots into ``n_regions`` contiguous regions of roughly equal size.
-
-    The centres start at ``n_regions`` distinct random spots and are moved by a few Lloyd
-    (k-means) iterations; each spot belongs to its nearest centre, so regions are Voronoi cells
-    (convex, hence contiguous on the grid) of similar area. An iteration that would leave a
-    region empty is not taken, so every region keeps at least one spot.
-
-    Parameters
-    ----------
-    coords
-        ``n_spots × 2`` spot centres (µm), ``n_spots ≥ n_regions`` distinct points.
-    n_regions
-        Number of regions.
-    rng
-        Random generator.
-
-    Returns
-    -------
-    ``n_spots`` int64 region index in ``[0, n_regions)``.
-    """
-    centres = coords[rng.choice(coords.shape[0], size=n_regions, replace=False)]
-    labels = cKDTree(centres).query(coords)[1].astype(np.int64)
-    for _ in range(_LLOYD_ITERATIONS):
-        sizes = np.bincount(labels, minlength=n_regions)
-        centres = np.column_stack(
-            [np.bincount(labels, weights=coords[:, d], minlength=n_regions) for d in range(2)]
-        ) / sizes[:, None]
-        new = cKDTree(centres).query(coords)[1].astype(np.int64)
-        if np.bincount(new, minlength=n_regions).min() == 0 or np.array_equal(new, labels):
-            break
-        labels = new
-    return labels
-
-
-def region_prior(
-    kind: str, n_types: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Cell-type frequency prior ``π`` of one region of the given kind.
-
-    - ``"uniform"``: ``π_k = 1 / n_types``.
-    - ``"dominant"``: a random type takes a share ``U(0.5, 0.8)``; the others split the rest
-      as ``Dirichlet(1)``.
-    - ``"missing"``: ``⌊n_types / 2⌋`` random types get ``π_k = 0``; the others ``Dirichlet(1)``.
-    - ``"rare"``: a random type gets ``U(0.01, 0.05)``; the others split the rest as
-      ``Dirichlet(1)``.
-    - ``"diverse"``: ``Dirichlet(1)`` over all types.
-
-    Parameters
-    ----------
-    kind
-        One of :data:`REGION_KINDS`.
-    n_types
-        Number of cell types (≥ 2).
-    rng
-        Random generator.
-
-    Returns
-    -------
-    prior
-        ``n_types`` frequencies summing to 1.
-    special
-        Indices of the types that define the pattern: the dominant type, the missing types or
-        the rare type (empty for ``"uniform"`` and ``"diverse"``).
-    """
-    none = np.zeros(0, dtype=np.int64)
-    if kind == "uniform":
-        return np.full(n_types, 1.0 / n_types), none
-    if kind == "diverse":
-        return rng.dirichlet(np.ones(n_types)), none
-    if kind == "missing":
-        special = np.sort(rng.choice(n_types, size=max(1, n_types // 2), replace=False))
-        prior = np.zeros(n_types)
-        rest = np.setdiff1d(np.arange(n_types), special)
-        prior[rest] = rng.dirichlet(np.ones(rest.size))
-        return prior, special
-    low, high = DOMINANT_SHARE if kind == "dominant" else RARE_SHARE
-    k = int(rng.integers(n_types))
-    share = rng.uniform(low, high)
-    prior = np.zeros(n_types)
-    rest = np.delete(np.arange(n_types), k)
-    prior[rest] = (1.0 - share) * rng.dirichlet(np.ones(rest.size))
-    prior[k] = share
-    return prior, np.array([k])
-
-
-# --- validation ------------------------------------------------------------------------------
-
-
-def _check_regions(regions) -> tuple[str, ...]:
-    if isinstance(regions, str):
-        regions = (regions,)
-    try:
-        regions = tuple(regions)
-    except TypeError:
-        raise InputError(
-            f"regions must be a sequence of region kinds from {list(REGION_KINDS)}, got "
-            f"{regions!r}."
-        ) from None
-    if not regions:
-        raise InputError(f"regions is empty; give at least one kind from {list(REGION_KINDS)}.")
-    bad = [r for r in regions if not isinstance(r, str) or r not in REGION_KINDS]
-    if bad:
-        raise InputError(
-            f"Unknown region kinds {bad} in regions; valid kinds are {list(REGION_KINDS)}."
-        )
-    return regions
+# --- validation and the reference split ------------------------------------------------------
 
 
 def _check_cells_per_spot(value) -> tuple[int, int]:
@@ -190,15 +75,6 @@ def _check_cells_per_spot(value) -> tuple[int, int]:
             f"inclusive range of cells per spot, e.g. (2, 10); got {value!r}."
         )
     return int(value[0]), int(value[1])
-
-
-def _region_names(kinds: Sequence[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    names = []
-    for kind in kinds:
-        seen[kind] = seen.get(kind, 0) + 1
-        names.append(kind if seen[kind] == 1 else f"{kind}_{seen[kind]}")
-    return names
 
 
 def _split(
@@ -373,7 +249,7 @@ def pseudo_spots(
         )
     counts = get_matrix(reference, layer, what="reference")
     check_counts(counts, what="reference counts")
-    regions = _check_regions(regions)
+    regions = check_regions(regions)
     n_spots = check_int("n_spots", n_spots, minimum=1)
     if n_spots < len(regions):
         raise InputError(
@@ -460,7 +336,7 @@ def pseudo_spots(
         spot_x = thin_counts(spot_x, target, rng)
     spot_x.sort_indices()  # after thinning, which keeps the entry order and drops most of them
 
-    region_names = _region_names(regions)
+    region_names = name_regions(regions)
     spots = _names("spot", n_spots)
     truth_counts = pd.DataFrame(cell_counts, index=spots, columns=types.copy())
     spatial = AnnData(

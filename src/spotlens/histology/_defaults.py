@@ -19,8 +19,8 @@ DEFAULT_MODEL = "ridge"
 #: target genes: 50 highly variable genes (the protocol's HVG-50)
 DEFAULT_GENES = "hvg"
 #: tile sides, in multiples of the spot diameter (``tile_um``), whose features are side by side:
-#: the spot and two wider fields of view (nested LOSO r on her2st HVG-50: 0.278 against 0.216 for
-#: the spot's tile alone)
+#: the spot and two wider fields of view (scored above the spot's tile alone in the protocol's
+#: nested selection; figures: ``benchmarks/results/docstring_figures.md``)
 DEFAULT_TRAIN_SCALES: tuple[float, ...] = (1.0, 2.0, 4.0)
 #: z-score each section's features over its own spots (the protocol's ``"section"``
 #: standardisation: transductive, it reads the predicted slide's images, never its expression)

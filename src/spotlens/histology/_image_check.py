@@ -5,18 +5,11 @@ A Visium-style AnnData keeps a downscaled copy of its section's H&E in
 ``scalefactors["tissue_lowres_scalef"|"tissue_hires_scalef"]`` (stored px per full-resolution
 px). Another section's image padded or cropped to the right size passes every size check and
 gives predictions with r ≈ 0; downsampling the full image to the stored copy's scale and
-correlating grey levels tells them apart:
-
-==============================  ==============  ===========================
-sections (lowres copy)          own image r     another section's image r
-==============================  ==============  ===========================
-her2st B4, C2–C6 (9.3k px)      0.984–0.995     −0.01–0.65 (30 pairs)
-stutility_mob MOB1–4 (1.9k px)  0.985–0.989     0.23–0.66 (12 pairs)
-==============================  ==============  ===========================
-
-so :data:`MIN_IMAGE_R` = 0.8 sits in the middle of the gap (``tests/test_histology_sections.py``
-recomputes these numbers when ``shared/data`` is present). Cost: one JPEG decoded at 1/8 of
-its size (≈ 0.1–0.3 s for a her2st scan), or a pyramid level of a TIFF.
+correlating grey levels tells them apart. On the her2st and stutility_mob sections the own
+image's r and another section's fall on either side of a wide gap, and :data:`MIN_IMAGE_R`
+sits in its middle (the measured ranges: ``benchmarks/results/docstring_figures.md``;
+``tests/test_histology_sections.py`` recomputes them when ``shared/data`` is present). Cost:
+one JPEG decoded at 1/8 of its size, or a pyramid level of a TIFF.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from .._keys import SECTION_KEY
 from .._metrics import pearson_columns
 from .._validation import InputError, check_counts
 
@@ -80,7 +81,7 @@ def _concat_counts(sections: Mapping[str, AnnData]) -> AnnData:
     joined = AnnData(sparse.vstack(blocks).tocsr().astype(np.float32))
     joined.var_names = genes.astype(str)
     joined.obs_names = [f"{lab}_{i}" for i, lab in enumerate(labels)]
-    joined.obs["section"] = pd.Categorical(labels)
+    joined.obs[SECTION_KEY] = pd.Categorical(labels)
     return joined
 
 
@@ -143,7 +144,7 @@ def select_target_genes(
             f"training spots; {n_hvg} HVGs were asked for. Lower n_hvg or min_spot_fraction."
         )
     sc.pp.highly_variable_genes(
-        candidates, flavor="seurat_v3", n_top_genes=n_hvg, batch_key="section"
+        candidates, flavor="seurat_v3", n_top_genes=n_hvg, batch_key=SECTION_KEY
     )
     table = candidates.var
     hvg = table.index[table["highly_variable"]]

@@ -12,57 +12,44 @@ image into features and the features into predictions. AnnData in, documented ke
   features;
 - with ``inplace=False`` both return the result (:class:`HistologyPrediction` for
   :meth:`~HistologyModel.predict`) and change nothing.
+
+The folder on disk is read and written in ``_model_io.py``; the AnnData side (placing the tiles
+on a section's spots, :class:`HistologyPrediction`, the keys written) is ``_model_anndata.py``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._keys import HISTOLOGY_PREDICTION_KEY, SPATIAL_KEY, prediction_std_key
+from .._keys import HISTOLOGY_PREDICTION_KEY, SPATIAL_KEY
 from .._keys import features_key as obsm_features_key
 from .._validation import InputError
-from ..io import SlideImage, read_image
+from ..io import SlideImage
 from ._featurize import open_trained_encoder, section_features
-from ._folder import COLOUR_ENCODER, ModelConfig, model_dir
-from ._image_check import check_section_image
+from ._folder import COLOUR_ENCODER, ModelConfig
+from ._model_anndata import (  # HistologyPrediction: re-exported (spotlens.histology)
+    NO_UNCERTAINTY,
+    STD_VALUES,
+    HistologyPrediction,
+    check_scale,
+    place_tiles,
+    prediction_params,
+    write_prediction,
+)
+from ._model_io import read_model_folder, write_model_folder
 from ._normalize import standardize_section
 from ._registry import MODEL_TYPES, ModelType
-from ._tiles import TileGeometry, _check_on_image, tile_geometry
-from ._uncertainty import ENSEMBLE_FILE, RidgeEnsemble
+from ._tiles import TileGeometry
+from ._uncertainty import RidgeEnsemble
+
+__all__ = ["HistologyModel", "HistologyPrediction"]
 
 logger = logging.getLogger("spotlens")
-
-VALUES = "log1p(normalize_total(counts, 1e4)), predicted"
-STD_VALUES = "s.d. over the uncertainty ensemble, log-normalised units"
-NO_UNCERTAINTY = ("not available: the model folder has no uncertainty ensemble (written before "
-                  "spotlens stored one, or trained with n_bootstrap=0); retrain to get it")
-_MAX_MPP_RATIO = 2.0  # a scan this much coarser than the training scans is refused
-
-
-@dataclass(frozen=True)
-class HistologyPrediction:
-    """What :meth:`HistologyModel.predict` returns with ``inplace=False``.
-
-    Attributes
-    ----------
-    expression
-        DataFrame ``n_spots × n_genes``, predicted ``log1p(normalize_total(counts, 1e4))``,
-        index = ``obs_names``, columns = the model's genes (written as ``obsm[key_added]``).
-    std
-        DataFrame of the same shape: the per-spot, per-gene uncertainty, the standard
-        deviation over the model's block-bootstrap ensemble (log-normalised units, ≥ 0;
-        ``_uncertainty.py``), written as ``obsm[key_added + "_std"]``; None when the model
-        folder has no ensemble.
-    """
-
-    expression: pd.DataFrame
-    std: pd.DataFrame | None = None
 
 
 class HistologyModel:
@@ -125,13 +112,9 @@ class HistologyModel:
         InputError
             If ``path`` is a file or cannot be created.
         """
-        folder = model_dir(path, create=True)
-        self.model_type.save(self._predictor, folder / self.settings.model_file)
-        if self.ensemble is not None:
-            self.ensemble.save(folder / ENSEMBLE_FILE)
-        self.settings.write(folder)
-        self.path = folder
-        return folder
+        self.path = write_model_folder(path, self.settings, self.model_type, self._predictor,
+                                       self.ensemble)
+        return self.path
 
     @classmethod
     def load(cls, path, *, device: str = "cpu", encoder_weights=None) -> HistologyModel:
@@ -157,23 +140,7 @@ class HistologyModel:
             If the folder or its ``config.json`` is missing, unreadable or not a spotlens
             model, its model type is unknown, or the model file is missing.
         """
-        path = model_dir(path)
-        settings = ModelConfig.read(path)
-        if settings.model_type not in MODEL_TYPES:
-            raise InputError(f"{path} holds a {settings.model_type!r} model; this spotlens "
-                             f"reads {tuple(MODEL_TYPES)}.")
-        model_path = path / settings.model_file
-        if not model_path.is_file():
-            raise InputError(f"{path} has no {settings.model_file}; training did not finish.")
-        predictor = MODEL_TYPES[settings.model_type].load(model_path, device=device)
-        ensemble = None
-        if settings.uncertainty is not None:
-            ens_path = path / settings.uncertainty.get("file", ENSEMBLE_FILE)
-            if ens_path.is_file():
-                ensemble = RidgeEnsemble.load(ens_path)
-            else:
-                logger.warning("%s records an uncertainty ensemble but %s is missing; "
-                               "predictions will carry no uncertainty", path, ens_path.name)
+        path, settings, predictor, ensemble = read_model_folder(path, device=device)
         return cls(settings, predictor, path=path, device=device,
                    encoder_weights=encoder_weights, ensemble=ensemble)
 
@@ -364,33 +331,13 @@ class HistologyModel:
         InputError
             If ``mpp`` (or the image's) is over twice the training scans' µm/px.
         """
-        tiles = self.settings.tiles
-        mpp = mpp if mpp is not None else image.mpp
-        if mpp is not None and tiles.mpp is not None and mpp > _MAX_MPP_RATIO * tiles.mpp:
-            raise InputError(
-                f"The image has {mpp:.3g} µm/px, more than {_MAX_MPP_RATIO:g}× coarser than the "
-                f"training scans ({tiles.mpp:.3g} µm/px): a {tiles.tile_um:.0f} µm tile "
-                f"would be {tiles.tile_um / mpp:.0f} px instead of {tiles.tile_px:.0f} px. Use "
-                "the full-resolution image (not a downscaled copy), or check --mpp."
-            )
+        check_scale(self.settings.tiles, image, mpp)
 
     def _geometry(self, adata: AnnData, image, *, mpp, spatial_key, library_id,
                   check_image) -> tuple[SlideImage, TileGeometry]:
-        """Open ``image`` and place the model's tiles on ``adata``'s spots, with every check."""
-        if not isinstance(adata, AnnData):
-            raise InputError(f"adata must be an AnnData object, got {type(adata).__name__}.")
-        image = image if isinstance(image, SlideImage) else read_image(image)
-        tile_um = self.settings.tiles.tile_um
-        self.check_scale(image, mpp)
-        geometry = tile_geometry(adata, image=image, tile_um=tile_um, mpp=mpp,
-                                 library_id=library_id, spatial_key=spatial_key)
-        if tile_um is not None and geometry.mpp is not None:
-            self.check_scale(image, geometry.mpp)  # with the resolved µm/px
-        _check_on_image(adata, geometry, image, spatial_key)
-        if check_image:
-            name = geometry.library_id or (image.path.stem if image.path else "section")
-            check_section_image(adata, image, section=name, library_id=geometry.library_id)
-        return image, geometry
+        """Open ``image`` and place the model's tiles on ``adata``'s spots (``place_tiles``)."""
+        return place_tiles(adata, image, self.settings.tiles, mpp=mpp, spatial_key=spatial_key,
+                           library_id=library_id, check_image=check_image)
 
     def features(self, adata: AnnData, *, image, spatial_key: str = SPATIAL_KEY,
                  library_id: str | None = None, mpp: float | None = None,
@@ -504,25 +451,13 @@ class HistologyModel:
                                columns=list(genes))
         if not inplace:
             return HistologyPrediction(table, std)
-        params = {"model": None if self.path is None else str(self.path),
-                  "model_type": self.settings.model_type,
-                  "encoder": self.settings.encoder.name, "tile_um": geometry.tile_um,
-                  "mpp": geometry.mpp, "spatial_key": spatial_key,
-                  "library_id": geometry.library_id,
-                  "image": None if image.path is None else str(image.path), "values": VALUES,
-                  "uncertainty": self.uncertainty_description()}
-        from .._version import __version__
-
-        params["spotlens_version"] = __version__
+        params = prediction_params(self, geometry, image, spatial_key)
         if std is None:
             logger.warning("%s: predictions carry no uncertainty (%s)", self.path or "model",
                            NO_UNCERTAINTY)
-        adata.obsm[key_added] = table
-        if std is not None:
-            adata.obsm[prediction_std_key(key_added)] = std
-        adata.uns[key_added] = {"genes": list(self.genes),
-                                "params": {k: v for k, v in params.items() if v is not None}}
-        adata.obsm[features_key or self.features_key] = feats
+        write_prediction(adata, HistologyPrediction(table, std), feats, genes=self.genes,
+                         params=params, key_added=key_added,
+                         features_key=features_key or self.features_key)
         return None
 
     def uncertainty_description(self) -> str:

@@ -190,9 +190,8 @@ class GraphExpression(nn.Module):
     skip path from the spot's own features (as GraphSAGE keeps a node's own representation
     apart from its neighbours'): expression = ``GCN(z) + W x``. Without the skip path every
     prediction is an average over 4 hops of neighbours; with it the held-out mean Pearson r
-    rose on 5 of the 6 section × gene-set pairs of ``benchmarks/histology_her2st.py`` (top-250
-    genes, one seed before, mean of 3 after: her2st C6 0.183 -> 0.213, olfactory bulb MOB4
-    0.283 -> 0.345; her2st B4 0.175 -> 0.166).
+    of ``benchmarks/histology_her2st.py`` rose on most sections and gene sets (figures:
+    ``benchmarks/results/docstring_figures.md``).
 
     Parameters
     ----------

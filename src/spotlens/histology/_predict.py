@@ -20,10 +20,11 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._keys import HISTOLOGY_PREDICTION_KEY, SPATIAL_KEY, prediction_std_key
+from .._keys import HISTOLOGY_PREDICTION_KEY, SPATIAL_KEY, SPATIAL_UNS_KEY, prediction_std_key
 from .._validation import InputError
 from ..io import SlideImage, check_mpp, read_image
-from ._model import VALUES, HistologyModel, HistologyPrediction
+from ._model import HistologyModel, HistologyPrediction
+from ._model_anndata import VALUES
 from ._sections import _section_name
 from ._tiles import _check_on_image, tile_geometry
 
@@ -383,7 +384,7 @@ def predict_image(
         from ._distributed import predict_on_cluster
 
         geometry = tile_geometry(grid, image=image, tile_um=tiles.tile_um, mpp=mpp)
-        _check_on_image(grid, geometry, image, "spatial")
+        _check_on_image(grid, geometry, image, SPATIAL_KEY)
         image.close()  # the workers read the pixels; drop any decoded here for the mask
         pred, std, cluster = predict_on_cluster(
             model, grid, path, client=client, mpp=mpp, side_px=geometry.side_px,
@@ -395,8 +396,8 @@ def predict_image(
                        model.uncertainty_description())
     else:
         result.layers[prediction_std_key(HISTOLOGY_PREDICTION_KEY)] = std
-    result.obsm["spatial"] = grid.obsm["spatial"]
-    result.uns["spatial"] = grid.uns["spatial"]
+    result.obsm[SPATIAL_KEY] = grid.obsm[SPATIAL_KEY]
+    result.uns[SPATIAL_UNS_KEY] = grid.uns[SPATIAL_UNS_KEY]
     result.uns[HISTOLOGY_PREDICTION_KEY] = {"params": {
         "model": str(model.path), "model_type": model.settings.model_type,
         "encoder": model.settings.encoder.name, "tile_um": tiles.tile_um,

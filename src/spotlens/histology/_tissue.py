@@ -9,6 +9,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import ndimage
 
+from .._keys import SPATIAL_KEY, SPATIAL_UNS_KEY
 from .._validation import InputError
 from ..io import SlideImage, as_slide_image, check_mpp
 
@@ -295,9 +296,9 @@ def grid_spots(
         index=names,
     )
     adata = AnnData(obs=obs)
-    adata.obsm["spatial"] = xy
+    adata.obsm[SPATIAL_KEY] = xy
     thumbnail, thumb_scale = image.thumbnail(level_px)
-    adata.uns["spatial"] = {
+    adata.uns[SPATIAL_UNS_KEY] = {
         library_id: {
             "images": {"hires": thumbnail},
             "scalefactors": {

@@ -153,8 +153,8 @@ class SlideImage:
     def overview(self, scale: float) -> tuple[np.ndarray, float, float]:
         """Grey overview of the whole image at (about) ``scale`` overview px per full-res px.
 
-        A JPEG file is decoded straight at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling;
-        a 9,300 × 9,900 px scan in ≈ 0.1 s) without decoding the full image; a pyramidal TIFF
+        A JPEG file is decoded straight at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling)
+        without decoding the full image; a pyramidal TIFF
         reads its smallest adequate level; other images are box-averaged (:meth:`thumbnail`).
 
         Parameters
@@ -190,7 +190,7 @@ class SlideImage:
         return thumb.astype(np.float32) @ _LUMA, t, t
 
     def check_decodes(self) -> None:
-        """Decode a JPEG file at 1/8 of its size (every byte is read; ≈ 0.1 s for 9,300 px).
+        """Decode a JPEG file at 1/8 of its size (every byte is read, the pixels not kept).
 
         Other formats are left to their first read (PNG is decoded whole then; TIFF tile by
         tile).

@@ -7,6 +7,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._keys import HISTOLOGY_PREDICTION_KEY, SPATIAL_KEY, prediction_std_key
+from .._metrics import pearson_columns
 from .._validation import InputError, check_coordinates
 from ._overlay import _background, _values
 from ._proportions import _nearest_distance, _spots
@@ -68,7 +69,7 @@ def _pearson_title(pred, meas, coords, n_boot: int, seed: int) -> str:
     p, m = pred[ok], meas[ok]
     if ok.sum() < 3 or np.ptp(p) == 0 or np.ptp(m) == 0:
         return "Pearson r undefined (a constant map or < 3 spots)"
-    r = float(np.corrcoef(p, m)[0, 1])
+    r = float(pearson_columns(p[:, None], m[:, None])[0][0])  # the package's Pearson kernel
     if n_boot < 2:
         return f"Pearson r = {r:.2f} at {ok.sum()} measured spots"
     from ..histology import block_bootstrap_pearson
