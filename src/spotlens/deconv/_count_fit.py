@@ -25,9 +25,8 @@ from ._poisson import CountProblem, solve_counts
 RIDGE_GRID = (0.0,)
 SPATIAL_GRID = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 #: Stopping tolerance of the cross-validation fits (warm-started along the grid) and how many
-#: grid points in a row may score worse than the best before the path stops. Both set on the
-#: development simulations (seeds 0-3, 24 fits): against 1e-3 and 2 they chose the same penalty
-#: in 23 of 24 fits (the other moved to the neighbouring grid point) with 44 % fewer passes.
+#: grid points in a row may score worse than the best before the path stops; both set on the
+#: development simulations (seeds 0-3; benchmarks/results/docstring_figures.md).
 CV_TOL = 3e-3
 CV_PATIENCE = 1
 #: Share of an even composition mixed into the start that :func:`with_dispersion` returns.

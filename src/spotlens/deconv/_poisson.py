@@ -63,9 +63,8 @@ from ._solver import SolverResult
 _TINY = 1e-30
 #: Share of non-zero counts from which :meth:`CountProblem.statistics` works on a dense copy
 #: of the counts with matrix products (BLAS) instead of the compiled pass over the non-zeros:
-#: the products cost the same at any density and the pass grows with it; they break even near
-#: a quarter to a third (1,000 spots, 17-19 states) and the products are 3-4x faster at the
-#: 90 % non-zeros of deep Slide-seq or Visium spots over a few hundred genes.
+#: the products cost the same at any density and the pass grows with it (break-even measured
+#: in benchmarks/results/docstring_figures.md).
 DENSE_MIN_DENSITY = 0.4
 #: Largest dense copy (spots x genes entries, 8 bytes each) that is made.
 DENSE_MAX_ENTRIES = 2**24

@@ -53,18 +53,16 @@ _HEAD_SPOTS = 2000
 #: osmFISH held-out split was seen (README, osmFISH section), not by cross-validation.
 QUASI_MIN_GENES = 100
 #: Stopping tolerance (``tol=None``) of the count likelihood's fit (SQUAREM iterations) and of
-#: the least-squares one (Gauss-Seidel sweeps). On the development simulations (seeds 0-3,
-#: 24 fits) 1e-4 gave every Pearson r of 1e-5 to 3 decimals with ~40 % fewer passes.
+#: the least-squares one (Gauss-Seidel sweeps); chosen on the development simulations (seeds
+#: 0-3; figures in benchmarks/results/docstring_figures.md).
 COUNT_TOL = 1e-4
 LEAST_SQUARES_TOL = 1e-5
-#: Largest patch of spots the penalties are chosen on (``cv_max_spots=None``). Under the count
-#: likelihood, on 5,000-spot simulations (lymph node seeds 0-4, cerebellum and hippocampus 0-2)
-#: a 2,000-spot patch chose the whole slide's penalty in 10 of 11 and a better one in 1.
+#: Largest patch of spots the penalties are chosen on (``cv_max_spots=None``); chosen on
+#: 5,000-spot simulations (benchmarks/results/docstring_figures.md).
 COUNT_CV_SPOTS = 2_000
 LEAST_SQUARES_CV_SPOTS = 5_000
 #: Stopping tolerance of the first (Poisson) fit that the quasi-Poisson gene weights come from:
-#: they need its expected counts only roughly (dev seeds 0-3: every r and chosen penalty as at
-#: 1e-3, with 6 % fewer passes in all).
+#: they need its expected counts only roughly (benchmarks/results/docstring_figures.md).
 FIRST_FIT_TOL = 3e-3
 #: Largest slide on which likelihood="auto" fits the count likelihood (a standard Visium
 #: capture area has at most 4,992 spots); above it, least squares keeps million-bin slides fast.
