@@ -75,6 +75,11 @@ _LAZY = {
     "fit_protocol": "._protocol",
     "run_protocol": "._protocol",
     "score_protocol": "._protocol",
+    "NucleusConfig": "._nuclei",
+    "segment_tile": "._nuclei",
+    "count_nuclei": "._segment",
+    "segment_nuclei": "._segment",
+    "nuclei_overlay": "._nuclei_overlay",
 }
 # public name -> (module, attribute) where they differ
 _ALIASES = {
@@ -98,6 +103,8 @@ __all__ = [
     "score_protocol", "select_gene_sets",
     # features and settings for benchmarks of one's own (issue 14)
     "DEFAULT_RANKS", "DEFAULT_TILE_SCALES", "multiscale_features", "standardize_section",
+    # nucleus segmentation (issue 16)
+    "NucleusConfig", "count_nuclei", "nuclei_overlay", "segment_nuclei", "segment_tile",
 ]
 
 
