@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .._validation import InputError
+from .._validation import InputError, check_int
 from ._metrics import pearson_per_gene
 from ._rank import ExpressionAxes, candidate_ranks, check_rank, rank_label
 
@@ -195,8 +195,7 @@ class RidgeBaseline:
         alpha: float | None = None,
         ranks=None,
     ):
-        if not isinstance(n_components, (int, np.integer)) or n_components < 1:
-            raise InputError(f"n_components must be a positive integer, got {n_components!r}.")
+        check_int("n_components", n_components, minimum=1, expected="a positive integer")
         grid = DEFAULT_ALPHAS if alphas is None else np.asarray(alphas, dtype=np.float64).ravel()
         if grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
             raise InputError("alphas must be a non-empty list of positive, finite penalties.")

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .._backend import import_torch, resolve_device
-from .._validation import InputError
+from .._validation import InputError, check_int
 from ._networks import (  # noqa: F401  (names kept importable from here)
     Bottleneck,
     EfficientNetLite0Features,
@@ -233,11 +233,7 @@ def _finish(module, *, channels_last: bool, device: str):
 def _check_size(input_size: int | None, default: int) -> int:
     if input_size is None:
         return default
-    if not isinstance(input_size, (int, np.integer)) or isinstance(input_size, bool) or (
-        input_size < 32
-    ):
-        raise InputError(f"input_size must be an integer ≥ 32 pixels, got {input_size!r}.")
-    return int(input_size)
+    return check_int("input_size", input_size, minimum=32, expected="an integer ≥ 32 pixels")
 
 
 @register_encoder("efficientnet-lite0")

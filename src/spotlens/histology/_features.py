@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import InputError
+from .._validation import InputError, check_int
 from ._encoders import Encoder, check_tiles, torch
 from ._tiles import DEFAULT_TILE_SCALES, check_tile_scales
 
@@ -223,10 +223,7 @@ def tile_features(
         raise InputError(
             f"encoder must be a spotlens Encoder (from get_encoder), got {type(encoder).__name__}."
         )
-    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or (
-        batch_size < 1
-    ):
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_int("batch_size", batch_size, minimum=1, expected="a positive integer")
     n_tiles = tiles.shape[0]
     info: dict[str, Any] = {"n_tiles": n_tiles, "cache": "off", "path": None}
 

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._validation import InputError, check_counts
+from .._validation import InputError, check_counts, check_int
 from ._metrics import _concat_counts, log_normalize
 
 #: Housekeeping genes dropped by default (matched case-insensitively, so mouse ``Actb`` too):
@@ -245,8 +245,7 @@ def select_gene_sets(
     import scanpy as sc
 
     for name, n in (("n_top", n_top), ("n_hvg", n_hvg), ("n_svg", n_svg)):
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise InputError(f"{name} must be a non-negative integer, got {n!r}.")
+        check_int(name, n, minimum=0, expected="a non-negative integer")
     if not isinstance(exclude, GeneFilter):
         raise InputError(f"exclude must be a GeneFilter, got {type(exclude).__name__}.")
     _check_sections(sections, spatial_key if n_svg else None)

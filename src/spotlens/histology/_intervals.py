@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._validation import InputError
+from .._validation import InputError, check_int
 
 #: Tile side, in nearest-neighbour spot spacings, when ``block_size`` is not given.
 DEFAULT_BLOCK_SPACINGS = 4.0
@@ -203,8 +203,7 @@ def _check(arrays: dict[str, np.ndarray], coords, block_size, n_boot, level):
         )
     if shape[0] < 3:
         raise InputError("A bootstrap of correlations across spots needs at least 3 spots.")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 2:
-        raise InputError(f"n_boot must be an integer ≥ 2, got {n_boot!r}.")
+    check_int("n_boot", n_boot, minimum=2)
     if not (isinstance(level, (int, float)) and 0 < level < 1):
         raise InputError(f"level must be between 0 and 1 (e.g. 0.95), got {level!r}.")
     if block_size is None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._validation import InputError
+from .._validation import check_int
 
 #: Ranks tried by cross-validation; ``None`` = no projection (every axis kept).
 DEFAULT_RANKS: tuple[int | None, ...] = (5, 10, 20, 50, None)
@@ -28,10 +28,8 @@ def check_rank(rank, *, allow_auto: bool = True):
     """Return ``rank`` if it is ``None``, a positive integer (or ``"auto"``); else raise."""
     if rank is None or (allow_auto and rank == "auto"):
         return rank
-    if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, (int, np.integer)) or rank < 1:
-        allowed = ("a positive integer, None or 'auto'" if allow_auto
-                   else "a positive integer or None")
-        raise InputError(f"expression_rank must be {allowed}, got {rank!r}.")
+    allowed = "a positive integer, None or 'auto'" if allow_auto else "a positive integer or None"
+    check_int("expression_rank", rank, minimum=1, expected=allowed)
     return int(rank)
 
 

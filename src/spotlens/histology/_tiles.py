@@ -9,7 +9,7 @@ import numpy as np
 from anndata import AnnData
 from PIL import Image
 
-from .._validation import InputError, check_coordinates
+from .._validation import InputError, check_coordinates, check_int
 from ..io import SlideImage, as_slide_image, check_mpp
 
 _MPP_SCALEFACTOR = "microns_per_pixel"  # Space Ranger (Visium HD) name; grid_spots writes it
@@ -369,8 +369,7 @@ def spot_tiles(
     >>> spot_tiles(adata, img).shape  # one spot diameter (100 µm) per tile  # doctest: +SKIP
     (178, 224, 224, 3)
     """
-    if isinstance(out_px, bool) or not isinstance(out_px, (int, np.integer)) or out_px < 1:
-        raise InputError(f"out_px must be a positive integer (px), got {out_px!r}.")
+    check_int("out_px", out_px, minimum=1, expected="a positive integer (px)")
     image = as_slide_image(image)
     geometry = tile_geometry(
         adata, image=image, library_id=library_id, tile_um=tile_um, mpp=mpp,

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 from scipy import sparse
 
-from .._validation import InputError
+from .._validation import InputError, check_int
 from ..pp import knn
 from ._metrics import pearson_per_gene
 from ._rank import check_rank
@@ -107,8 +107,7 @@ class TrainConfig:
         self.expression_rank = check_rank(self.expression_rank)
         for name in ("hidden", "latent", "epochs", "patience", "k_neighbors"):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise InputError(f"{name} must be a positive integer, got {value!r}.")
+            check_int(name, value, minimum=1, expected="a positive integer")
         if not 0 <= self.dropout < 1:
             raise InputError(f"dropout must be in [0, 1), got {self.dropout!r}.")
 

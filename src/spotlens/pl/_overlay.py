@@ -9,7 +9,7 @@ import numpy as np
 from anndata import AnnData
 from scipy import sparse
 
-from .._validation import InputError, check_coordinates
+from .._validation import InputError, check_coordinates, check_int
 from ..io import as_slide_image
 from ._proportions import _as_axes, _check_count, _nearest_distance, _root, _spots
 
@@ -142,8 +142,7 @@ def overlay(
     genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
     if not genes:
         raise InputError("genes is empty: name at least one gene to draw.")
-    if not isinstance(ncols, (int, np.integer)) or ncols < 1:
-        raise InputError(f"ncols must be a positive integer, got {ncols!r}.")
+    check_int("ncols", ncols, minimum=1, expected="a positive integer")
     if not (np.isfinite(spot_scale) and spot_scale > 0):
         raise InputError(f"spot_scale must be positive, got {spot_scale!r}.")
     if layer is not None and layer not in adata.layers:
