@@ -13,7 +13,10 @@ of each type as the rounded type-level abundance); (b) cells sampled by the type
 alone (each cell's type drawn from the spot's proportions, then a random cell of that type).
 Both baselines are averaged over 5 seeds. Counts are also scored on the held-out split (left-half
 reference, right-half spots), where member recall is undefined (no spot is made of reference
-cells).
+cells). The row "before issue 17" repeats the numbers of the previous search (cosine of the
+raw, Poisson-weighted residual after the other types; 10 candidates per type, ``lambda_type``
+0.1 and ``lambda_similar`` 0.01 at every spot) from the results file of 2026-11-21; the code
+that made them is no longer in the package.
 
 Usage::
 
@@ -38,6 +41,15 @@ from _machine import machine, markdown_table  # benchmarks/_machine.py (the scri
 
 HERE = Path(__file__).resolve().parent
 N_SEEDS = 5
+# benchmarks/results/cell_level_osmfish.md of 2026-11-21 (spotlens 0.1.0, before issue 17)
+BEFORE = {
+    "full": {"method": "spotlens cell level, before issue 17", "seconds (type + cell level)":
+             "1.1 + 5.1", "count MAE per type": 0.216, "total cells MAE": 1.039,
+             "member recall": 0.341},
+    "held-out": {"method": "spotlens cell level, before issue 17",
+                 "seconds (type + cell level)": "0.3 + 1.4", "count MAE per type": 0.276,
+                 "total cells MAE": 1.412},
+}
 
 
 # the rounding spotlens.deconv.cell_level uses (its private _largest_remainder), kept here
@@ -91,6 +103,10 @@ def count_errors(est: np.ndarray, truth: pd.DataFrame) -> tuple[float, float]:
 
 
 def evaluate(spatial, reference, *, recall: bool) -> list[dict]:
+    # warm-up on a copy: JIT compilation of the compiled kernels is not timed
+    warm = spatial.copy()
+    spotlens.deconv.deconvolve(warm, reference, progress=False)
+    spotlens.deconv.cell_level(warm, reference, progress=False)
     t0 = time.perf_counter()
     spotlens.deconv.deconvolve(spatial, reference, progress=False)
     t1 = time.perf_counter()
@@ -111,6 +127,7 @@ def evaluate(spatial, reference, *, recall: bool) -> list[dict]:
     if recall:
         row["member recall"] = member_recall(spatial, reference)["recall"]
     rows.append(row)
+    rows.append(dict(BEFORE["full" if recall else "held-out"]))
 
     base_a = largest_remainder(abundance, total)
     res_a, res_b, cnt_b = [], [], []
@@ -161,7 +178,9 @@ def main() -> int:
         "reference cells that truly belong to it (chance level is about n / 4,839). Count MAE: "
         "mean absolute error of cells per type per spot against the truth; total cells MAE: of "
         f"cells per spot. Baselines use the same type-level result, averaged over {N_SEEDS} "
-        "seeds.\n\n" + "\n\n".join(tables) + "\n"
+        "seeds. 'before issue 17': the previous candidate search and defaults (numbers from "
+        "the results of 2026-11-21). Seconds exclude JIT compilation (a warm-up run first)."
+        "\n\n" + "\n\n".join(tables) + "\n"
     )
     tmp = out.with_suffix(".tmp")
     tmp.write_text(text)

@@ -557,7 +557,8 @@ def test_gauss_seidel_weights_match_an_nnls_oracle():
     """
     from scipy.optimize import nnls
 
-    from spotlens.deconv._cells import candidate_cells, solve_cell_weights
+    from spotlens.deconv._cell_search import embed, fit_score_space, search_cells
+    from spotlens.deconv._cells import solve_cell_weights
 
     rng = np.random.default_rng(0)
     n, n_genes, n_cells, n_types = 4, 30, 24, 3
@@ -568,9 +569,9 @@ def test_gauss_seidel_weights_match_an_nnls_oracle():
     counts = sparse.csr_matrix(rng.poisson(spots).astype(float))
     gene_w = rng.uniform(0.5, 2.0, n_genes)
     abundance = rng.uniform(0.5, 2.0, (n, n_types))
-    signature = np.vstack([profiles[cell_type == k].mean(axis=0) for k in range(n_types)])
-    cand = candidate_cells(counts, gene_w, profiles, cell_type, signature, abundance,
-                           n_candidates=5, min_abundance=0.1)
+    space = fit_score_space(profiles)
+    cand = search_cells(embed(counts, space), embed(profiles, space), cell_type,
+                        abundance >= 0.1, n_candidates=5)
     assert cand.shape == (n, 15) and (cand >= 0).all()
     cand[1, -3:] = -1  # padding slots
     lam = {"lambda_ridge": 0.01, "lambda_type": 0.5, "lambda_similar": 0.3}

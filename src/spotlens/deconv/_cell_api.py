@@ -21,6 +21,7 @@ from .._validation import InputError, check_cells_per_spot, check_labels
 from ..pp import cell_states, log_pca, signature_kernel
 from ._config import CellLevelConfig
 from ._cell_checks import read_spot_counts, type_level
+from ._cell_search import embed, fit_score_space, similarity_bandwidth
 from ._cells import at_least_one_cell, cell_weights
 from ._model import poisson_gene_weights
 
@@ -76,9 +77,9 @@ def cell_level(
     cells_per_spot: str | None = None,
     n_candidates: int = 10,
     lambda_type: float = 0.1,
-    lambda_similar: float = 0.01,
+    lambda_similar: float = 0.0,
     lambda_ridge: float = 1e-3,
-    max_cells: int = 20_000,
+    max_cells: int = 200_000,
     n_iter: int = 100,
     tol: float = 1e-3,
     seed: int = 0,
@@ -93,10 +94,14 @@ def cell_level(
     really there has weight 1) — are fitted by Gauss–Seidel coordinate updates to minimise the
     error of rebuilding the spot's counts from the cells' counts, plus a ridge term, a term tying
     the weights of each type's cells to the type-level abundance of that type, and a term that
-    keeps transcriptionally similar cells (Gaussian kernel on a PCA of the reference) at similar
-    weights. Only the ``n_candidates`` best-matching cells of each type present in a spot are
-    considered (scored against the spot's expression minus its other types), so memory is
-    O(n_spots · n_candidates), never a dense spots × cells matrix. References larger than
+    keeps transcriptionally similar cells (Gaussian kernel in the score space below) at similar
+    weights (off by default: ``lambda_similar=0``). Only the ``n_candidates`` best-matching
+    cells of each type present in a spot are considered: spots and cells are compared by the
+    cosine of their log-normalised expression, each gene standardised over the reference cells
+    and projected on the reference's 64 leading principal axes (when more genes are used), an
+    exhaustive search, so memory is O(n_spots · n_candidates), never a dense spots × cells
+    matrix. Spots are processed in blocks, each spot's search and solve on its own (compiled,
+    on all cores), so the result does not depend on the blocks. References larger than
     ``max_cells`` are first summarised into metacells (k-means per type on a PCA of the
     reference, documented in ``uns[key_added]["metacell"]``).
 
@@ -135,7 +140,13 @@ def cell_level(
     lambda_type, lambda_similar, lambda_ridge
         Weights of the tie to the type level, of the similarity term and of the ridge, relative
         to the spot's mean squared candidate norm (unit-free). A large ``lambda_type`` makes the
-        weights of each type add up to the type-level abundance.
+        weights of each type add up to the type-level abundance. ``lambda_type`` is the tie's
+        weight for a spot with one reference cell's counts (the reference's median library
+        over the genes used); a spot with ``l`` times as many counts gets ``lambda_type / l``,
+        since its counts say ``l`` times more (Poisson), so beads and bins smaller than a cell
+        follow the type level closely and spots of many cells follow their own counts. After
+        the first solve, the best cells for what it left unexplained are searched and the spot
+        is solved again (at most ``n_candidates`` per type).
     max_cells
         Larger references are summarised into about this many metacells.
     n_iter, tol
@@ -228,33 +239,33 @@ def cell_level(
         _log_raised(raised, has_counts, ab[types].to_numpy(dtype=np.float64))
 
     logger.info("cell level 1/3: reference %d cells, %d genes", reference.n_obs, len(genes))
-    embedding = log_pca(profiles_all, 20, seed=seed)
     metacell = np.full(reference.n_obs, -1, dtype=np.int64)
     if reference.n_obs > max_cells:
+        embedding = log_pca(profiles_all, 20, seed=seed)
         per = int(np.ceil(reference.n_obs / max_cells))
         metacell, owner = cell_states(
             embedding, codes, len(types), cells_per_state=per,
             max_states_per_type=reference.n_obs, seed=seed,
         )
-        mean, _, lib, n_members = signature_kernel(profiles_all, metacell, len(owner))
-        profiles = mean * lib[:, None]
+        mean, _, lib, _ = signature_kernel(profiles_all, metacell, len(owner))
+        profiles = sparse.csr_matrix(mean * lib[:, None])
         col_type = owner
-        emb_cols = np.asarray(
-            sparse.csr_matrix((np.ones(len(metacell)), (metacell, np.arange(len(metacell)))))
-            @ embedding
-        ) / np.maximum(n_members, 1)[:, None]
         rank = np.concatenate([np.arange((owner == k).sum()) for k in range(len(types))])
         columns = np.asarray([f"{types[k]}#{r}" for k, r in zip(owner, rank, strict=True)])
         logger.info("summarised %d cells into %d metacells", reference.n_obs, len(owner))
     else:
-        profiles = profiles_all.toarray().astype(np.float64)
-        col_type, emb_cols, columns = codes, embedding, np.asarray(reference.obs_names)
+        profiles = sparse.csr_matrix(profiles_all, dtype=np.float64)
+        col_type, columns = codes, np.asarray(reference.obs_names)
 
-    signature = np.vstack([
-        profiles[col_type == k].mean(axis=0) if (col_type == k).any() else np.zeros(len(genes))
-        for k in range(len(types))
-    ])
+    # type means of the columns (a type without columns has a zero mean)
+    onehot = sparse.csr_matrix((np.ones(len(col_type)), (col_type, np.arange(len(col_type)))),
+                               shape=(len(types), len(col_type)))
+    size = np.asarray(onehot.sum(axis=1)).ravel()
+    signature = np.asarray((onehot @ profiles).todense()) / np.maximum(size, 1)[:, None]
     weights = poisson_gene_weights(signature, "poisson")
+    space = fit_score_space(profiles, seed=seed)
+    cell_emb = embed(profiles, space)
+    bandwidth = similarity_bandwidth(cell_emb, col_type, seed=seed)
 
     logger.info("cell level 2/3: weights for %d spots (%d candidates per type)",
                 spatial.n_obs, n_candidates)
@@ -262,9 +273,9 @@ def cell_level(
                leave=False)
     try:
         w = cell_weights(
-            counts, weights, profiles, col_type, emb_cols, signature,
-            abundance, n_candidates=n_candidates, lambda_ridge=lambda_ridge,
-            lambda_type=lambda_type, lambda_similar=lambda_similar, n_iter=n_iter, tol=tol,
+            counts, weights, profiles, col_type, space, cell_emb, abundance,
+            n_candidates=n_candidates, lambda_ridge=lambda_ridge, lambda_type=lambda_type,
+            lambda_similar=lambda_similar, bandwidth=bandwidth, n_iter=n_iter, tol=tol,
             on_block=bar.update,
         )
     finally:
@@ -312,6 +323,7 @@ def cell_level(
             "lambda_ridge": lambda_ridge, "max_cells": max_cells, "n_iter": n_iter, "tol": tol,
             "seed": seed, "metacells": bool((metacell >= 0).any()),
             "n_spots_raised_to_one_cell": int(raised.sum()),
+            "score_space_dims": space.dim,
             "seconds": round(time.perf_counter() - t0, 3),
         },
         "columns": columns.astype(object),

@@ -10,98 +10,24 @@ copies of cell ``c`` in spot ``i``; a true member cell has 1) minimise::
       + s_i λ_similar Σ_{c, c' same type} K_cc' (β_ic − β_ic')² / 2
 
 with ``w`` the gene weights, ``A_ik`` the type-level abundance (cells of type ``k``), ``K`` a
-Gaussian kernel on the reference cells' PCA embedding, and ``s_i`` the mean squared norm of the
+Gaussian kernel on the reference cells' embedding, and ``s_i`` the mean squared norm of the
 spot's candidate profiles (so the penalties are unit-free). Only a few candidate cells per spot
-and type are considered, so no dense ``n_spots × n_cells`` matrix is ever held.
+and type are considered (:mod:`._cell_search`), so no dense ``n_spots × n_cells`` matrix is
+ever held. :func:`solve_cell_weights` is the NumPy reference of the solve;
+:func:`cell_weights` streams over blocks of spots with the compiled search and solves
+(:mod:`._cell_kernels`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 from scipy import sparse
 
-
-def candidate_cells(
-    counts: sparse.csr_matrix,
-    weights: np.ndarray,
-    profiles: np.ndarray,
-    cell_type: np.ndarray,
-    signature: np.ndarray,
-    abundance: np.ndarray,
-    *,
-    n_candidates: int,
-    min_abundance: float,
-) -> np.ndarray:
-    """Top candidate cells of each present type for a block of spots.
-
-    A cell of type ``k`` is scored by the cosine between its weighted profile and the part of
-    the spot's expression left to type ``k``: the spot minus the expected expression of its other
-    types (``Σ_{k'≠k} A_ik' S_k'``).
-
-    Parameters
-    ----------
-    counts
-        ``n_spots × n_genes`` raw counts of the block.
-    weights
-        ``n_genes`` gene weights.
-    profiles
-        ``n_cells × n_genes`` raw counts of the reference cells (or metacell means).
-    cell_type
-        ``n_cells`` type codes.
-    signature
-        ``n_types × n_genes`` expected counts per cell of each type.
-    abundance
-        ``n_spots × n_types`` cells of each type per spot (type-level result).
-    n_candidates
-        Cells kept per present type.
-    min_abundance
-        Types with fewer cells than this in a spot get no candidates there, except the spot's
-        most abundant type, which always does (when its abundance is > 0): a spot whose
-        abundance is spread thinly over many types still gets candidate cells.
-
-    Returns
-    -------
-    ``n_spots × M`` candidate cell indices, ``-1`` for padding; the candidates of one type are
-    contiguous.
-    """
-    n, _ = counts.shape
-    n_types = signature.shape[0]
-    y = counts.toarray() * weights[None, :]
-    s_w = signature * weights[None, :]
-    expected = abundance @ s_w
-    present = (abundance >= min_abundance) | (
-        (abundance >= abundance.max(axis=1, keepdims=True, initial=0.0)) & (abundance > 0)
-    )
-    spot_ids, cell_ids = [], []
-    for k in range(n_types):
-        rows = np.flatnonzero(present[:, k])
-        members = np.flatnonzero(cell_type == k)
-        if len(rows) == 0 or len(members) == 0:
-            continue
-        prof = profiles[members] * weights[None, :]
-        norm = np.linalg.norm(prof, axis=1)
-        prof = prof / np.where(norm > 0, norm, 1.0)[:, None]
-        resid = y[rows] - expected[rows] + abundance[rows, k : k + 1] * s_w[k][None, :]
-        scores = resid @ prof.T
-        m = min(n_candidates, len(members))
-        top = np.argpartition(-scores, m - 1, axis=1)[:, :m] if m < len(members) else (
-            np.tile(np.arange(len(members)), (len(rows), 1))
-        )
-        spot_ids.append(np.repeat(rows, m))
-        cell_ids.append(members[top].ravel())
-    if not spot_ids:
-        return np.full((n, 1), -1, dtype=np.int64)
-    spot_ids, cell_ids = np.concatenate(spot_ids), np.concatenate(cell_ids)
-    # gather each spot's candidates into one padded row, types kept contiguous (stable sort)
-    order = np.argsort(spot_ids, kind="stable")
-    spot_ids, cell_ids = spot_ids[order], cell_ids[order]
-    starts = np.searchsorted(spot_ids, np.arange(n))
-    slot = np.arange(len(spot_ids)) - starts[spot_ids]
-    out = np.full((n, int(slot.max()) + 1), -1, dtype=np.int64)
-    out[spot_ids, slot] = cell_ids
-    return out
+from ._cell_kernels import solve_spots, unexplained
+from ._cell_search import ScoreSpace, embed, present_types, search_cells
 
 
 def at_least_one_cell(
@@ -150,12 +76,13 @@ def solve_cell_weights(
     candidates: np.ndarray,
     *,
     lambda_ridge: float,
-    lambda_type: float,
+    lambda_type: float | np.ndarray,
     lambda_similar: float,
     n_iter: int,
     tol: float,
+    bandwidth: float | None = None,
 ) -> np.ndarray:
-    """Gauss–Seidel coordinate updates of the cell weights of a block of spots.
+    """Gauss–Seidel coordinate updates of the cell weights of a block of spots (NumPy).
 
     Each spot's problem is a non-negative quadratic over its ``M`` candidates with Hessian
     ``H_i`` (``M × M``); all spots of the block are updated together, one candidate slot at a
@@ -176,13 +103,18 @@ def solve_cell_weights(
     abundance
         ``n_spots × n_types`` type-level cells per type.
     candidates
-        ``n_spots × M`` from :func:`candidate_cells`.
+        ``n_spots × M`` candidate cell indices, ``-1`` for padding (from
+        :func:`spotlens.deconv._cell_search.search_cells`).
     lambda_ridge, lambda_type, lambda_similar
-        Penalty weights, relative to ``s_i``.
+        Penalty weights, relative to ``s_i``; ``lambda_type`` may be one value per spot
+        (``n_spots``).
     n_iter
         Maximum passes over the candidates.
     tol
-        Stop when no weight moves by more than ``tol`` (cells) in a pass.
+        Stop when no weight of the block moves by more than ``tol`` (cells) in a pass.
+    bandwidth
+        Bandwidth of the similarity kernel ``K = exp(−d² / bandwidth)``; ``None``: the median
+        squared distance of the block's same-type candidate pairs.
 
     Returns
     -------
@@ -206,13 +138,15 @@ def solve_cell_weights(
     types = np.where(valid, cell_type[cand], -1)
     same = (types[:, :, None] == types[:, None, :]) & valid[:, :, None] & valid[:, None, :]
     target = np.where(valid, np.take_along_axis(abundance, np.maximum(types, 0), axis=1), 0.0)
-    h += (lambda_type * scale)[:, None, None] * same
-    lin += (lambda_type * scale)[:, None] * target
+    tie = np.broadcast_to(np.asarray(lambda_type, dtype=np.float64), (n,)) * scale
+    h += tie[:, None, None] * same
+    lin += tie[:, None] * target
     if lambda_similar > 0:
         z = embedding[cand]
         d2 = ((z[:, :, None, :] - z[:, None, :, :]) ** 2).sum(-1)
-        pos = d2[same & ~np.eye(m, dtype=bool)[None]]
-        bandwidth = np.median(pos) if pos.size else 1.0
+        if bandwidth is None:
+            pos = d2[same & ~np.eye(m, dtype=bool)[None]]
+            bandwidth = np.median(pos) if pos.size else 1.0
         kernel = np.exp(-d2 / max(bandwidth, 1e-12)) * same
         kernel[:, np.arange(m), np.arange(m)] = 0.0
         laplacian = -kernel
@@ -243,26 +177,62 @@ def solve_cell_weights(
 def cell_weights(
     counts: sparse.csr_matrix,
     weights: np.ndarray,
-    profiles: np.ndarray,
+    profiles: sparse.csr_matrix,
     cell_type: np.ndarray,
-    embedding: np.ndarray,
-    signature: np.ndarray,
+    space: ScoreSpace,
+    cell_emb: np.ndarray,
     abundance: np.ndarray,
     *,
-    n_candidates: int = 30,
+    n_candidates: int = 10,
     min_abundance: float = 0.1,
     lambda_ridge: float = 1e-3,
-    lambda_type: float = 1.0,
-    lambda_similar: float = 0.1,
+    lambda_type: float = 0.1,
+    lambda_similar: float = 0.0,
+    bandwidth: float = 1.0,
     n_iter: int = 100,
     tol: float = 1e-3,
-    block: int | None = None,
+    refine: bool = True,
+    block: int = 8192,
     on_block: Callable[[int], None] | None = None,
 ) -> sparse.csr_matrix:
-    """Sparse ``n_spots × n_cells`` cell weights for all spots, block by block.
+    """Sparse ``n_spots × n_cells`` cell weights for all spots, streamed in blocks of spots.
 
-    See :func:`candidate_cells` and :func:`solve_cell_weights`; memory is
-    O(block · M · (n_genes + M)) with ``M`` the candidates per spot.
+    Each block is embedded in the score space (:func:`~._cell_search.embed`), searched for the
+    ``n_candidates`` best cells of each present type (:func:`~._cell_search.search_cells`) and
+    solved spot by spot (:func:`~._cell_kernels.solve_spots`); then searched again for what
+    the solve left unexplained and solved again (``refine``). Every step is per spot, so the
+    result does not depend on ``block``; memory is O(block · (d + M) + n_cells · d) besides
+    the inputs, with ``M`` the candidates per spot.
+
+    Parameters
+    ----------
+    counts
+        ``n_spots × n_genes`` raw counts.
+    weights
+        ``n_genes`` gene weights.
+    profiles
+        ``n_cells × n_genes`` sparse counts of the reference cells (or metacells).
+    cell_type
+        ``n_cells`` type codes.
+    space, cell_emb
+        The score space and the ``n_cells × d`` cell embeddings in it (also the embedding of
+        the similarity term).
+    abundance
+        ``n_spots × n_types`` cells of each type per spot.
+    n_candidates, min_abundance
+        Candidates per present type; see :func:`~._cell_search.present_types`.
+    lambda_ridge, lambda_type, lambda_similar, bandwidth, n_iter, tol
+        See :func:`solve_cell_weights`; ``lambda_type`` is the tie's weight for a spot with
+        one reference cell's counts (``space.scale``), and is scaled by ``scale / l_i`` for
+        spot ``i`` with ``l_i`` counts.
+    refine
+        Search again for what the first solve left unexplained (``max(y_i − Σ_c β_ic p_c,
+        0)``) and solve again over the cells that kept a weight and the best new ones, still
+        at most ``n_candidates`` per type (:func:`_refined`).
+    block
+        Spots per block.
+    on_block
+        Called with the number of spots of each finished block.
 
     Returns
     -------
@@ -270,26 +240,31 @@ def cell_weights(
     in spot ``i``.
     """
     counts = sparse.csr_matrix(counts)
-    n, n_genes = counts.shape
-    if block is None:
-        # about 40 M doubles for the block's M × (G + M) arrays; M is set by the spot with the
-        # most types present
-        most_types = int((abundance >= min_abundance).sum(axis=1).max(initial=1))
-        width = max(1, most_types) * n_candidates
-        block = int(np.clip(40_000_000 // (width * (n_genes + width)), 16, 4096))
+    profiles = sparse.csr_matrix(profiles, dtype=np.float64)
+    emb64 = np.ascontiguousarray(cell_emb, dtype=np.float64)
+    weighted = profiles.data * np.asarray(weights, dtype=np.float64)[profiles.indices]
+    n = counts.shape[0]
     rows, cols, vals = [], [], []
     for start in range(0, n, block):
         stop = min(n, start + block)
         sub = counts[start:stop]
-        cand = candidate_cells(
-            sub, weights, profiles, cell_type, signature, abundance[start:stop],
-            n_candidates=n_candidates, min_abundance=min_abundance,
+        present = present_types(abundance[start:stop], min_abundance)
+        cand = search_cells(embed(sub, space), cell_emb, cell_type, present,
+                            n_candidates=n_candidates)
+        # the tie's weight against the data grows as the spot's counts shrink (the data's
+        # Poisson information is proportional to them): λ_type at one reference cell's counts
+        lib = np.asarray(sub.sum(axis=1), dtype=np.float64).ravel()
+        tie = lambda_type * np.where(lib > 0, space.scale / np.where(lib > 0, lib, 1.0), 1.0)
+        solve = partial(
+            solve_spots, sub, weights, profiles, cell_type, emb64, abundance[start:stop],
+            bandwidth=bandwidth, lambda_ridge=lambda_ridge, lambda_type=tie,
+            lambda_similar=lambda_similar, n_iter=n_iter, tol=tol, weighted=weighted,
         )
-        beta = solve_cell_weights(
-            sub, weights, profiles, cell_type, embedding, abundance[start:stop], cand,
-            lambda_ridge=lambda_ridge, lambda_type=lambda_type, lambda_similar=lambda_similar,
-            n_iter=n_iter, tol=tol,
-        )
+        beta = solve(cand)
+        if refine:
+            cand = _refined(sub, profiles, cand, beta, space, cell_emb, cell_type, present,
+                            n_candidates)
+            beta = solve(cand)
         keep = (cand >= 0) & (beta > 0)
         r, j = np.nonzero(keep)
         rows.append(r + start)
@@ -302,4 +277,43 @@ def cell_weights(
         shape=(n, profiles.shape[0]),
     )
     out.sum_duplicates()
+    return out
+
+
+def _refined(counts: sparse.csr_matrix, profiles: sparse.csr_matrix, cand: np.ndarray,
+             beta: np.ndarray, space: ScoreSpace, cell_emb: np.ndarray, cell_type: np.ndarray,
+             present: np.ndarray, n_candidates: int) -> np.ndarray:
+    """Candidates of the second solve: cells with weight, then the best cells for the rest.
+
+    The rest of spot ``i`` is ``max(y_i − Σ_c β_ic p_c, 0)``. For each present type, the
+    cells that kept a weight come first, then the type's best-scoring cells for the rest (in
+    score order), up to ``n_candidates`` per type. Returns ``n_spots × M`` indices, ``-1``
+    padding, each cell once per row, the candidates of one type contiguous.
+    """
+    n = cand.shape[0]
+    keep = (cand >= 0) & (beta > 0)
+    r, j = np.nonzero(keep)
+    rest_emb = embed(unexplained(counts, profiles, cand, beta), space)
+    more = search_cells(rest_emb, cell_emb, cell_type, present, n_candidates=n_candidates)
+    r2, j2 = np.nonzero(more >= 0)
+    score = np.einsum("id,id->i", rest_emb[r2], cell_emb[more[r2, j2]])
+    rows = np.concatenate([r, r2])
+    cells = np.concatenate([cand[r, j], more[r2, j2]])
+    priority = np.concatenate([np.full(len(r), np.inf), score])  # kept cells first
+    types = cell_type[cells]
+    order = np.lexsort((-priority, types, rows))
+    rows, cells, types = rows[order], cells[order], types[order]
+    # each (spot, cell) once: its first (highest-priority) occurrence
+    _, first = np.unique(rows.astype(np.int64) * len(cell_type) + cells, return_index=True)
+    first.sort()
+    rows, cells, types = rows[first], cells[first], types[first]
+    group = np.r_[True, (rows[1:] != rows[:-1]) | (types[1:] != types[:-1])]
+    starts = np.flatnonzero(group)
+    rank = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
+    ok = rank < n_candidates
+    rows, cells = rows[ok], cells[ok]
+    slot_start = np.searchsorted(rows, np.arange(n))
+    slot = np.arange(len(rows)) - slot_start[rows]
+    out = np.full((n, int(slot.max(initial=0)) + 1), -1, dtype=np.int64)
+    out[rows, slot] = cells
     return out

@@ -298,9 +298,9 @@ class CellLevelConfig:
 
     n_candidates: int = 10
     lambda_type: float = 0.1
-    lambda_similar: float = 0.01
+    lambda_similar: float = 0.0
     lambda_ridge: float = 1e-3
-    max_cells: int = 20_000
+    max_cells: int = 200_000
     n_iter: int = 100
     tol: float = 1e-3
     seed: int = 0
