@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install torch==2.13.0
-	$(VENV)/bin/pip install -e ".[test,torch,histology]"
+	$(VENV)/bin/pip install -e ".[test,torch,histology,spatialdata]"
 	touch $@
 
 # --overwrite: a second `make demo` replaces the first one's files (only those) in demo_output/

@@ -56,6 +56,11 @@ EXCEPTIONS = {
     ("keyword_only", "io.write_h5ad"): (
         "the destination path is the second positional argument, as in anndata's "
         "adata.write_h5ad(filename)"),
+    ("keyword_only", "io.write_spatialdata"): (
+        "the destination (a SpatialData object or .zarr store) is the second positional "
+        "argument, as in io.write_h5ad and sdata.write(path)"),
+    ("keyword_only", "pl.report"): (
+        "the HTML file to write is the second positional argument, as in io.write_h5ad"),
     ("keyword_only", "histology.section_log_expression"): (
         "`genes` is what is computed, required and without a default"),
     ("keyword_only", "histology.spot_tiles"): (

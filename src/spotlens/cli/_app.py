@@ -31,7 +31,8 @@ CELL_WEIGHTS_KEY = cell_weights_key()
 CELL_COUNTS_KEY = cell_counts_key(CELL_WEIGHTS_KEY)
 #: Every file 'deconvolve' and 'demo' write (besides the manifest); without a manifest, any of
 #: them in the output folder marks an earlier run's results.
-OUTPUTS = ("spatial.h5ad", "proportions.csv", "proportions.png", "cells.h5ad", "cells.png")
+OUTPUTS = ("spatial.h5ad", "proportions.csv", "proportions.png", "cells.h5ad", "cells.png",
+           "report.html")
 
 app = typer.Typer(
     name="spotlens",
@@ -41,7 +42,8 @@ app = typer.Typer(
         "Each command writes OUT/spatial.h5ad (input plus results), OUT/proportions.csv "
         "(spots × cell types, rows sum to 1) and OUT/proportions.png (one map per cell type); "
         "with --cell-level also OUT/cells.h5ad (reference cells placed in the spots) and "
-        "OUT/cells.png (their map). OUT/spotlens_run.json, written last, records the "
+        "OUT/cells.png (their map); with --report OUT/report.html, a page to open in a browser "
+        "(also 'spotlens report OUT'). OUT/spotlens_run.json, written last, records the "
         "version, inputs, options and files of the run, with \"complete\": true once it has "
         "finished. A folder with another run's results is refused unless --overwrite."
     ),
@@ -130,6 +132,13 @@ CellLevelOption = Annotated[bool, typer.Option(
          "OUT/cells.png, and the weights into OUT/spatial.h5ad.")]
 
 
+ReportOption = Annotated[bool, typer.Option(
+    "--report/--no-report",
+    help="Also write OUT/report.html: one self-contained page (no server, no network) with "
+         "the tissue, the proportions, the dominant type, the placed cells and the QC; open "
+         "it in a browser.")]
+
+
 @app.callback()
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
@@ -144,9 +153,9 @@ def deconvolve_command(
     ctx: typer.Context,
     spatial: Annotated[Path, typer.Option(
         "--spatial", "-s", show_default=False, metavar="PATH",
-        help="Spatial data: .h5ad with raw counts and obsm coordinates, or a Space Ranger outs/ "
+        help="Spatial data: .h5ad with raw counts and obsm coordinates, a Space Ranger outs/ "
              "folder (Visium or Visium HD; for HD also a binned_outputs/square_<NNN>um/ "
-             "folder).")],
+             "folder), or a SpatialData .zarr store (pip install 'spotlens[spatialdata]').")],
     reference: Annotated[Path, typer.Option(
         "--reference", "-r", show_default=False, metavar="H5AD",
         help="Single-cell reference .h5ad with raw counts and cell-type labels in obs.")],
@@ -214,6 +223,17 @@ def deconvolve_command(
         min=1, metavar="INT",
         help="With --cell-level: candidate reference cells per cell type and spot "
              "[default: 10].", show_default=False)] = None,
+    table: Annotated[str | None, typer.Option(
+        metavar="NAME",
+        help="SpatialData store: the table of counts to read [default: the only table, "
+             "'table', or the --bin-size (8 µm) Visium HD table].", show_default=False)] = None,
+    write_spatialdata: Annotated[bool, typer.Option(
+        "--write-spatialdata",
+        help="SpatialData input: also write the results into the store, as the table "
+             "'proportions_spotlens' annotating the same shapes (and with --cell-level the "
+             "points 'cells_spotlens'); with --overwrite they replace an earlier run's.")
+    ] = False,
+    report: ReportOption = False,
     overwrite: OverwriteOption = False,
     progress: ProgressOption = True,
     quiet: QuietOption = False,
@@ -231,7 +251,7 @@ def deconvolve_command(
     """
     with log_to_stderr(quiet), errors(cli_terms=True):
         from ..deconv import deconvolve
-        from ..io import read_reference, read_spatial
+        from ..io import read_reference, read_spatial, read_spatialdata
 
         check_device(device)
         settings, cell_settings = _settings(
@@ -240,12 +260,18 @@ def deconvolve_command(
             seed=seed, n_iter=n_iter, min_cells_per_type=min_cells_per_type,
             n_genes_per_type=n_genes_per_type, n_candidates=n_candidates,
         )
+        if write_spatialdata and not (spatial.suffix == ".zarr" or (spatial / "zarr.json").is_file()
+                                      or (spatial / ".zgroup").is_file()):
+            raise InputError(f"--write-spatialdata writes into a SpatialData store; {spatial} "
+                             "is not one (.zarr).")
         if not cell_level and (cells_per_spot is not None or n_candidates is not None):
             raise InputError("--cells-per-spot and --n-candidates apply to the cell-level step; "
                              "add --cell-level.")
         with output_folder(out, known=OUTPUTS, overwrite=overwrite) as run:
             logger.info("reading spatial data %s", spatial)
-            st = read_spatial(spatial, spatial_key=spatial_key, bin_size=bin_size)
+            st = (read_spatial(spatial, spatial_key=spatial_key, bin_size=bin_size)
+                  if table is None else
+                  read_spatialdata(spatial, table_key=table, spatial_key=spatial_key))
             run.add_input("spatial", spatial, adata=st)
             st, layer = _counts_in_raw(st, layer, what="spatial data", flag="--layer")
             if cells_per_spot is not None:  # fail before the long type-level fit
@@ -267,7 +293,12 @@ def deconvolve_command(
                     reference_layer=reference_layer, spatial_key=spatial_key,
                     cells_per_spot=cells_per_spot, settings=cell_settings, progress=progress,
                 )
-            _write_outputs(run, st, spatial_key=spatial_key, cells=cells)
+            if write_spatialdata:  # first: a refused store leaves no half-written OUT
+                from ..io import write_spatialdata as write_store
+
+                write_store(st, spatial, key=PROPORTIONS_KEY, cells=cells, overwrite=overwrite)
+                typer.echo(f"wrote table {PROPORTIONS_KEY!r} into {spatial}")
+            _write_outputs(run, st, spatial_key=spatial_key, cells=cells, report=report)
 
 
 @app.command("demo", short_help="Run the bundled example and score it against the truth.")
@@ -276,16 +307,18 @@ def demo_command(
     device: DeviceOption = "cpu",
     seed: SeedOption = 0,
     cell_level: CellLevelOption = False,
+    report: ReportOption = True,
     overwrite: OverwriteOption = False,
     progress: ProgressOption = True,
     quiet: QuietOption = False,
 ) -> None:
     """Run on the bundled osmFISH cortex example and score the result against the truth.
 
-    Writes the same files as 'deconvolve' and prints Pearson r, RMSE and mean Jensen–Shannon
-    divergence against the known proportions. Every spot is made of known reference cells, so
-    with --cell-level it also prints the recall of each spot's true cells among its
-    top-weighted reference cells and the error of the estimated cells per type.
+    Writes the same files as 'deconvolve' (and OUT/report.html unless --no-report) and
+    prints Pearson r, RMSE and mean Jensen–Shannon divergence against the known proportions.
+    Every spot is made of known reference cells, so with --cell-level it also prints the
+    recall of each spot's true cells among its top-weighted reference cells and the error of
+    the estimated cells per type.
 
     Example: spotlens demo -o demo_output --cell-level
     """
@@ -312,7 +345,7 @@ def demo_command(
                                     reference_layer=None, spatial_key="spatial",
                                     cells_per_spot=None, settings=CellLevelConfig(seed=seed),
                                     progress=progress)
-            _write_outputs(run, st, spatial_key="spatial", cells=cells)
+            _write_outputs(run, st, spatial_key="spatial", cells=cells, report=report)
         scores = accuracy(st.obsm[PROPORTIONS_KEY], st.obsm["true_proportions"])
         typer.echo(_accuracy_table(scores))
         if cell_level:
@@ -373,14 +406,15 @@ def _cell_level(st, ref, *, labels_key: str, layer: str | None, reference_layer:
                         reference_layer=reference_layer, seed=settings.seed)
 
 
-def _write_outputs(run, st, *, spatial_key: str, cells=None) -> None:
+def _write_outputs(run, st, *, spatial_key: str, cells=None, report: bool = False) -> None:
     """Write the results through ``run`` (an :class:`OutputRun`), then its complete manifest."""
     from ..io import save_figure, write_csv, write_h5ad
     from ..pl import cells as cell_map
     from ..pl import proportions
 
     logger.info("writing %s", run.folder)
-    run.start_writing(OUTPUTS if cells is not None else OUTPUTS[:3])
+    run.start_writing([*OUTPUTS[:3], *(OUTPUTS[3:5] if cells is not None else ()),
+                       *(["report.html"] if report else [])])
     run.write("spatial.h5ad", lambda path: write_h5ad(st, path))
     table = st.obsm[PROPORTIONS_KEY].copy()
     table.index.name = "spot"
@@ -391,6 +425,15 @@ def _write_outputs(run, st, *, spatial_key: str, cells=None) -> None:
         run.write("cells.h5ad", lambda path: write_h5ad(cells, path))
         fig = cell_map(cells, st, spatial_key=spatial_key)
         run.write("cells.png", lambda path: save_figure(fig, path))
+    if report:
+        from ..pl import report as write_report
+
+        facts = {"command": run.command, **{f"input: {name}": entry.get("path")
+                                            or entry.get("dataset") for name, entry
+                                            in run.inputs.items()}}
+        run.write("report.html", lambda path: write_report(
+            st, path, key=PROPORTIONS_KEY, cells=cells, spatial_key=spatial_key, run=facts,
+            title=f"spotlens report — {run.folder.resolve().name}"))
     manifest = run.finish()
     for path in [*run.written, manifest]:
         typer.echo(f"wrote {path}")

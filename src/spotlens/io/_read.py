@@ -19,6 +19,7 @@ from anndata import AnnData
 from .._keys import SPATIAL_UNS_KEY
 from .._validation import InputError, check_coordinates, check_labels, check_number
 from ._names import restore_names
+from ._spatialdata import is_spatialdata, read_spatialdata
 
 logger = logging.getLogger("spotlens")
 
@@ -44,7 +45,7 @@ def read_spatial(
     load_images: bool = True,
     bin_size: int | None = None,
 ) -> AnnData:
-    """Read spatial transcriptomics data: an ``.h5ad`` file or a Space Ranger ``outs/`` folder.
+    """Read spatial transcriptomics data: ``.h5ad``, Space Ranger ``outs/`` or SpatialData.
 
     Visium HD outputs are read at one bin size from ``outs/binned_outputs/square_<NNN>um/``
     (``filtered_feature_bc_matrix.h5`` and ``spatial/tissue_positions.parquet``), through
@@ -68,7 +69,8 @@ def read_spatial(
         ``outs/binned_outputs/``) with ``bin_size``, or one bin folder such as
         ``outs/binned_outputs/square_008um/``, which must hold ``count_file`` and
         ``spatial/tissue_positions.parquet`` (scale factors and images are taken from its
-        ``spatial/`` folder, else from ``outs/spatial/``).
+        ``spatial/`` folder, else from ``outs/spatial/``). A SpatialData ``.zarr`` store or
+        object is read by :func:`read_spatialdata` (``bin_size`` picks its HD table).
     spatial_key
         ``obsm`` key that holds (``.h5ad``) or receives (Space Ranger) the coordinates.
     count_file
@@ -128,8 +130,11 @@ def read_spatial(
     >>> hd.uns["spatial"]["hd_sample"]["scalefactors"]["bin_size_um"]  # doctest: +SKIP
     8.0
     """
-    path = _existing(path, what="spatial data")
     bin_size = _check_bin_size(bin_size)
+    if is_spatialdata(path):
+        return read_spatialdata(path, spatial_key=spatial_key, library_id=library_id,
+                                load_images=load_images, bin_size=bin_size)
+    path = _existing(path, what="spatial data")
     hd_folder = _visium_hd_folder(path, bin_size) if path.is_dir() else None
     if hd_folder is not None:
         adata = _read_visium_hd(
