@@ -347,6 +347,15 @@ def predict_command(
         metavar="G1,G2,...", show_default=False,
         help="Write OUT/<gene>.png, the predicted expression over the image, for these genes.")
     ] = None,
+    level: Annotated[str, typer.Option(
+        help="'spot': a grid over the tissue; 'nucleus': every nucleus (a nucleus model; "
+             "needs --section).")] = "spot",
+    section: Annotated[Path | None, typer.Option(
+        "--section", "-s", metavar="H5AD", show_default=False,
+        help="--level nucleus: the image's spots (.h5ad).")] = None,
+    nuclei: Annotated[Path | None, typer.Option(
+        metavar="H5AD", show_default=False,
+        help="--level nucleus: nuclei of 'histology segment' [default: segment here].")] = None,
     encoder_weights: MovedWeightsOption = None,
     cache_dir: CacheOption = None,
     device: DeviceOption = "cpu",
@@ -355,6 +364,9 @@ def predict_command(
     quiet: QuietOption = False,
 ) -> None:
     """Write OUT/predicted.h5ad (grid spots × model genes) and PNG overlays.
+
+    With --level nucleus: OUT/nuclei_predicted.h5ad (nuclei × genes, obs 'spot', 'cell_type'),
+    OUT/spots_from_nuclei.csv (spots × genes, sums of their nuclei), OUT/nuclei_<gene>.png.
 
     X holds predicted log-normalised expression; obsm['spatial'] the spot centres in
     full-resolution px; uns['spatial'] a thumbnail and scale factors (sc.pl.spatial works).
@@ -368,8 +380,13 @@ def predict_command(
         from ..io import save_figure, write_h5ad
         from ..pl import overlay
 
+        from ._nucleus_outputs import NUCLEUS_OUTPUTS, predict_nuclei_run
+
         check_device(device)
-        with output_folder(out, known=PREDICT_OUTPUTS, overwrite=overwrite) as run:
+        if level not in ("spot", "nucleus"):
+            raise InputError(f"--level must be 'spot' or 'nucleus', got {level!r}.")
+        known = NUCLEUS_OUTPUTS if level == "nucleus" else PREDICT_OUTPUTS
+        with output_folder(out, known=known, overwrite=overwrite) as run:
             run.add_input("model", model)
             run.add_input("image", image)
             fitted = load_model(model, device=device, encoder_weights=encoder_weights)
@@ -384,10 +401,17 @@ def predict_command(
                 raise InputError(f"--plot-genes {genes} give the same file name twice once "
                                  "characters other than letters, digits, '-', '_' and '.' "
                                  "become '_'; plot those genes in separate runs.")
-            result = predict_image(fitted, image, mpp=mpp, spacing_um=spacing_um,
-                             cache_dir=cache_dir, device=device, progress=progress)
-            run.start_writing([*PREDICT_OUTPUTS, *pngs])
-            run.write("predicted.h5ad", lambda path: write_h5ad(result, path))
+            if level == "nucleus":
+                predict_nuclei_run(run, fitted, image=image, section=section, nuclei=nuclei,
+                                   mpp=mpp, genes=genes, cache_dir=cache_dir,
+                                   progress=progress)
+                pngs = {}
+            else:
+                result = predict_image(fitted, image, mpp=mpp, spacing_um=spacing_um,
+                                       cache_dir=cache_dir, device=device,
+                                       progress=progress)
+                run.start_writing([*PREDICT_OUTPUTS, *pngs])
+                run.write("predicted.h5ad", lambda path: write_h5ad(result, path))
             for name, gene in pngs.items():
                 fig = overlay(result, [gene], label="predicted log-normalised expression")
                 run.write(name, lambda path, fig=fig: save_figure(fig, path))

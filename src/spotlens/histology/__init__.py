@@ -13,6 +13,9 @@ The image layer (tiles, tissue masks, stain normalisation; images are read by
   reads it. Under it: the predictors (:class:`ExpressionModel` over an ``nn.Module``,
   :class:`RidgeBaseline`), the training loop (``_trainer.py``) and the model types
   (``_registry.py``).
+- Nucleus level (``model="nucleus"``, :class:`NucleusPredictor`): expression of every
+  segmented nucleus, fitted so that a spot's nuclei add up to it;
+  :meth:`HistologyModel.predict_nuclei` returns an AnnData of nuclei.
 - :func:`run_protocol`: the frozen evaluation protocol (every choice nested in the training
   sections, each test section read once; :func:`block_bootstrap_pearson` intervals, gene sets
   from :func:`select_gene_sets`). :func:`train`'s defaults are the route it selects
@@ -80,6 +83,9 @@ _LAZY = {
     "count_nuclei": "._segment",
     "segment_nuclei": "._segment",
     "nuclei_overlay": "._nuclei_overlay",
+    "NucleusModelConfig": "._nucleus_fit",
+    "NucleusPredictor": "._nucleus_fit",
+    "nucleus_descriptors": "._nucleus_features",
 }
 # public name -> (module, attribute) where they differ
 _ALIASES = {
@@ -105,6 +111,8 @@ __all__ = [
     "DEFAULT_RANKS", "DEFAULT_TILE_SCALES", "multiscale_features", "standardize_section",
     # nucleus segmentation (issue 16)
     "NucleusConfig", "count_nuclei", "nuclei_overlay", "segment_nuclei", "segment_tile",
+    # nucleus-level expression (issue 16)
+    "NucleusModelConfig", "NucleusPredictor", "nucleus_descriptors",
 ]
 
 

@@ -460,6 +460,25 @@ class HistologyModel:
                          features_key=features_key or self.features_key)
         return None
 
+    def predict_nuclei(self, adata: AnnData, *, image, cells: AnnData | None = None,
+                       **kwargs) -> AnnData:
+        """A nucleus model's prediction for every nucleus: a new AnnData of nuclei.
+
+        ``adata``, ``image`` and the keywords (``spatial_key``, ``library_id``, ``mpp``,
+        ``cache_dir``, ``progress``, ``check_image``, ``key_added``) are as in :meth:`predict`;
+        ``cells`` is :func:`segment_nuclei`'s AnnData of the section's nuclei (None = segment).
+        Returns nuclei × genes: ``X`` each nucleus's ``log1p(1e4 · counts / total)``,
+        ``layers["counts"]`` its expected counts, ``obsm["spatial"]`` its centroid (px),
+        ``obs["spot"]`` its spot (NA outside), ``obs["cell_type"]``,
+        ``obs["cell_type_confidence"]`` and ``obsm[key_added + "_types"]`` with types, and
+        ``uns[key_added]["spot_expression"]``: spots × genes, the sums of their nuclei
+        (``_nucleus_level.py``). Raises InputError for a model of another type, nuclei that
+        are not an AnnData of nuclei, have none, or belong to another section.
+        """
+        from ._nucleus_level import predict_nuclei
+
+        return predict_nuclei(self, adata, image=image, nuclei=cells, **kwargs)
+
     def uncertainty_description(self) -> str:
         """One line on the uncertainty this model stores (``uns[key]["params"]["uncertainty"]``)."""
         if self.ensemble is None:

@@ -9,7 +9,11 @@ how it predicts a section's spots. :data:`MODEL_TYPES` maps the names users pass
   :data:`NETWORKS`) in an :class:`~spotlens.histology.ExpressionModel`, fitted with early
   stopping on the last training section, then refitted on all (``_fit.py``);
 - ``"ridge"``: :class:`~spotlens.histology.RidgeBaseline`, penalty and rank chosen by
-  leave-one-section-out cross-validation.
+  leave-one-section-out cross-validation;
+- ``"nucleus"``: :class:`~spotlens.histology.NucleusPredictor`, expression of every nucleus
+  whose sums over a spot's nuclei are fitted to the spot (multiple-instance); it also reads
+  the section's nuclei (:meth:`ModelType.section_inputs`) and predicts with
+  :meth:`~spotlens.histology.HistologyModel.predict_nuclei`.
 
 A new network needs its ``nn.Module`` (with ``from_config``, ``section_inputs``, ``loss``,
 ``decode``, ``uses_bank``, ``halo_hops``) and one line in :data:`NETWORKS`. Nothing here
@@ -76,6 +80,13 @@ class ModelType:
         """Graph hops a spot's prediction depends on (0: its own tile only)."""
         return 0
 
+    #: whether it reads each section's nuclei (:meth:`section_inputs`)
+    reads_nuclei: bool = False
+
+    def section_inputs(self, adata, image, nuclei, *, mpp: float, config=None) -> dict:
+        """Arrays it needs of a section besides its spot features (none by default)."""
+        return {}
+
 
 class RidgeType(ModelType):
     """``"ridge"``: PCA + ridge regression (:class:`~spotlens.histology.RidgeBaseline`)."""
@@ -128,8 +139,48 @@ class NetworkType(ModelType):
         return int(network_class(self.name).halo_hops)
 
 
+class NucleusType(ModelType):
+    """``"nucleus"``: per-nucleus expression summed to spots (:class:`NucleusPredictor`)."""
+
+    name, file, min_sections = "nucleus", "model.pt", 2
+    reads_nuclei = True
+
+    def section_inputs(self, adata, image, nuclei, *, mpp, config=None):
+        from ._nucleus_level import training_inputs
+
+        key = getattr(config, "proportions_key", None)
+        return training_inputs(adata, image, nuclei, mpp=mpp, proportions_key=key)
+
+    def fit(self, names, data, genes, *, config=None, folder=None, fingerprint="",
+            device="cpu", resume=True, progress=True, head=None):
+        from ._nucleus_fit import NucleusModelConfig, NucleusPredictor
+
+        cfg = config if isinstance(config, NucleusModelConfig) else NucleusModelConfig()
+        types = list(data[names[0]].get("types", ()))
+        if any(list(data[n].get("types", ())) != types for n in names):
+            from .._validation import InputError
+
+            raise InputError("The training sections' proportions name different cell types; "
+                             "deconvolve them with the same reference.")
+        predictor = NucleusPredictor(genes, cfg, types=types).fit(
+            {n: data[n] for n in names}, progress=progress)
+        return predictor, predictor.validation, None
+
+    def load(self, path, *, device="cpu"):
+        from ._nucleus_fit import NucleusPredictor
+
+        return NucleusPredictor.load(path, device=device)
+
+    def predict(self, predictor, features, coords, *, adjacency=None):
+        from .._validation import InputError
+
+        raise InputError("A nucleus model predicts from the section's nuclei: use "
+                         "HistologyModel.predict_nuclei (CLI: --level nucleus).")
+
+
 #: every model type, by name
 MODEL_TYPES: dict[str, ModelType] = {
     **{name: NetworkType(name) for name in NETWORKS},
     "ridge": RidgeType(),
+    "nucleus": NucleusType(),
 }

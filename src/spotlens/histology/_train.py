@@ -50,6 +50,7 @@ def train(
     resume: bool = True,
     progress: bool = True,
     n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
+    nuclei=None,
 ) -> Path:
     """Train a model of spot expression from H&E tiles and write it to a folder.
 
@@ -98,7 +99,8 @@ def train(
         genes, Moran's I) — chosen as the protocol does (:func:`select_gene_sets`:
         mitochondrial, ribosomal and housekeeping genes excluded) — or a list of gene names.
     model
-        ``"ridge"``, ``"attention"`` or ``"graph"`` (``_registry.MODEL_TYPES``). None (the
+        ``"ridge"``, ``"attention"``, ``"graph"`` or ``"nucleus"`` (each segmented nucleus's
+        expression, summed to its spot; reads ``nuclei``; ``_registry.MODEL_TYPES``). None (the
         default): ``config.model`` when a :class:`TrainConfig` is given, else ``"ridge"``.
     encoder
         Encoder name or TorchScript file for :func:`get_encoder`, or ``"colour"`` for the 25
@@ -150,6 +152,13 @@ def train(
         spread :func:`predict` stores as the per-spot, per-gene uncertainty. For ``"ridge"``
         it is the model's own bootstrap; for a network, that of a ridge readout of the same
         features. 0 = no ensemble (predictions then carry no uncertainty).
+    nuclei
+        For ``model="nucleus"``: one AnnData of nuclei per section
+        (:func:`~spotlens.histology.segment_nuclei` with ``adata=`` the section, so each
+        nucleus knows its spot), in the order of ``sections``; None = segment them here with
+        the default settings (minutes per section). ``config`` may be a
+        :class:`~spotlens.histology.NucleusModelConfig` (its ``proportions_key`` names the
+        sections' deconvolved proportions, for cell types).
 
     Returns
     -------
@@ -197,7 +206,7 @@ def train(
                        tile_scales=tile_scales, standardize=standardize, out_px=out_px,
                        config=config, cache_dir=cache_dir, device=device, seed=seed,
                        checkpoint_dir=out, resume=resume, progress=progress,
-                       n_bootstrap=n_bootstrap)
+                       n_bootstrap=n_bootstrap, nuclei=nuclei)
     out = fitted.save(out)
     logger.info("wrote %s", out)
     return out
@@ -209,7 +218,7 @@ def fit_model(sections, *, genes=DEFAULT_GENES, model: str | None = None,
               standardize: bool = DEFAULT_STANDARDIZE, out_px: int = 224, config=None, cache_dir=None,
               device: str = "cpu", seed: int = 0, checkpoint_dir=None, resume: bool = True,
               progress: bool = True,
-              n_bootstrap: int = DEFAULT_N_BOOTSTRAP) -> HistologyModel:
+              n_bootstrap: int = DEFAULT_N_BOOTSTRAP, nuclei=None) -> HistologyModel:
     """Fit a :class:`HistologyModel` in memory; the arguments are those of :func:`train`.
 
     ``checkpoint_dir`` (``train``'s ``out``): where a network writes its checkpoints and
@@ -232,6 +241,7 @@ def fit_model(sections, *, genes=DEFAULT_GENES, model: str | None = None,
     tile_scales = check_tile_scales(tile_scales)
     if checkpoint_dir is not None:
         model_dir(checkpoint_dir)
+    nuclei = _check_nuclei_list(nuclei, sections, kind)
     # everything that can be wrong with the data is refused before a tile is encoded
     names, data = prepare_sections(sections, mpp=mpp, tile_um=tile_um)
     logger.info("choosing target genes (%s)", genes if isinstance(genes, str) else "list")
@@ -256,11 +266,14 @@ def fit_model(sections, *, genes=DEFAULT_GENES, model: str | None = None,
         d.update(image=str(image.path), features=feats, coords=coords,
                  pitch_px=_featurize.spot_pitch_px(coords),
                  y=section_log_expression(adata, gene_list))
+        if kind.reads_nuclei:
+            d.update(kind.section_inputs(adata, image, nuclei[names.index(name)],
+                                         mpp=geometry.mpp, config=config))
     tiles = _tile_settings(names, data, tile_um, tile_scales, standardize or head is not None,
                            out_px)
     run_id = _run_id(names, data, gene_list, spec, tiles, model, net_config)
     predictor, validation, train_cfg = kind.fit(
-        names, data, gene_list, config=net_config, folder=folder, fingerprint=run_id,
+        names, data, gene_list, config=net_config if kind.trains_network else config, folder=folder, fingerprint=run_id,
         device=device, resume=resume, progress=progress, head=head)
     ensemble, record = _uncertainty(names, data, predictor, kind, head, n_bootstrap, seed)
     settings = ModelConfig(
@@ -288,6 +301,20 @@ def _uncertainty(names, data, predictor, kind, head, n_boot: int, seed: int):
               "block_spacings": float(DEFAULT_BLOCK_SPACINGS), "alpha": ensemble.alpha,
               "seed": int(seed)}
     return ensemble, record
+
+
+def _check_nuclei_list(nuclei, sections, kind) -> list:
+    """One AnnData of nuclei (or None) per section for a model that reads nuclei."""
+    if not kind.reads_nuclei:
+        if nuclei is not None:
+            raise InputError(f"nuclei= is read by model='nucleus' only, not {kind.name!r}.")
+        return []
+    if nuclei is None:
+        return [None] * len(sections)
+    if not isinstance(nuclei, (list, tuple)) or len(nuclei) != len(sections):
+        raise InputError("nuclei must be a list with one AnnData of nuclei (or None) per "
+                         f"section: {len(sections)} sections.")
+    return list(nuclei)
 
 
 def _check_arguments(sections, model: str):
