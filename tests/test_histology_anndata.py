@@ -206,8 +206,10 @@ def test_config_schema_round_trips_the_json_and_reads_old_folders(ridge_dir, dat
 
 
 def test_every_model_type_is_registered_in_one_place():
-    assert tuple(MODEL_TYPES) == ("attention", "graph", "ridge")
+    assert tuple(MODEL_TYPES) == ("attention", "graph", "ridge", "nucleus")
     assert MODEL_TYPES["ridge"].file == "model.npz" and not MODEL_TYPES["ridge"].trains_network
+    # the nucleus model fits its own network from nuclei, not through TrainConfig
+    assert MODEL_TYPES["nucleus"].file == "model.pt" and not MODEL_TYPES["nucleus"].trains_network
     assert all(MODEL_TYPES[k].file == "model.pt" and MODEL_TYPES[k].trains_network
                for k in ("attention", "graph"))
 
