@@ -16,7 +16,7 @@ import pytest
 sd = pytest.importorskip("spatialdata", reason="spatialdata is an optional dependency: "
                                                "pip install 'spotlens[spatialdata]'")
 
-from test_io import make_visium_hd  # noqa: E402
+from test_io import make_visium_hd, osmfish_block  # noqa: E402, F401 (a fixture)
 
 import spotlens.io as sio  # noqa: E402
 from spotlens import InputError  # noqa: E402
@@ -27,17 +27,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning
 # difference between two runs comes from what was read
 FIT = {"labels_key": "cell_type", "lambda_ridge": 0.01, "lambda_spatial": 0.1,
        "progress": False, "likelihood": "gaussian"}
-
-
-@pytest.fixture(scope="module")
-def osmfish_block():
-    from spotlens.datasets import osmfish_cortex
-
-    st, ref = osmfish_cortex()
-    xy = st.obsm["spatial"]
-    centre = xy[np.argmin(np.linalg.norm(xy - np.median(xy, axis=0), axis=1))]
-    keep = np.sort(np.argsort(np.linalg.norm(xy - centre, axis=1))[:300])
-    return st[keep].copy(), ref
 
 
 def to_spatialdata(st, *, name: str, table: str, squares: bool, image: bool = True,

@@ -190,11 +190,17 @@ def overlay(
         circles.set_alpha(alpha)
         circles.set_edgecolor("white")  # separates dark spots from dark (haematoxylin) tissue
         circles.set_linewidth(0.3)
-        ax.set_xlim(x0, x1)
-        ax.set_ylim(y1, y0)  # y down, as in the image
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(gene, fontsize="medium")
+        _frame(ax, (x0, x1, y0, y1), gene)
         ax.figure.colorbar(circles, ax=ax, label=label, shrink=0.8, aspect=25)
     return fig
+
+
+def _frame(ax, extent: tuple[float, float, float, float], title: str) -> None:
+    """Show ``extent = (x0, x1, y0, y1)`` of the image at equal aspect, y down, no ticks."""
+    x0, x1, y0, y1 = extent
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y1, y0)  # y down, as in the image
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize="medium")

@@ -9,7 +9,7 @@ from anndata import AnnData
 from .._keys import HISTOLOGY_PREDICTION_KEY, SPATIAL_KEY, prediction_std_key
 from .._metrics import pearson_columns
 from .._validation import InputError, check_coordinates
-from ._overlay import _background, _values
+from ._overlay import _background, _frame, _values
 from ._proportions import _nearest_distance, _spots
 
 #: colour scales of :func:`prediction`
@@ -252,12 +252,7 @@ def prediction(
         circles.set_alpha(alpha)
         circles.set_edgecolor("0.15")  # dark rim: a spot's edge on faded tissue
         circles.set_linewidth(0.3)
-        ax.set_xlim(x0, x1)
-        ax.set_ylim(y1, y0)  # y down, as in the image
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(name, fontsize="medium")
+        _frame(ax, (x0, x1, y0, y1), name)
         return circles
 
     sd_m, sd_p = np.nanstd(measured), np.nanstd(predicted)
