@@ -18,6 +18,10 @@ so the spot is normalised after the counts of its nuclei are added, as the measu
 The spot's capture efficiency cancels in ``ŷ``; the counts' overall scale is set after
 training (``_nucleus_fit.py``).
 
+References: Dietterich, Lathrop & Lozano-Pérez, Artif Intell 89, 31–71 (1997) (multiple-instance
+learning); Ilse, Tomczak & Welling, ICML 2018 (deep multiple-instance learning, here with a sum
+instead of attention pooling, so that nuclei add up as counts do).
+
 References
 ----------
 Ilse, Tomczak & Welling, "Attention-based deep multiple instance learning", ICML 2018,

@@ -130,6 +130,13 @@ def segment_nuclei(
         the spots lack coordinates or a diameter, the back-end is unknown or lacks its
         weights or package, or ``client`` is not a Dask client.
 
+    References
+    ----------
+    Ruifrok & Johnston, Anal Quant Cytol Histol 23, 291–299 (2001) (colour deconvolution of
+    H&E). Vincent & Soille, IEEE Trans Pattern Anal Mach Intell 13, 583–598 (1991)
+    (watershed). Stringer et al., Nat Methods 18, 100–106 (2021) (Cellpose); Schmidt et al.,
+    MICCAI 2018 (StarDist) — the optional back-ends.
+
     Examples
     --------
     >>> from spotlens.histology import count_nuclei, read_image, segment_nuclei
