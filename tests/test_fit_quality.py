@@ -302,3 +302,40 @@ def test_compiled_sums_equal_table_lookup_on_every_branch(phi):
     assert np.all(np.isfinite(dev))
     np.testing.assert_allclose(dev, ref_dev, rtol=1e-10)
     np.testing.assert_allclose(expected, ref_expected, rtol=1e-12)
+
+
+def test_small_panel_with_many_states_scores_every_spot():
+    """33 osmFISH genes, the full reference (35 cell states over 11 types): counting each
+    non-zero state as a fitted parameter would leave no degrees of freedom (the demo once
+    scored 1 of 1,036 spots); counting the types present scores every spot with counts."""
+    from spotlens.datasets import osmfish_cortex
+    from spotlens.deconv import deconvolve
+
+    spatial, reference = osmfish_cortex()
+    spatial = spatial[:300].copy()
+    deconvolve(spatial, reference, labels_key="cell_type", lambda_spatial=0.0, progress=False)
+    assert spatial.uns["proportions_spotlens"]["params"]["n_states"] > spatial.n_vars
+    score = spatial.obs["proportions_spotlens_fit_score"].to_numpy()
+    assert np.isfinite(score).all()
+    # a model the data fit: the typical spot scores about 1
+    assert 0.7 < np.median(score) < 1.5
+
+
+def test_n_parameters_replaces_the_count_of_nonzero_entries(two_depths):
+    y, x, lib, s, _ = two_depths
+    p = np.count_nonzero(x > 0, axis=1)
+    default = spot_fit_quality(y, x, s, library=lib, dispersion=0.0)[2]["expected"]
+    fewer = spot_fit_quality(y, x, s, library=lib, dispersion=0.0,
+                             n_parameters=p - 1.0)[2]["expected"]
+    np.testing.assert_allclose(fewer, default + 1.0)
+
+
+@pytest.mark.parametrize(("value", "match"), [
+    (np.ones(3), r"n_parameters has shape \(3,\)"),
+    (np.full(10, -1.0), "n_parameters contain negative"),
+    (np.full(10, np.nan), "n_parameters contain NaN"),
+])
+def test_bad_n_parameters_raise(value, match):
+    y, x, s = _small()
+    with pytest.raises(InputError, match=match):
+        spot_fit_quality(y, x, s, n_parameters=value)

@@ -43,6 +43,7 @@ def spot_fit_quality(
     signature: np.ndarray,
     *,
     library: np.ndarray | None = None,
+    n_parameters: np.ndarray | None = None,
     dispersion: float | None = None,
     n_mads: float = 3.0,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -59,8 +60,8 @@ def spot_fit_quality(
     ``d(y, µ) = 2 [y log(y/µ) − (y + r) log((y + r)/(µ + r))]``
 
     (Poisson ``2 [y log(y/µ) − (y − µ)]`` when ``φ = 0``), ``Y ~ NB(µ_ig, φ)`` and ``p_i`` the
-    number of non-zero entries of ``x_i`` (fitting them lowers the deviance by about that
-    much). A spot the model explains scores about 1 at any depth; 2 means twice the misfit
+    number of parameters fitted to the spot (``n_parameters``; by default the non-zero entries
+    of ``x_i``): fitting them lowers the deviance by about that much. A spot the model explains scores about 1 at any depth; 2 means twice the misfit
     that sampling noise explains.
 
     *Why this score.* The expected deviance of a gene is about 1 only for large means; at
@@ -108,6 +109,12 @@ def spot_fit_quality(
         about 1).
     library
         ``n_spots`` library sizes ``N_i`` (counts); ``None``: the row sums of ``counts``.
+    n_parameters
+        ``n_spots`` numbers ``p_i`` of parameters fitted to each spot; ``None``: the non-zero
+        entries of ``x_i``. When ``x`` holds several nearly collinear states per cell type,
+        the number of cell types present is the better count: on a small gene panel
+        (tens of genes) the number of non-zero states can reach the expected deviance itself
+        and leave no spot scored.
     dispersion
         NB2 dispersion ``φ ≥ 0`` (``0``: Poisson); ``None`` estimates it from all spots.
     n_mads
@@ -129,8 +136,8 @@ def spot_fit_quality(
     Raises
     ------
     InputError
-        Shapes that do not match; negative, NaN or infinite counts, compositions, signatures or
-        library sizes; ``dispersion`` not ``None`` or a finite number ≥ 0; ``n_mads`` not > 0.
+        Shapes that do not match; negative, NaN or infinite counts, compositions, signatures,
+        library sizes or ``n_parameters``; ``dispersion`` not ``None`` or a finite number ≥ 0; ``n_mads`` not > 0.
 
     References
     ----------
@@ -151,9 +158,10 @@ def spot_fit_quality(
     (True, True)
     """
     y, x, s, lib = _check_inputs(counts, x, signature, library)
+    p = _check_parameters(n_parameters, x)
     n_mads = _check_positive("n_mads", n_mads)
     if dispersion is None:
-        phi = _estimate_dispersion(y, x, s, lib)
+        phi = _estimate_dispersion(y, x, s, lib, p)
     else:
         phi = check_number(
             "dispersion", dispersion, at_least=0,
@@ -161,7 +169,7 @@ def spot_fit_quality(
         )
     grid, table, e_inf = _expected_deviance_table(phi)
     deviance, expected = _deviance_and_expectation(y, x, s, lib, phi, grid, table, e_inf)
-    expected = expected - np.count_nonzero(x > 0, axis=1)
+    expected = expected - p
     ok = (lib > 0) & (expected >= 1.0)
     score = np.full(y.shape[0], np.nan)
     score[ok] = deviance[ok] / expected[ok]
@@ -187,6 +195,17 @@ def spot_fit_quality(
 
 def _check_positive(name: str, value) -> float:
     return check_number(name, value, above=0)
+
+
+def _check_parameters(n_parameters, x: np.ndarray) -> np.ndarray:
+    if n_parameters is None:
+        return np.count_nonzero(x > 0, axis=1)
+    p = _as_float_array(n_parameters, "n_parameters", 1)
+    if p.shape != (x.shape[0],):
+        raise InputError(f"n_parameters has shape {p.shape}; it needs one number per spot "
+                         f"({x.shape[0]},).")
+    _check_finite_nonneg(p, "n_parameters")
+    return p
 
 
 def _check_finite_nonneg(values: np.ndarray, what: str) -> None:
@@ -360,7 +379,7 @@ def _blocks(n: int):
         yield start, min(n, start + _BLOCK)
 
 
-def _estimate_dispersion(y: sparse.csr_matrix, x, s, lib) -> float:
+def _estimate_dispersion(y: sparse.csr_matrix, x, s, lib, p) -> float:
     """``φ`` at which the median score over spots is 1 (0 if it is at most 1 at ``φ = 0``).
 
     The score is decreasing in ``φ`` (the deviance falls, its expectation rises from 1 towards
@@ -373,14 +392,13 @@ def _estimate_dispersion(y: sparse.csr_matrix, x, s, lib) -> float:
     m = min(n, _DISPERSION_SPOTS, max(100, _DISPERSION_CELLS // max(g, 1)))
     rows = np.sort(np.random.default_rng(0).choice(n, size=m, replace=False)) if m < n else (
         np.arange(n))
-    keep = lib[rows] > 0
-    rows = rows[keep]
+    rows = rows[lib[rows] > 0]
     if rows.size == 0:
         return 0.0
     mu = lib[rows, None] * (x[rows] @ s)
     yy = y[rows].toarray()
     safe = np.maximum(mu, _MU_FLOOR)
-    p = np.count_nonzero(x[rows] > 0, axis=1)
+    p = p[rows]
 
     lookup = _row_lookup(mu)
     ylog = _y_log_y_over_mu(yy, safe)

@@ -347,9 +347,12 @@ def score_fit(model: _Model, x_states: np.ndarray, fit_quality, n_spots: int, ke
         fit_quality = n_spots <= FIT_QUALITY_MAX_SPOTS
     score, flag, info = np.full(n_spots, np.nan), np.zeros(n_spots, bool), {}
     if fit_quality:
+        # states of one type are nearly collinear: count the types present as the
+        # parameters fitted, or a small panel leaves no degrees of freedom to score
+        types_present = np.asarray((model.to_types.T @ (x_states > 0).T).T > 0).sum(axis=1)
         score, flag, info = spot_fit_quality(
             model.y, x_states, model.sig.states.to_numpy() / model.mean_lib,
-            library=model.library,
+            library=model.library, n_parameters=types_present,
         )
     if flag.any():
         logger.warning(
