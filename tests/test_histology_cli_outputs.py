@@ -196,6 +196,35 @@ def test_predict_manifest_refusal_and_overwrite(model, folder, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["predicted.h5ad", MANIFEST]  # PNGs gone
 
 
+def test_predict_report_shows_the_predicted_genes_and_their_sd(model, folder, tmp_path):
+    import anndata as ad
+    from test_report import payload
+
+    out = tmp_path / "pred"
+    result = predict(folder, model, out, "--mpp", "1", "--report")
+    assert result.exit_code == 0, result.output
+    assert list(listed(out)) == ["predicted.h5ad", "report.html"]
+    assert manifest(out)["complete"] is True
+    assert sorted(p.name for p in out.iterdir()) == ["predicted.h5ad", "report.html", MANIFEST]
+    data = payload(out / "report.html")
+    genes = [layer["name"] for layer in data["layers"] if layer["group"] == "predicted genes"]
+    assert genes == ["TUM", "STR", "G02"]  # the model's genes, in its order
+    assert [layer["std_of"] for layer in data["layers"]
+            if layer["group"] == "uncertainty (s.d.)"] == genes
+    predicted = ad.read_h5ad(out / "predicted.h5ad")
+    assert data["spots"]["n"] == predicted.n_obs and data["blank"] is False
+    assert "tiles" in data["image"]  # a small image: embedded
+    (command,) = [s for s in data["params"] if s["title"] == "run"]
+    assert dict(command["rows"])["command"] == "spotlens histology predict"
+    # a rerun without --report replaces the page with nothing
+    again = predict(folder, model, out, "--mpp", "1", "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in out.iterdir()) == ["predicted.h5ad", MANIFEST]
+    nuclei = predict(folder, model, tmp_path / "n", "--level", "nucleus", "--report")
+    assert nuclei.exit_code == 2 and "--level spot" in error_line(nuclei)
+    assert not (tmp_path / "n").exists()
+
+
 def test_evaluate_manifest_refusal_and_overwrite(model, folder, tmp_path):
     out = tmp_path / "scores"
     result = evaluate(folder, model, "-o", out)

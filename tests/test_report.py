@@ -206,11 +206,96 @@ def test_cli_report_of_an_output_folder(tmp_path, osmfish_run):
     assert res.exit_code == 0, res.output
     data = payload(tmp_path / "report.html")
     assert data["cells"]["n"] == cells.n_obs and data["title"].endswith(tmp_path.name)
+    res = CliRunner().invoke(app, ["report", str(tmp_path), "--tiles", "beside"])
+    assert res.exit_code == 2 and "tiles must be one of auto, embed, folder" in res.output
     res = CliRunner().invoke(app, ["report", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "is not a folder" in res.output
     (tmp_path / "empty").mkdir()
     res = CliRunner().invoke(app, ["report", str(tmp_path / "empty")])
     assert res.exit_code == 2 and "holds no spotlens results" in res.output
+
+
+# -- a large image: tiles in a folder beside the page -----------------------------------------
+
+def big_image(width: int = 5000, height: int = 3000) -> np.ndarray:
+    """Magenta tissue with a green band on the right (to tell tiles apart)."""
+    pixels = np.empty((height, width, 3), np.uint8)
+    pixels[...] = (230, 60, 200)
+    pixels[:, width - 1000:] = (40, 200, 60)
+    return pixels
+
+
+def expected_tiles(width: int, height: int, tile: int = 256) -> dict[int, tuple[int, int]]:
+    """``{level: (columns, rows)}`` of the Deep Zoom pyramid, from its definition."""
+    top = int(np.ceil(np.log2(max(width, height))))
+    out = {}
+    for level in range(top, -1, -1):
+        w, h = (int(np.ceil(side / 2 ** (top - level))) for side in (width, height))
+        out[level] = (int(np.ceil(w / tile)), int(np.ceil(h / tile)))
+        if max(w, h) <= tile:
+            break
+    return out
+
+
+def test_tiles_in_a_folder_follow_the_deep_zoom_layout(tmp_path, monkeypatch):
+    from PIL import Image
+
+    adata = prediction_adata(image=False)
+    slide = spotlens.io.SlideImage.from_array(big_image())
+    bands = []
+    read = slide.read_region
+    monkeypatch.setattr(slide, "read_region",
+                        lambda x0, y0, w, h: bands.append(h) or read(x0, y0, w, h))
+    path = tmp_path / "pred.html"
+    spotlens.pl.report(adata, path, image=slide, tiles="folder")
+    assert max(bands) <= 256 and sum(bands) == 3000  # read band by band, never whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.html", "pred_files"]
+    image = payload(path)["image"]
+    assert image["folder"] == "pred_files" and "tiles" not in image  # a relative path
+    assert (image["width"], image["height"], image["max_level"]) == (5000, 3000, 13)
+    folder = tmp_path / "pred_files"
+    want = expected_tiles(5000, 3000)
+    assert {int(p.name) for p in folder.iterdir()} == set(want) == set(
+        range(image["min_level"], image["max_level"] + 1))
+    for level, (cols, rows) in want.items():
+        names = {p.name for p in (folder / str(level)).iterdir()}
+        assert names == {f"{c}_{r}.jpg" for c in range(cols) for r in range(rows)}, level
+    assert want[13] == (20, 12) and want[8] == (1, 1)
+    with Image.open(folder / "13" / "19_11.jpg") as corner:
+        assert corner.format == "JPEG" and corner.size == (5000 - 19 * 256, 3000 - 11 * 256)
+        assert np.abs(np.asarray(corner, int)[50, 50] - (40, 200, 60)).max() < 12  # green
+    with Image.open(folder / "13" / "0_0.jpg") as first:
+        assert np.abs(np.asarray(first, int)[9, 9] - (230, 60, 200)).max() < 12
+    with Image.open(folder / "8" / "0_0.jpg") as whole:
+        assert whole.size == (157, 94)
+    assert path.stat().st_size < 2e6  # the page holds no tiles
+
+
+def test_auto_tiles_rewrite_replace_and_refuse(tmp_path):
+    adata = prediction_adata(image=False)
+    path = tmp_path / "r.html"
+    pixels = big_image(900, 500)
+    spotlens.pl.report(adata, path, image=pixels, max_image_side=512)  # auto: too large
+    assert payload(path)["image"]["folder"] == "r_files"
+    assert {p.name for p in (tmp_path / "r_files").iterdir()} == {"8", "9", "10"}
+    # a rewrite replaces the folder whole (no tiles of the earlier pyramid left)
+    spotlens.pl.report(adata, path, image=pixels[:300, :300], tiles="folder")
+    assert {p.name for p in (tmp_path / "r_files").iterdir()} == {"8", "9"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "r_files"]
+    # an image that fits is embedded, and the earlier tile folder goes
+    spotlens.pl.report(adata, path, image=pixels)
+    assert "tiles" in payload(path)["image"] and "folder" not in payload(path)["image"]
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"]
+    # a folder of that name holding anything else is left alone, and nothing is written
+    (tmp_path / "r_files").mkdir()
+    (tmp_path / "r_files" / "notes.txt").write_text("mine")
+    before = path.read_bytes()
+    with pytest.raises(InputError, match="not the tile folder of an earlier report"):
+        spotlens.pl.report(adata, path, image=pixels, tiles="folder")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "r_files"]
+    with pytest.raises(InputError, match="tiles must be one of auto, embed, folder"):
+        spotlens.pl.report(adata, path, tiles="beside")
 
 
 # -- what a browser shows --------------------------------------------------------------------
@@ -313,3 +398,16 @@ def test_100k_spots_draw_quickly_in_a_browser(tmp_path):
     assert "error" not in body, body["error"]
     assert int(body["spots-drawn"]) == 100_000
     assert seconds < 60, f"{seconds:.1f} s"
+
+
+@pytest.mark.slow
+def test_a_report_with_a_tile_folder_renders_the_image(tmp_path):
+    path = tmp_path / "big.html"
+    spotlens.pl.report(prediction_adata(), path, image=big_image(), tiles="folder")
+    body = body_data(browse(path, tmp_path, hash="#selftest"))
+    assert "error" not in body, body["error"]
+    assert int(body["tiles-loaded"]) >= 1 and "tiles-failed" not in body
+    shot = tmp_path / "shot.png"
+    browse(path, tmp_path, screenshot=shot)
+    viewer = screenshot_pixels(shot)[40:, :900]
+    assert near(viewer, "#e63cc8") > 5000  # the magenta tissue, read from the folder

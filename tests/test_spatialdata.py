@@ -207,6 +207,46 @@ def test_table_choice_and_bad_input_say_what_to_pass(tmp_path, osmfish_block):
         sio.write_spatialdata(st, sdata)
 
 
+def test_repeated_gene_names_are_made_unique_with_a_warning(tmp_path, osmfish_block, caplog):
+    """As read_spatial does for an .h5ad: NAME-1, NAME-2, ... and a warning naming them."""
+    import logging
+
+    st, _ = osmfish_block
+    st = st[:30].copy()
+    st.uns["spatial"] = {"lib": {"scalefactors": {"spot_diameter_fullres": 50.0}}}
+    genes = list(st.var_names)
+    genes[1] = genes[2] = genes[3] = genes[0]  # one symbol four times (10x matrices repeat some)
+    genes[5] = genes[4]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Variable names are not unique")
+        st.var_names = genes
+        sdata = to_spatialdata(st, name="spots", table="table", squares=False, image=False)
+        store = write_store(sdata, tmp_path / "dup.zarr")
+    with caplog.at_level(logging.WARNING, logger="spotlens"):
+        got = sio.read_spatial(store)
+    assert got.var_names.is_unique
+    assert list(got.var_names[:6]) == [genes[0], f"{genes[0]}-1", f"{genes[0]}-2",
+                                       f"{genes[0]}-3", genes[4], f"{genes[4]}-1"]
+    assert list(got.var_names[6:]) == genes[6:]
+    np.testing.assert_array_equal(np.asarray(got.X.todense() if hasattr(got.X, "todense")
+                                             else got.X),
+                                  np.asarray(st.X.todense() if hasattr(st.X, "todense")
+                                             else st.X))  # columns kept, in order
+    (warned,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned.startswith("dup.zarr, table 'table': 2 gene names occur more than once")
+    assert "the 4 repeats were renamed NAME-1" in warned and genes[0] in warned
+    # an object in memory (never written): the same renaming; its table is left as it is
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Variable names are not unique")
+        fresh = to_spatialdata(st, name="spots", table="table", squares=False, image=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spotlens"):
+        again = sio.read_spatialdata(fresh)
+    assert list(again.var_names) == list(got.var_names)
+    assert list(fresh.tables["table"].var_names) == genes
+    assert "SpatialData, table 'table': 2 gene names" in caplog.text
+
+
 def test_cli_deconvolve_reads_a_store(hd, tmp_path):
     from typer.testing import CliRunner
 

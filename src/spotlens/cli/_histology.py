@@ -38,6 +38,8 @@ TRAIN_OUTPUTS = ("config.json", "model.pt", "model.npz", "uncertainty.npz", "che
 EVALUATE_OUTPUTS = ("evaluation.csv", "pearson_per_gene.csv")
 #: Besides OUT/<gene>.png for each --plot-genes (listed in the manifest).
 PREDICT_OUTPUTS = ("predicted.h5ad",)
+#: Written by 'predict --report' (a larger image's tiles beside it, in OUT/report_files/).
+PREDICT_REPORT = "report.html"
 
 histology_app = typer.Typer(
     name="histology",
@@ -359,6 +361,12 @@ def predict_command(
     encoder_weights: MovedWeightsOption = None,
     cache_dir: CacheOption = None,
     device: DeviceOption = "cpu",
+    report: Annotated[bool, typer.Option(
+        "--report/--no-report",
+        help="Also write OUT/report.html: one page (no server, no network) with the image, "
+             "the predicted genes and their s.d. over it; open it in a browser. An image "
+             "larger than 4096 px keeps its full resolution in OUT/report_files/ beside it.")
+    ] = False,
     overwrite: OverwriteOption = False,
     progress: ProgressOption = True,
     quiet: QuietOption = False,
@@ -370,6 +378,7 @@ def predict_command(
 
     X holds predicted log-normalised expression; obsm['spatial'] the spot centres in
     full-resolution px; uns['spatial'] a thumbnail and scale factors (sc.pl.spatial works).
+    With --report also OUT/report.html (as 'spotlens report OUT' writes it).
     OUT/spotlens_run.json, written last, records the run.
 
     Example: spotlens histology predict -m her2st_model -i C6_HE_fullres.jpg --mpp 0.684
@@ -385,7 +394,10 @@ def predict_command(
         check_device(device)
         if level not in ("spot", "nucleus"):
             raise InputError(f"--level must be 'spot' or 'nucleus', got {level!r}.")
-        known = NUCLEUS_OUTPUTS if level == "nucleus" else PREDICT_OUTPUTS
+        if report and level == "nucleus":
+            raise InputError("--report shows the spot grid of --level spot; leave it out with "
+                             "--level nucleus.")
+        known = NUCLEUS_OUTPUTS if level == "nucleus" else (*PREDICT_OUTPUTS, PREDICT_REPORT)
         with output_folder(out, known=known, overwrite=overwrite) as run:
             run.add_input("model", model)
             run.add_input("image", image)
@@ -410,13 +422,26 @@ def predict_command(
                 result = predict_image(fitted, image, mpp=mpp, spacing_um=spacing_um,
                                        cache_dir=cache_dir, device=device,
                                        progress=progress)
-                run.start_writing([*PREDICT_OUTPUTS, *pngs])
+                run.start_writing([*PREDICT_OUTPUTS, *pngs,
+                                   *([PREDICT_REPORT] if report else [])])
                 run.write("predicted.h5ad", lambda path: write_h5ad(result, path))
             for name, gene in pngs.items():
                 fig = overlay(result, [gene], label="predicted log-normalised expression")
                 run.write(name, lambda path, fig=fig: save_figure(fig, path))
+            if report:
+                run.write(PREDICT_REPORT, lambda path: _report(run, result, image, path))
             manifest = run.finish()
         _echo_written(run, manifest)
+
+
+def _report(run, result, image: Path, path: Path) -> None:
+    """Write the HTML report of a prediction over its full-resolution image (atomically)."""
+    from ..pl import report
+
+    facts = {"command": run.command, **{f"input: {name}": entry.get("path")
+                                        for name, entry in run.inputs.items()}}
+    report(result, path, image=image, run=facts,
+           title=f"spotlens report — {run.folder.resolve().name}")
 
 
 def _safe(name: str) -> str:

@@ -44,6 +44,11 @@ def report_command(
         min=1, help="Most predicted genes shown without --genes.")] = 24,
     max_image_side: Annotated[int, typer.Option(
         min=256, metavar="PX", help="Longest side of the embedded image.")] = 4096,
+    tiles: Annotated[str, typer.Option(
+        metavar="auto|embed|folder",
+        help="Where the image's tiles go: in the page (reduced to --max-image-side), or at "
+             "full resolution in a folder beside it (<report stem>_files/); 'auto': the "
+             "folder for an image larger than --max-image-side.")] = "auto",
     quiet: QuietOption = False,
 ) -> None:
     """Write OUT/report.html: the results over the tissue, to open in a browser.
@@ -74,7 +79,8 @@ def report_command(
         chosen = [g.strip() for g in genes.split(",") if g.strip()] if genes else None
         target = output.expanduser() if output is not None else folder / "report.html"
         report(adata, target, key=proportions_key(), cells=cells, image=image, genes=chosen,
-               max_genes=max_genes, max_image_side=max_image_side, run=_facts(folder),
+               max_genes=max_genes, max_image_side=max_image_side, tiles=tiles,
+               run=_facts(folder),
                title=f"spotlens report — {folder.resolve().name}")
         typer.echo(f"wrote {target}")
 

@@ -90,7 +90,9 @@ def _open(sdata):
         raise InputError(f"The SpatialData store {path} does not exist (expected a .zarr "
                          "folder written by spatialdata or spatialdata-io).")
     try:
-        return sd.read_zarr(path)
+        with warnings.catch_warnings():  # repeated gene names are fixed (and reported) later
+            warnings.filterwarnings("ignore", message="Variable names are not unique")
+            return sd.read_zarr(path)
     except Exception as err:  # noqa: BLE001 - zarr/ome-zarr raise many types
         raise InputError(f"Could not read {path} as a SpatialData store ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else 'no details'}).") from err
@@ -289,6 +291,8 @@ def read_spatialdata(
     -------
     ``n_obs × n_genes`` AnnData: a copy of the table (``X``, layers, ``obs``, ``var``,
     ``uns["spatialdata_attrs"]`` kept, so :func:`write_spatialdata` annotates the same region),
+    repeated gene names made unique as :func:`read_spatial` does for ``.h5ad`` files (NAME-1,
+    NAME-2, ..., with a logged warning naming them; the first copy keeps the name),
     ``obsm[spatial_key]`` = centroids ``(x, y)`` in coordinate-system units (full-resolution
     px for spatialdata-io's Visium readers), ``uns["spatial"][library_id]`` =
     ``{"scalefactors": {"spot_diameter_fullres" (circles: 2 × radius; square bins: side;
@@ -316,8 +320,15 @@ def read_spatialdata(
     present = [r for r in regions if r in sdata]
     system = _coordinate_system(sdata, present or regions, coordinate_system)
     xy, diameter = _centroids(sdata, table, regions, region_key, instance_key, system)
-    adata = table.copy()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Variable names are not unique")
+        adata = table.copy()
     adata.obs_names_make_unique()
+    from ._read import _make_var_names_unique  # _read imports this module at load
+
+    store = getattr(sdata, "path", None)  # where it was read from; None for one in memory
+    where = Path(store).name if store else "SpatialData"
+    _make_var_names_unique(adata, Path(f"{where}, table {name!r}"))  # names it in the warning
     adata.obsm[spatial_key] = xy
     library_id = library_id or (regions[0] if len(regions) == 1 else name)
     scalefactors: dict[str, float] = {}

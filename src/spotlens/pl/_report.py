@@ -1,10 +1,11 @@
 """A self-contained HTML report: the tissue as a zoomable pyramid with the results on top.
 
 One file, no server and no network: the viewer (OpenSeadragon, BSD-3-Clause, vendored in
-``report_assets/`` with its licence), the script drawing the spots, the data and the image
-tiles are all inlined. Spots are drawn on a canvas over the image, one path per colour, and
-the hover read-out finds the spot under the pointer through a grid index, so 100,000 spots
-stay interactive.
+``report_assets/`` with its licence), the script drawing the spots, the data and (for an image
+that fits ``max_image_side``) the image tiles are all inlined; a larger image's tiles go to a
+folder beside the file (``tiles=``). Spots are drawn on a canvas over the image, one path per
+colour, and the hover read-out finds the spot under the pointer through a grid index, so
+100,000 spots stay interactive.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from importlib import resources
+from contextlib import nullcontext
 from os import PathLike
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 from anndata import AnnData
@@ -38,10 +41,12 @@ from ._report_layers import (
     sections,
     to_json,
 )
-from ._report_tiles import pyramid, to_uint8
+from ._report_tiles import folder_for, pyramid, remove_stale, tile_folder, to_uint8
 
 #: Longest side, px, of the pyramid's bottom level when the report has no image.
 BLANK_SIDE = 2048
+#: Where the image tiles go: ``tiles=`` of :func:`report`.
+TILE_MODES = ("auto", "embed", "folder")
 _ASSETS = ("report.html", "report.css", "openseadragon.min.js", "report.js")
 
 
@@ -57,6 +62,7 @@ def report(
     genes: Sequence[str] | None = None,
     max_genes: int = 24,
     max_image_side: int = 4096,
+    tiles: str = "auto",
     title: str | None = None,
     run: Mapping | None = None,
 ) -> None:
@@ -70,9 +76,14 @@ def report(
     explains the colours; hovering a spot reads out its name, coordinates, proportions, flags
     and the layer's value. The run's parameters and QC summary are in the side panel.
 
-    The image is embedded as a Deep Zoom pyramid of 256 px JPEG tiles (about 5 MB for a
-    4096 px image); without an image the spots are drawn on a blank canvas in the same
-    coordinates.
+    The image is a Deep Zoom pyramid of 256 px JPEG tiles (``tiles=``): embedded in the file,
+    reduced to ``max_image_side`` px (about 5 MB for a 4096 px image), or, for a larger image,
+    at full resolution in a folder beside the file,
+    ``<report stem>_files/<level>/<col>_<row>.jpg`` (the Deep Zoom layout; the page refers to
+    it by a relative path, so keep the two together when moving them). Tiles are made band by
+    band: a 100,000 px slide is never held whole in memory (a TIFF/SVS is read region by
+    region; a JPEG/PNG is decoded whole). Without an image the spots are drawn on a blank
+    canvas in the same coordinates (always embedded).
 
     Parameters
     ----------
@@ -101,7 +112,14 @@ def report(
     max_genes
         Most predicted genes shown when ``genes`` is None.
     max_image_side
-        Longest side, px, of the embedded image (a larger one is reduced).
+        Longest side, px, of an embedded image (a larger one is reduced).
+    tiles
+        Where the image's tiles go. ``"embed"``: inside the HTML file, the image reduced to
+        ``max_image_side``. ``"folder"``: at full resolution in ``<report stem>_files/`` beside
+        the file. ``"auto"``: ``"folder"`` when the image's longest side exceeds
+        ``max_image_side``, else ``"embed"``. The folder is written atomically (into a
+        temporary folder, then renamed) and replaces an earlier report's tile folder; an
+        embedded report removes an earlier report's tile folder of its name.
     title
         Page title; ``None``: "spotlens report — <library>".
     run
@@ -112,8 +130,9 @@ def report(
     InputError
         ``adata`` is not an AnnData, has no valid coordinates, or holds neither proportions
         (``obsm[key]``) nor a histology prediction; ``genes`` names genes not predicted;
-        ``max_genes``/``max_image_side`` are not positive integers; ``cells`` lacks
-        coordinates or ``obs["cell_type"]``.
+        ``max_genes``/``max_image_side`` are not positive integers; ``tiles`` is not one of
+        ``"auto"``, ``"embed"``, ``"folder"``; the tile folder exists and is not an earlier
+        report's; ``cells`` lacks coordinates or ``obs["cell_type"]``.
 
     Examples
     --------
@@ -121,18 +140,26 @@ def report(
     >>> spatial, reference = spotlens.datasets.osmfish_cortex()
     >>> spotlens.deconv.deconvolve(spatial, reference, progress=False)  # doctest: +SKIP
     >>> spotlens.pl.report(spatial, "report.html")  # doctest: +SKIP
+    >>> spotlens.pl.report(spatial, "report.html", image="slide.svs",
+    ...                    tiles="folder")  # doctest: +SKIP
     """
     if not isinstance(adata, AnnData):
         raise InputError(f"report needs an AnnData object, got {type(adata).__name__}.")
     check_coordinates(adata, spatial_key)
     check_int("max_genes", max_genes, minimum=1)
     check_int("max_image_side", max_image_side, minimum=16)
+    if tiles not in TILE_MODES:
+        raise InputError(f"tiles must be one of {', '.join(TILE_MODES)}, got {tiles!r}.")
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise InputError(f"The report is an HTML file; name it .html, got {path.name}.")
     layers = _spot_layers(adata, key, genes, max_genes)
     xy = np.asarray(adata.obsm[spatial_key], dtype=float)
     library, entry = _library(adata, library_id)
     scalefactors = dict(entry.get("scalefactors", {}) or {}) if entry else {}
     diameter = float(scalefactors.get("spot_diameter_fullres") or _nearest_distance(xy))
-    pixels, scale, origin = _background(adata, image, library_id, xy, diameter, max_image_side)
+    pixels, scale, origin, beside = _background(adata, image, library_id, xy, diameter,
+                                                max_image_side, tiles)
     px = (xy - origin) * scale
     payload = {
         "title": title or f"spotlens report — {library or 'spots'}",
@@ -141,11 +168,20 @@ def report(
                   "diameter": diameter * scale, "scale": scale, "origin": list(map(float, origin)),
                   "shape": "square" if "bin_size_um" in scalefactors else "circle"},
         "layers": layers, "luts": luts(),
-        "image": pyramid(pixels), "blank": image is None and not _has_image(entry),
+        "blank": image is None and not _has_image(entry),
         "cells": _cells(cells, adata, key, origin, scale, diameter),
         "params": sections(adata, key, run), "qc": qc_summary(adata, key),
     }
-    _write(Path(path), payload)
+    folder = folder_for(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tile_folder(pixels, folder) if beside else nullcontext((None, None)) as (info, commit):
+        if beside:  # the page finds its tiles by a relative URL
+            payload["image"] = {**info, "folder": quote(folder.name), "format": "jpg"}
+        else:
+            payload["image"] = pyramid(pixels)
+        _write(path, payload, before_rename=commit)
+    if not beside:
+        remove_stale(folder)
 
 
 def _spot_layers(adata: AnnData, key: str, genes, max_genes: int) -> list[dict]:
@@ -176,11 +212,18 @@ def _has_image(entry: dict | None) -> bool:
     return any(name in images for name in ("hires", "lowres"))
 
 
-def _background(adata, image, library_id, xy, diameter, max_side):
-    """``(H × W × 3 uint8, image px per coordinate unit, coordinate origin)``."""
+def _background(adata, image, library_id, xy, diameter, max_side, tiles):
+    """``(image, image px per coordinate unit, coordinate origin, tiles in a folder?)``.
+
+    ``image`` is an ``H × W × 3`` uint8 array, or the SlideImage itself (read band by band)
+    when its tiles go to a folder.
+    """
     if image is not None:
-        pixels, scale = as_slide_image(image).thumbnail(max_side)
-        return to_uint8(pixels), float(scale), np.zeros(2)
+        slide = as_slide_image(image)
+        if tiles == "folder" or (tiles == "auto" and max(slide.shape) > max_side):
+            return slide, 1.0, np.zeros(2), True
+        pixels, scale = slide.thumbnail(max_side)
+        return to_uint8(pixels), float(scale), np.zeros(2), False
     _, entry = _library(adata, library_id)
     scalefactors = dict(entry.get("scalefactors", {}) or {}) if entry else {}
     images = entry.get("images", {}) if entry else {}
@@ -189,16 +232,17 @@ def _background(adata, image, library_id, xy, diameter, max_side):
         if name in images and factor is not None:
             pixels = to_uint8(np.asarray(images[name]))
             scale = float(factor)
-            if max(pixels.shape[:2]) > max_side:
+            beside = tiles == "folder" or (tiles == "auto" and max(pixels.shape[:2]) > max_side)
+            if max(pixels.shape[:2]) > max_side and not beside:
                 pixels, shrink = as_slide_image(pixels).thumbnail(max_side)
                 scale *= float(shrink)
-            return pixels, scale, np.zeros(2)
+            return pixels, scale, np.zeros(2), beside
     pad = diameter
     lo = np.nanmin(xy, axis=0) - pad
     extent = np.maximum(np.nanmax(xy, axis=0) + pad - lo, 1e-9)
     scale = BLANK_SIDE / float(extent.max())
     shape = np.maximum(np.ceil(extent * scale).astype(int), 1)
-    return np.full((shape[1], shape[0], 3), 250, dtype=np.uint8), scale, lo
+    return np.full((shape[1], shape[0], 3), 250, dtype=np.uint8), scale, lo, False
 
 
 def _cells(cells, adata, key, origin, scale, diameter) -> dict | None:
@@ -226,9 +270,8 @@ def _asset(name: str) -> str:
     return resources.files("spotlens.pl").joinpath("report_assets", name).read_text("utf-8")
 
 
-def _write(path: Path, payload: dict) -> None:
-    if path.suffix.lower() not in (".html", ".htm"):
-        raise InputError(f"The report is an HTML file; name it .html, got {path.name}.")
+def _write(path: Path, payload: dict, *, before_rename=None) -> None:
+    """Write the page atomically; ``before_rename()`` (the tiles' commit) runs just before."""
     template, css, viewer, script = (_asset(name) for name in _ASSETS)
     for name, text in (("openseadragon.min.js", viewer), ("report.js", script)):
         if "</script" in text.lower():
@@ -240,9 +283,10 @@ def _write(path: Path, payload: dict) -> None:
     if missing:
         raise InputError(f"report_assets/report.html lacks {sorted(missing)}.")
     html = "".join(parts.get(piece, piece) for piece in pieces)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(html, encoding="utf-8")
+        if before_rename is not None:
+            before_rename()
 
 
 def _escape(text: str) -> str:

@@ -143,6 +143,8 @@
       width: IMG.width, height: IMG.height, tileSize: IMG.tile_size, tileOverlap: 0,
       minLevel: IMG.min_level, maxLevel: IMG.max_level,
       getTileUrl: function (level, x, y) {
+        // tiles beside the page (a large image): <stem>_files/<level>/<col>_<row>.jpg, relative
+        if (IMG.folder) return IMG.folder + "/" + level + "/" + x + "_" + y + "." + IMG.format;
         var rows = IMG.tiles[String(level)];
         return rows && rows[y] && rows[y][x] ? "data:image/jpeg;base64," + rows[y][x] : "";
       },
@@ -160,6 +162,8 @@
     gestureSettingsMouse: { clickToZoom: false, dblClickToZoom: true }
   });
   viewer.addHandler("tile-loaded", function () { body.dataset.tilesLoaded = String(++tilesLoaded); });
+  var tilesFailed = 0;  // e.g. a tile folder not kept beside the page
+  viewer.addHandler("tile-load-failed", function () { body.dataset.tilesFailed = String(++tilesFailed); });
 
   var canvas = el("canvas", { "class": "spots-canvas" });
   var ctx = canvas.getContext("2d");
