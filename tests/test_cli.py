@@ -199,6 +199,31 @@ def test_cells_per_spot_column_sets_the_cells_placed(data, tmp_path):
     np.testing.assert_array_equal(placed.to_numpy(), st.obs["n_nuclei"].to_numpy())
 
 
+def test_cells_per_spot_number_is_the_mean_cells_placed(data, tmp_path):
+    spatial, reference = data
+    out = tmp_path / "out"
+    result = run("deconvolve", "-s", spatial, "-r", reference, "-o", out, "--cell-level",
+                 "--cells-per-spot", "3", *FAST)
+    assert result.exit_code == 0, result.output
+    params = ad.read_h5ad(out / "spatial.h5ad").uns["cell_weights_spotlens"]["params"]
+    assert params["cells_per_spot"] == 3.0
+    assert params["capture_ratio_from"] == "mean cells per spot"
+    cells = ad.read_h5ad(out / "cells.h5ad")
+    per_spot = cells.obs.groupby("spot", observed=False).size()
+    assert per_spot.mean() == pytest.approx(3.0, abs=0.3)
+
+
+def test_cells_per_spot_zero_exits_2_before_fitting(data, tmp_path):
+    spatial, reference = data
+    out = tmp_path / "out"
+    result = run("deconvolve", "-s", spatial, "-r", reference, "-o", out, "--cell-level",
+                 "--cells-per-spot", "0", *FAST)
+    assert result.exit_code == 2
+    assert "must be a finite number > 0" in result.stderr
+    assert "stage 1/5" not in result.stderr
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("column", "values", "message"),
     [

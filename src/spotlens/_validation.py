@@ -6,6 +6,7 @@ Every error names the problem and the fix; none of these helpers modifies its in
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Number
 
 import numpy as np
 import pandas as pd
@@ -406,6 +407,32 @@ def check_coordinates(adata: AnnData, spatial_key: str) -> np.ndarray:
             "position."
         )
     return coords
+
+
+def check_cells_per_spot_mode(value) -> str:
+    """Which way ``cell_level(cells_per_spot=value)`` counts cells.
+
+    Returns ``"library"`` (``None``), ``"estimate"``, ``"prior"`` (a finite number > 0) or
+    ``"column"`` (any other string: an ``obs`` column, checked by
+    :func:`check_cells_per_spot`).
+
+    Raises
+    ------
+    InputError
+        A number that is not finite and > 0, a bool, or another type.
+    """
+    if value is None:
+        return "library"
+    if isinstance(value, str):
+        return "estimate" if value == "estimate" else "column"
+    if isinstance(value, bool | np.bool_) or not isinstance(value, Number):
+        raise InputError(
+            f"cells_per_spot must be None, 'estimate', a mean number of cells per spot or an "
+            f"obs column name, got {value!r} ({type(value).__name__})."
+        )
+    check_number("cells_per_spot", value, above=0,
+                 expected="a finite number > 0 (the mean number of cells per spot)")
+    return "prior"
 
 
 def check_cells_per_spot(spatial: AnnData, column: str) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .._keys import cell_counts_key, cell_weights_key, proportions_key
-from .._validation import InputError, check_cells_per_spot
+from .._validation import InputError, check_cells_per_spot, check_cells_per_spot_mode
 from ._common import (
     EXIT_FAILURE,
     DeviceOption,
@@ -215,9 +215,11 @@ def deconvolve_command(
         show_default=False)] = None,
     cell_level: CellLevelOption = False,
     cells_per_spot: Annotated[str | None, typer.Option(
-        metavar="COLUMN",
-        help="With --cell-level: obs column of the spatial data with a known number of cells "
-             "(e.g. nuclei) per spot [default: estimated from the counts].",
+        metavar="COLUMN|estimate|N",
+        help="With --cell-level: how many cells a spot holds. An obs column with known counts "
+             "(e.g. nuclei); 'estimate': from how far spots scatter around the fit (for "
+             "assays that capture less than the reference, e.g. Visium); a number N: the mean "
+             "cells per spot (prior) [default: library size over the reference cells'].",
         show_default=False)] = None,
     n_candidates: Annotated[int | None, typer.Option(
         min=1, metavar="INT",
@@ -274,7 +276,8 @@ def deconvolve_command(
                   read_spatialdata(spatial, table_key=table, spatial_key=spatial_key))
             run.add_input("spatial", spatial, adata=st)
             st, layer = _counts_in_raw(st, layer, what="spatial data", flag="--layer")
-            if cells_per_spot is not None:  # fail before the long type-level fit
+            cells_per_spot = _cells_per_spot_arg(cells_per_spot)
+            if check_cells_per_spot_mode(cells_per_spot) == "column":  # fail before the fit
                 check_cells_per_spot(st, cells_per_spot)
             logger.info("reading reference %s", reference)
             ref = read_reference(reference, labels_key=labels_key)
@@ -392,8 +395,20 @@ def _cell_table(recall: dict, error: float, *, n_types: int, n_cells: int) -> st
     return "\n".join(lines)
 
 
+def _cells_per_spot_arg(value: str | None) -> str | float | None:
+    """``--cells-per-spot``: a number is the mean cells per spot; other text a column name."""
+    if value is None or value == "estimate":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    check_cells_per_spot_mode(number)  # a clear error for 0, negative or nan
+    return number
+
+
 def _cell_level(st, ref, *, labels_key: str, layer: str | None, reference_layer: str | None,
-                spatial_key: str, cells_per_spot: str | None, settings, progress: bool):
+                spatial_key: str, cells_per_spot: str | float | None, settings, progress: bool):
     """Run the cell-level step (``settings``: a CellLevelConfig) into ``st``; return the cells."""
     from ..deconv import assign_cells, cell_level
 

@@ -17,10 +17,16 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from .._keys import cell_counts_key, cell_weights_key, proportions_key
-from .._validation import InputError, check_cells_per_spot, check_labels
+from .._validation import (
+    InputError,
+    check_cells_per_spot,
+    check_cells_per_spot_mode,
+    check_labels,
+)
 from ..pp import cell_states, log_pca, signature_kernel
 from ._config import CellLevelConfig
 from ._cell_checks import read_spot_counts, type_level
+from ._capture import cells_per_spot_from
 from ._cell_search import embed, fit_score_space, similarity_bandwidth
 from ._cells import at_least_one_cell, cell_weights
 from ._model import poisson_gene_weights
@@ -74,7 +80,7 @@ def cell_level(
     layer: str | None = None,
     reference_layer: str | None = None,
     key: str = proportions_key(),
-    cells_per_spot: str | None = None,
+    cells_per_spot: str | float | None = None,
     n_candidates: int = 10,
     lambda_type: float = 0.1,
     lambda_similar: float = 0.0,
@@ -132,9 +138,27 @@ def cell_level(
     key
         ``key_added`` of the type-level result.
     cells_per_spot
-        ``obs`` column with a known number of cells (e.g. a nucleus count from the image) per
-        spot. The type-level proportions are then scaled to it; else the type-level abundance
-        (from library sizes) is used, at least one cell in every spot with counts (above).
+        How many cells each spot holds (the type-level proportions are scaled to it):
+
+        - ``None``: the type-level abundance, i.e. library sizes over the reference cells'
+          (at least one cell in every spot with counts, above). Right only when the spatial
+          assay captures a cell's RNA as the reference does (pseudo-spots of the reference's
+          own cells, imaging panels); Visium against single-cell RNA-seq captures far less,
+          and this counts far too few cells.
+        - ``"estimate"``: the **capture ratio** (spatial counts of a cell over its reference
+          counts) estimated from the counts, by how far spots scatter around the type-level
+          fit: cells vary, so a spot of many cells lies closer to its type means than a spot of
+          few (:mod:`spotlens.deconv._capture`). Cells per spot = abundance / ratio, at least
+          one in every spot with counts. It assumes the cells of a spot are independent draws
+          of their types: where neighbouring cells are more alike than that (layers, zones)
+          it counts too few; finer labels in the reference help.
+        - a number: the mean number of cells per spot (a prior, as cell2location's
+          ``N_cells_per_location``); each spot gets cells in proportion to its abundance.
+        - another string: an ``obs`` column with a known number of cells per spot (e.g. a
+          nucleus count from the image).
+
+        The ratio used is written to ``uns[key_added]["params"]["capture_ratio"]`` (1 for
+        ``None``, NaN for a column).
     n_candidates
         Candidate cells per type present in a spot.
     lambda_type, lambda_similar, lambda_ridge
@@ -177,7 +201,9 @@ def cell_level(
     ------
     InputError
         Type-level result missing, or from another reference (other cell types or genes);
-        ``cells_per_spot`` missing, not numeric, negative or NaN, or 0 in every spot; no cell
+        ``cells_per_spot`` not None, ``"estimate"``, a number > 0 or an obs column; its column
+        missing, not numeric, negative or NaN, or 0 in every spot; ``"estimate"`` on counts
+        that vary no more than counting noise; no cell
         could be placed in any spot; counts not raw; bad parameters.
 
     References
@@ -201,6 +227,7 @@ def cell_level(
     CellLevelConfig(n_candidates=n_candidates, lambda_type=lambda_type,  # checks them all
                     lambda_similar=lambda_similar, lambda_ridge=lambda_ridge,
                     max_cells=max_cells, n_iter=n_iter, tol=tol, seed=seed)
+    known = check_cells_per_spot_mode(cells_per_spot) == "column"
     props, ab, uns = type_level(spatial, key)
     types = pd.Index(uns.get("cell_types", props.columns)).astype(str)
     labels = check_labels(reference, labels_key, min_cells_per_type=1)
@@ -228,15 +255,23 @@ def cell_level(
     proportions = np.nan_to_num(props[types].to_numpy(dtype=np.float64))
     has_counts = np.asarray(counts.sum(axis=1)).ravel() > 0
     raised = np.zeros(spatial.n_obs, dtype=bool)
-    if cells_per_spot is not None:
+    capture = {"capture_ratio": 1.0, "capture_ratio_from": "library size"}
+    if known:
         totals = check_cells_per_spot(spatial, cells_per_spot)
         abundance = proportions * totals[:, None]
+        capture = {"capture_ratio": np.nan, "capture_ratio_from": f"obs[{cells_per_spot!r}]"}
     else:
-        abundance, raised = at_least_one_cell(
-            np.maximum(np.nan_to_num(ab[types].to_numpy(dtype=np.float64)), 0.0),
-            proportions, has_counts,
-        )
-        _log_raised(raised, has_counts, ab[types].to_numpy(dtype=np.float64))
+        estimated = ab[types].to_numpy(dtype=np.float64)
+        if cells_per_spot is not None:
+            n_cells, capture = cells_per_spot_from(cells_per_spot, counts, proportions,
+                                                   profiles_all, codes)
+            estimated = proportions * n_cells[:, None]
+            logger.info("capture ratio %.3g (%s): %.2f cells per spot with counts on average",
+                        capture["capture_ratio"], capture["capture_ratio_from"],
+                        float(n_cells[has_counts].mean()) if has_counts.any() else 0.0)
+        abundance, raised = at_least_one_cell(np.maximum(np.nan_to_num(estimated), 0.0),
+                                              proportions, has_counts)
+        _log_raised(raised, has_counts, estimated)
 
     logger.info("cell level 1/3: reference %d cells, %d genes", reference.n_obs, len(genes))
     metacell = np.full(reference.n_obs, -1, dtype=np.int64)
@@ -257,6 +292,10 @@ def cell_level(
         profiles = sparse.csr_matrix(profiles_all, dtype=np.float64)
         col_type, columns = codes, np.asarray(reference.obs_names)
 
+    if not known and cells_per_spot is not None:
+        # a cell in a spot yields the capture ratio times its reference counts: a weight of 1
+        # then means one whole cell
+        profiles = sparse.csr_matrix(profiles * capture["capture_ratio"])
     # type means of the columns (a type without columns has a zero mean)
     onehot = sparse.csr_matrix((np.ones(len(col_type)), (col_type, np.arange(len(col_type)))),
                                shape=(len(types), len(col_type)))
@@ -291,9 +330,13 @@ def cell_level(
     # type-level proportions, when there are any
     empty = per_type.sum(axis=1) <= 0
     per_type[empty] = proportions[empty]
-    if cells_per_spot is None:
-        # every spot with counts holds at least one cell; a spot without counts, none
-        totals = np.where(has_counts, np.maximum(np.round(per_type.sum(axis=1)), 1), 0)
+    if not known:
+        # every spot with counts holds at least one cell; a spot without counts, none. With a
+        # capture ratio the number comes from it (the weights favour cells that match the
+        # spot best, not cells of average size, so their sum is not a count); by library
+        # size, from the weights
+        count = per_type.sum(axis=1) if cells_per_spot is None else abundance.sum(axis=1)
+        totals = np.where(has_counts, np.maximum(np.round(count), 1), 0)
     else:
         unknown = empty & (per_type.sum(axis=1) <= 0) & (totals > 0)
         if unknown.any():
@@ -308,7 +351,7 @@ def cell_level(
         raise InputError(
             "No cell could be placed in any spot: "
             + (f"no spot with a cell count in obs[{cells_per_spot!r}] has an estimate of its "
-               "cell types" if cells_per_spot is not None else
+               "cell types" if known else
                f"no spot has both counts over the {len(genes)} genes of the type-level fit and "
                "a type-level estimate")
             + ". Pass cells_per_spot= (--cells-per-spot on the command line) naming an obs "
@@ -324,6 +367,7 @@ def cell_level(
             "seed": seed, "metacells": bool((metacell >= 0).any()),
             "n_spots_raised_to_one_cell": int(raised.sum()),
             "score_space_dims": space.dim,
+            **capture,
             "seconds": round(time.perf_counter() - t0, 3),
         },
         "columns": columns.astype(object),
