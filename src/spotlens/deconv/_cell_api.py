@@ -331,11 +331,11 @@ def cell_level(
     empty = per_type.sum(axis=1) <= 0
     per_type[empty] = proportions[empty]
     if not known:
-        # every spot with counts holds at least one cell; a spot without counts, none. With a
-        # capture ratio the number comes from it (the weights favour cells that match the
-        # spot best, not cells of average size, so their sum is not a count); by library
-        # size, from the weights
-        count = per_type.sum(axis=1) if cells_per_spot is None else abundance.sum(axis=1)
+        # every spot with counts holds at least one cell; a spot without counts, none. The
+        # number is the estimated abundance, rounded, not the sum of the weights: the weights
+        # favour the cells that match the spot best, not cells of average size, so their sum
+        # counts cells only when the spot's own cells are in the reference
+        count = abundance.sum(axis=1)
         totals = np.where(has_counts, np.maximum(np.round(count), 1), 0)
     else:
         unknown = empty & (per_type.sum(axis=1) <= 0) & (totals > 0)
