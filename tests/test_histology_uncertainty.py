@@ -31,6 +31,7 @@ from spotlens.histology import (
 from spotlens.histology._baseline import _ridge_path
 from spotlens.histology._uncertainty import (
     RidgeEnsemble,
+    check_n_bootstrap,
     fit_ensemble,
     section_block_weights,
     weighted_ridge,
@@ -212,6 +213,31 @@ def test_train_n_bootstrap_zero_writes_no_ensemble_and_bad_values_are_refused(da
         with pytest.raises(InputError, match="n_bootstrap must be 0"):
             train(pairs(data, ["S1", "S2"]), genes=GENES, model="ridge", encoder="colour",
                   out=tmp_path / "bad", progress=False, n_bootstrap=bad)
+
+
+@pytest.mark.parametrize("good", [0, 2, 30, np.int64(5), np.int64(0)])
+def test_check_n_bootstrap_accepts_zero_and_integers_from_two(good):
+    assert check_n_bootstrap(good) == good and type(check_n_bootstrap(good)) is int
+
+
+@pytest.mark.parametrize(
+    ("bad", "allow_zero", "message"),
+    [
+        (1, True, r"n_bootstrap must be 0 \(no uncertainty\) or an integer ≥ 2, got 1\."),
+        (-2, True, r"or an integer ≥ 2, got -2\."),
+        (np.int64(1), True, r"or an integer ≥ 2, got np\.int64\(1\)\."),
+        (2.5, True, r"or an integer ≥ 2, got 2\.5\."),
+        (2.0, True, r"or an integer ≥ 2, got 2\.0\."),
+        (True, True, r"or an integer ≥ 2, got True\."),
+        ("3", True, r"or an integer ≥ 2, got '3'\."),
+        (None, True, r"or an integer ≥ 2, got None\."),
+        (0, False, r"^n_bootstrap must be an integer ≥ 2, got 0\.$"),
+        (1, False, r"^n_bootstrap must be an integer ≥ 2, got 1\.$"),
+    ],
+)
+def test_check_n_bootstrap_names_the_argument_and_the_allowed_values(bad, allow_zero, message):
+    with pytest.raises(InputError, match=message):
+        check_n_bootstrap(bad, allow_zero=allow_zero)
 
 
 def test_predict_image_returns_the_uncertainty_layer(data, ridge_dir):

@@ -218,6 +218,8 @@ def test_cells_numeric_colour_and_no_spots(placed):
         (None, {"spatial_key": "xy"}, r"no obsm\['xy'\]"),
         (None, {"zoom": (30, 30, -30, -30)}, "x_min < x_max"),
         (None, {"zoom": 0}, "positive number of spots"),
+        (None, {"zoom": -3}, r"^zoom must be a positive number of spots, got -3\.$"),
+        (None, {"zoom": np.int64(0)}, r"zoom must be a positive number of spots, got np\.int64"),
         (None, {"zoom": "big"}, "zoom must be 'auto'"),
         (None, {"cell_size": -1}, "cell_size must be a positive number"),
         (None, {"spot_size": float("nan")}, "spot_size must be a positive number"),

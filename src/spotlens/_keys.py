@@ -11,7 +11,8 @@ place and the documentation can point at one list. Inputs named by the user (``s
 - Cell level (:func:`spotlens.deconv.cell_level` with ``key_added=C``): ``obsm[C]``,
   ``obsm[cell_counts_key(C)]``, ``uns[C]``; placed cells (:func:`~spotlens.deconv.assign_cells`)
   carry ``obsm[SPATIAL_KEY]`` and ``uns[SPOT_DIAMETER_KEY]``.
-- Readers: ``obsm[SPATIAL_KEY]`` and ``uns[SPATIAL_UNS_KEY][library_id]``.
+- Readers: ``obsm[SPATIAL_KEY]`` and ``uns[SPATIAL_UNS_KEY][library_id]``; from Space Ranger
+  outputs also ``obs[IN_TISSUE_KEY]``, ``obs[ARRAY_ROW_KEY]`` and ``obs[ARRAY_COL_KEY]``.
 - Plotting: ``uns[colors_key(key)]`` (scanpy's palette convention).
 - Histology: ``obsm[features_key(encoder)]``, ``obsm[HISTOLOGY_PREDICTION_KEY]`` and
   ``uns[HISTOLOGY_PREDICTION_KEY]``, ``obsm[prediction_std_key(K)]`` (the prediction's
@@ -21,7 +22,9 @@ place and the documentation can point at one list. Inputs named by the user (``s
   ``obs[NUCLEUS_SPOT_KEY]`` and ``uns[NUCLEI_KEY]``; :func:`~spotlens.histology.count_nuclei`
   writes ``obs[N_NUCLEI_KEY]`` of the spots.
 - Example data with ground truth (:mod:`spotlens.datasets`): the ``TRUE_*``, ``CELL_TYPE_*``
-  and ``PSEUDO_SPOTS_*`` names below.
+  and ``PSEUDO_SPOTS_*`` names below, ``obs[N_CELLS_KEY]``, and ``obs[DOMAIN_KEY]``
+  (:func:`~spotlens.datasets.synthetic`) or ``obs[REGION_KEY]``
+  (:func:`~spotlens.datasets.pseudo_spots`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ NUCLEI_KEY = "nuclei"
 NUCLEUS_SPOT_KEY = "spot"
 #: ``obs`` key of the number of segmented nuclei in each spot.
 N_NUCLEI_KEY = "n_nuclei"
+#: ``obs`` columns of a Space Ranger read (:func:`spotlens.io.read_spatial`): whether the spot
+#: lies under tissue (0/1), and its row and column on the spot (or Visium HD bin) grid.
+IN_TISSUE_KEY = "in_tissue"
+ARRAY_ROW_KEY = "array_row"
+ARRAY_COL_KEY = "array_col"
 
 # ground truth written by the synthetic factories and the bundled example
 #: ``obsm``: true proportions (``n_spots × n_types``) of :func:`spotlens.datasets.synthetic`
@@ -69,6 +77,13 @@ PSEUDO_SPOTS_PROPORTIONS_KEY = "proportions_true"
 PSEUDO_SPOTS_CELL_COUNTS_KEY = "cell_counts_true"
 PSEUDO_SPOTS_PLATFORM_KEY = "platform_effect_true"
 PSEUDO_SPOTS_KEY = "pseudo_spots"
+#: ``obs`` column of the true number of cells in each simulated spot (``synthetic``,
+#: ``pseudo_spots``; the default ``n_cells_key`` of :func:`spotlens.metrics.member_recall`).
+N_CELLS_KEY = "n_cells"
+#: ``obs`` column of each spot's dominant domain in :func:`spotlens.datasets.synthetic`.
+DOMAIN_KEY = "domain"
+#: ``obs`` column of each spot's region in :func:`spotlens.datasets.pseudo_spots`.
+REGION_KEY = "region"
 
 
 def proportions_key(method: str = DEFAULT_METHOD) -> str:

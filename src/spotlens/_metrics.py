@@ -10,7 +10,7 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial.distance import jensenshannon
 
-from ._keys import cell_weights_key
+from ._keys import N_CELLS_KEY, cell_weights_key
 from ._validation import InputError
 
 logger = logging.getLogger("spotlens")
@@ -34,7 +34,8 @@ def accuracy(pred: pd.DataFrame, truth: pd.DataFrame) -> dict[str, float]:
     -------
     dict with
 
-    - ``"pearson_r"``: Pearson correlation over all ``spot × type`` entries, flattened,
+    - ``"pearson_r"``: Pearson correlation over all ``spot × type`` entries, flattened (NaN
+      when either table is constant, to rounding),
     - ``"rmse"``: root mean squared error over the same entries (proportion units),
     - ``"mean_jsd"``: mean over spots of the Jensen–Shannon divergence between the two
       proportion vectors (base 2, so in ``[0, 1]``; the squared ``jensenshannon`` distance),
@@ -98,9 +99,11 @@ def accuracy(pred: pd.DataFrame, truth: pd.DataFrame) -> dict[str, float]:
     if not keep.all():
         logger.warning("%d spots with NaN proportions are not scored", int((~keep).sum()))
     p, t = p[keep], t[keep]
-    with np.errstate(invalid="ignore", divide="ignore"):  # constant input or all-zero rows: NaN
+    with np.errstate(invalid="ignore", divide="ignore"):  # all-zero rows: NaN
         jsd = jensenshannon(p, t, base=2, axis=1) ** 2
-        r = np.corrcoef(p.ravel(), t.ravel())[0, 1] if p.size > 1 else np.nan
+    # the one Pearson kernel; a table constant to rounding has no correlation: NaN
+    r_col, undefined = pearson_columns(p.reshape(-1, 1), t.reshape(-1, 1))
+    r = np.nan if undefined[0] or p.size < 2 else r_col[0]
     return {
         "pearson_r": float(r),
         "rmse": float(np.sqrt(np.mean((p - t) ** 2))),
@@ -186,7 +189,7 @@ def member_recall(
     reference: AnnData,
     *,
     key: str = cell_weights_key(),
-    n_cells_key: str = "n_cells",
+    n_cells_key: str = N_CELLS_KEY,
     spot_key: str = "spot",
 ) -> dict[str, float]:
     """Recall of each spot's true member cells among its highest-weighted reference cells.

@@ -24,10 +24,12 @@ from anndata import AnnData
 from scipy import sparse
 
 from .._keys import (
+    N_CELLS_KEY,
     PSEUDO_SPOTS_CELL_COUNTS_KEY,
     PSEUDO_SPOTS_KEY,
     PSEUDO_SPOTS_PLATFORM_KEY,
     PSEUDO_SPOTS_PROPORTIONS_KEY,
+    REGION_KEY,
     SPATIAL_KEY,
 )
 from .._validation import (
@@ -343,8 +345,8 @@ def pseudo_spots(
         X=spot_x.astype(np.float32, copy=False),
         obs=pd.DataFrame(
             {
-                "n_cells": n_cells.astype(np.int64),
-                "region": pd.Categorical.from_codes(region, region_names),
+                N_CELLS_KEY: n_cells.astype(np.int64),
+                REGION_KEY: pd.Categorical.from_codes(region, region_names),
             },
             index=spots,
         ),

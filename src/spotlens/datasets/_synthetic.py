@@ -10,6 +10,8 @@ from anndata import AnnData
 from scipy import sparse
 
 from .._keys import (
+    DOMAIN_KEY,
+    N_CELLS_KEY,
     SPATIAL_KEY,
     SYNTHETIC_KEY,
     TRUE_CELL_COUNTS_KEY,
@@ -276,8 +278,8 @@ def synthetic(
         X=x,
         obs=pd.DataFrame(
             {
-                "n_cells": cells.sum(axis=1),
-                "domain": pd.Categorical.from_codes(dominant, _names("domain", n_domains)),
+                N_CELLS_KEY: cells.sum(axis=1),
+                DOMAIN_KEY: pd.Categorical.from_codes(dominant, _names("domain", n_domains)),
             },
             index=spots,
         ),

@@ -9,7 +9,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import ndimage
 
-from .._keys import SPATIAL_KEY, SPATIAL_UNS_KEY
+from .._keys import ARRAY_COL_KEY, ARRAY_ROW_KEY, IN_TISSUE_KEY, SPATIAL_KEY, SPATIAL_UNS_KEY
 from .._validation import InputError
 from ..io import SlideImage, as_slide_image, check_mpp
 
@@ -292,7 +292,8 @@ def grid_spots(
     rows, cols, xy = rows[keep], cols[keep], xy[keep]
     names = [f"r{r}_c{c}" for r, c in zip(rows, cols, strict=True)]
     obs = pd.DataFrame(
-        {"array_row": rows, "array_col": cols, "in_tissue": np.ones(len(rows), dtype=int)},
+        {ARRAY_ROW_KEY: rows, ARRAY_COL_KEY: cols,
+         IN_TISSUE_KEY: np.ones(len(rows), dtype=int)},
         index=names,
     )
     adata = AnnData(obs=obs)

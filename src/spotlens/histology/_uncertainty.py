@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._validation import InputError
+from .._validation import InputError, check_int
 from ._intervals import DEFAULT_BLOCK_SPACINGS, bootstrap_weights, spatial_blocks, spot_spacing
 
 logger = logging.getLogger("spotlens")
@@ -279,9 +279,15 @@ def fit_ensemble(names: list[str], data: dict, *, ridge=None, n_boot: int = DEFA
 
 
 def check_n_bootstrap(n_boot, *, allow_zero: bool = True) -> int:
-    """Return ``n_boot`` as an int; raise unless it is 0 (no ensemble) or an integer ≥ 2."""
-    ok = isinstance(n_boot, (int, np.integer)) and not isinstance(n_boot, bool)
-    if not ok or n_boot < 0 or n_boot == 1 or (n_boot == 0 and not allow_zero):
-        raise InputError(f"n_bootstrap must be 0 (no uncertainty) or an integer ≥ 2, got "
-                         f"{n_boot!r}.")
-    return int(n_boot)
+    """Return ``n_boot`` as an int; raise unless it is 0 (no ensemble) or an integer ≥ 2.
+
+    Raises
+    ------
+    InputError
+        ``n_boot`` is not an integer (a bool or float included), is 1 or negative, or is 0
+        with ``allow_zero=False``.
+    """
+    expected = "0 (no uncertainty) or an integer ≥ 2" if allow_zero else "an integer ≥ 2"
+    if allow_zero and check_int("n_bootstrap", n_boot, minimum=0, expected=expected) == 0:
+        return 0
+    return check_int("n_bootstrap", n_boot, minimum=2, expected=expected)

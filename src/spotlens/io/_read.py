@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._keys import SPATIAL_UNS_KEY
+from .._keys import ARRAY_COL_KEY, ARRAY_ROW_KEY, IN_TISSUE_KEY, SPATIAL_UNS_KEY
 from .._validation import InputError, check_coordinates, check_labels, check_number
 from ._names import restore_names
 from ._spatialdata import is_spatialdata, read_spatialdata
@@ -27,8 +27,9 @@ COUNT_FILE = "filtered_feature_bc_matrix.h5"
 #: Spot positions, newest Space Ranger layout first (``_list.csv`` is Space Ranger < 2.0).
 POSITION_FILES = ("tissue_positions.csv", "tissue_positions_list.csv", "tissue_positions.parquet")
 SCALEFACTORS_FILE = "scalefactors_json.json"
-POSITION_COLUMNS = ("in_tissue", "array_row", "array_col", "pxl_row_in_fullres",
-                    "pxl_col_in_fullres")
+#: The ``obs`` columns copied from the positions file, in its order.
+GRID_COLUMNS = (IN_TISSUE_KEY, ARRAY_ROW_KEY, ARRAY_COL_KEY)
+POSITION_COLUMNS = (*GRID_COLUMNS, "pxl_row_in_fullres", "pxl_col_in_fullres")
 #: Visium HD: ``outs/binned_outputs/square_<NNN>um/`` per bin size, positions in parquet.
 BINNED_FOLDER = "binned_outputs"
 HD_POSITIONS_FILE = "tissue_positions.parquet"
@@ -327,7 +328,7 @@ def _add_positions(
             "from different runs."
         )
     positions = positions.loc[adata.obs_names]
-    for column in ("in_tissue", "array_row", "array_col"):
+    for column in GRID_COLUMNS:
         adata.obs[column] = positions[column].to_numpy()
     adata.obsm[spatial_key] = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(
         dtype=np.float64

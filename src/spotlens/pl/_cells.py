@@ -11,7 +11,7 @@ from anndata import AnnData
 from scipy.spatial import cKDTree
 
 from .._keys import SPATIAL_KEY, SPOT_DIAMETER_KEY, colors_key, proportions_key
-from .._validation import InputError, check_coordinates, check_number
+from .._validation import InputError, check_coordinates, check_int, check_number
 from ._palette import type_colors
 from ._proportions import (
     _as_axes,
@@ -273,8 +273,7 @@ def _zoom_window(zoom, centres: np.ndarray, xy: np.ndarray, codes: np.ndarray,
             return None
         zoom = AUTO_ZOOM_SPOTS
     if isinstance(zoom, (int, np.integer)) and not isinstance(zoom, bool):
-        if zoom < 1:
-            raise InputError(f"zoom must be a positive number of spots, got {zoom!r}.")
+        zoom = check_int("zoom", zoom, minimum=1, expected="a positive number of spots")
         # a block of √n × √n spots around the centre spot, whole footprints, nothing beyond
         half = (math.sqrt(zoom) - 1) / 2 * _nearest_distance(centres) + 0.55 * diameter
         inside = cKDTree(xy).query_ball_point(centres, half, p=np.inf) if len(xy) else \
