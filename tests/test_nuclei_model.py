@@ -242,8 +242,20 @@ def test_cli_predict_level_nucleus(nucleus_model, small_sections, tmp_path):
     table = pd.read_csv(out / "spots_from_nuclei.csv", index_col=0)
     assert result.n_obs == nuclei.n_obs and list(table.columns) == ["A", "B"]
     assert (out / "nuclei_A.png").is_file()
-    res = runner.invoke(app, args + ["--overwrite"])  # no --section
-    assert res.exit_code == 2 and "--section" in res.output
+    # no --section: the image alone, nuclei summed into a grid of pseudo-spots over its
+    # tissue (a pink background, which the tissue mask finds)
+    pixels = np.asarray(Image.open(path)).copy()
+    background = (pixels == 235).all(axis=2)
+    background[:, SIZE * 3 // 4:] = False  # the right quarter stays glass
+    pixels[background] = (225, 170, 205)
+    Image.fromarray(pixels).save(tmp_path / "S2_tissue_HE.png")
+    args[args.index(str(path))] = str(tmp_path / "S2_tissue_HE.png")
+    res = runner.invoke(app, args + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    alone = ad.read_h5ad(out / "nuclei_predicted.h5ad")
+    assert alone.n_obs == nuclei.n_obs
+    grid = pd.read_csv(out / "spots_from_nuclei.csv", index_col=0)
+    assert list(grid.columns) == ["A", "B"] and not set(grid.index) & set(spots.obs_names)
 
 
 def _with_proportions(spots, nuclei, key="proportions_ref"):
@@ -280,3 +292,40 @@ def test_type_head_from_proportions_calls_types(small_sections, tmp_path):
         train(bad, genes=["A"], model="nucleus", encoder="colour", out_px=16, config=config,
               n_bootstrap=0, nuclei=[n for _, _, n in small_sections[:2]],
               out=tmp_path / "m2", progress=False)
+
+
+def test_predict_image_nuclei_without_measured_spots(nucleus_model, small_sections):
+    """An image alone: the nuclei are put on a grid of pseudo-spots and predicted as with
+    measured spots (dark nuclei carry gene A); the nuclei given are not modified."""
+    from spotlens.histology import predict_image_nuclei
+
+    _, path, nuclei = small_sections[2]
+    before = nuclei.obs.copy()
+    result = predict_image_nuclei(nucleus_model, path, nuclei=nuclei, mpp=1.0,
+                                  mask=np.ones((SIZE, SIZE), bool))
+    assert result.n_obs == nuclei.n_obs and list(result.var_names) == ["A", "B"]
+    entry = result.uns["nucleus_prediction"]
+    grid = entry["grid"]
+    assert len(grid) > 0 and entry["params"]["spacing_um"] > 0
+    spot = result.obs["spot"]
+    assert set(spot.cat.categories) == set(grid.index)
+    assert spot.notna().any()
+    # a nucleus in a pseudo-spot lies within its circle (the training spots' diameter)
+    inside = spot.notna().to_numpy()
+    centres = grid.loc[spot[inside].astype(str)].to_numpy()
+    radius = PITCH / 4  # spot_diameter_fullres PITCH / 2 in the training sections
+    assert (np.hypot(*(result.obsm["spatial"][inside] - centres).T) <= radius + 1e-9).all()
+    dark = nuclei.obs["dark"].to_numpy()
+    contrast = result.X[:, 0] - result.X[:, 1]
+    assert contrast[dark].mean() > contrast[~dark].mean() + 0.5
+    assert nuclei.obs.equals(before)
+
+
+def test_predict_image_nuclei_needs_a_nucleus_model(small_sections, tmp_path):
+    from spotlens.histology import predict_image_nuclei
+
+    sections = [(s.copy(), p) for s, p, _ in small_sections[:2]]
+    train(sections, genes=["A", "B"], model="ridge", encoder="colour", out_px=16,
+          n_bootstrap=0, out=tmp_path / "ridge", progress=False)
+    with pytest.raises(InputError, match="needs a nucleus model"):
+        predict_image_nuclei(tmp_path / "ridge", small_sections[2][1], mpp=1.0)

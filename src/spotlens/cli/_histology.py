@@ -350,11 +350,12 @@ def predict_command(
         help="Write OUT/<gene>.png, the predicted expression over the image, for these genes.")
     ] = None,
     level: Annotated[str, typer.Option(
-        help="'spot': a grid over the tissue; 'nucleus': every nucleus (a nucleus model; "
-             "needs --section).")] = "spot",
+        help="'spot': a grid over the tissue; 'nucleus': every nucleus (a nucleus model).")
+    ] = "spot",
     section: Annotated[Path | None, typer.Option(
         "--section", "-s", metavar="H5AD", show_default=False,
-        help="--level nucleus: the image's spots (.h5ad).")] = None,
+        help="--level nucleus: the image's spots (.h5ad) [default: a grid over the tissue, "
+             "as --level spot].")] = None,
     nuclei: Annotated[Path | None, typer.Option(
         metavar="H5AD", show_default=False,
         help="--level nucleus: nuclei of 'histology segment' [default: segment here].")] = None,
@@ -416,7 +417,7 @@ def predict_command(
             if level == "nucleus":
                 predict_nuclei_run(run, fitted, image=image, section=section, nuclei=nuclei,
                                    mpp=mpp, genes=genes, cache_dir=cache_dir,
-                                   progress=progress)
+                                   progress=progress, spacing_um=spacing_um)
                 pngs = {}
             else:
                 result = predict_image(fitted, image, mpp=mpp, spacing_um=spacing_um,

@@ -8,7 +8,8 @@ the section's spots (and nuclei, or segments them), calls
   ``layers["counts"]`` its expected counts, ``obsm["spatial"]`` centroids in full-resolution
   px, ``obs["spot"]``, and ``obs["cell_type"]``, ``obs["cell_type_confidence"]`` when the model
   has types);
-- ``OUT/spots_from_nuclei.csv``: spots × genes, the sums of their nuclei;
+- ``OUT/spots_from_nuclei.csv``: spots × genes, the sums of their nuclei (the section's spots,
+  or without ``--section`` the pseudo-spots of a grid over the tissue);
 - ``OUT/nuclei_<gene>.png`` for ``--plot-genes``: nuclei coloured by the gene over the H&E.
 """
 
@@ -23,14 +24,18 @@ NUCLEUS_OUTPUTS = ("nuclei_predicted.h5ad", "spots_from_nuclei.csv")
 
 
 def predict_nuclei_run(run, fitted, *, image: Path, section: Path | None, nuclei: Path | None,
-                       mpp, genes: list[str], cache_dir, progress: bool) -> None:
+                       mpp, genes: list[str], cache_dir, progress: bool,
+                       spacing_um: float | None = None) -> None:
     """Predict every nucleus of ``image`` with a nucleus model and write the outputs to ``run``.
+
+    With ``section`` (the image's spots) the nuclei are summed into those spots; without, into
+    a grid of pseudo-spots over the tissue (:func:`~spotlens.histology.predict_image_nuclei`,
+    pitch ``spacing_um`` or the training spots').
 
     Raises
     ------
     InputError
-        Without ``--section`` (the spots the nuclei are summed into), with a file that does
-        not exist, or a model that is not a nucleus model.
+        A file that does not exist, or a model that is not a nucleus model.
     """
     import anndata as ad
 
@@ -40,21 +45,25 @@ def predict_nuclei_run(run, fitted, *, image: Path, section: Path | None, nuclei
         raise InputError(f"--level nucleus needs a nucleus model (spotlens histology train "
                          f"--model-type nucleus); {fitted.path} is "
                          f"{fitted.settings.model_type!r}.")
-    if section is None:
-        raise InputError("--level nucleus needs --section (the spots of this image, .h5ad): "
-                         "nuclei are assigned to spots and read their spot's tiles.")
     for path, what in ((section, "--section"), (nuclei, "--nuclei")):
         if path is not None and not Path(path).is_file():
             raise InputError(f"{what} {path} does not exist.")
-    spots = ad.read_h5ad(section)
-    run.add_input("section", section, adata=spots)
     cells = None
     if nuclei is not None:
         cells = ad.read_h5ad(nuclei)
         run.add_input("nuclei", nuclei)
     slide = read_image(image, mpp=mpp)
-    result = fitted.predict_nuclei(spots, image=slide, cells=cells, cache_dir=cache_dir,
-                                   progress=progress)
+    if section is None:  # the image alone: a grid of pseudo-spots over its tissue
+        from ..histology import predict_image_nuclei
+
+        result = predict_image_nuclei(fitted, image, nuclei=cells, mpp=mpp,
+                                      spacing_um=spacing_um, cache_dir=cache_dir,
+                                      progress=progress)
+    else:
+        spots = ad.read_h5ad(section)
+        run.add_input("section", section, adata=spots)
+        result = fitted.predict_nuclei(spots, image=slide, cells=cells, cache_dir=cache_dir,
+                                       progress=progress)
     pngs = {f"nuclei_{_safe(g)}.png": g for g in genes}
     run.start_writing([*NUCLEUS_OUTPUTS, *pngs])
     table = result.uns["nucleus_prediction"]["spot_expression"]

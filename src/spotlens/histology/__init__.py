@@ -15,7 +15,8 @@ The image layer (tiles, tissue masks, stain normalisation; images are read by
   (``_registry.py``).
 - Nucleus level (``model="nucleus"``, :class:`NucleusPredictor`): expression of every
   segmented nucleus, fitted so that a spot's nuclei add up to it;
-  :meth:`HistologyModel.predict_nuclei` returns an AnnData of nuclei.
+  :meth:`HistologyModel.predict_nuclei` returns an AnnData of nuclei;
+  :func:`predict_image_nuclei` does it on an H&E image alone (a grid of pseudo-spots).
 - :func:`run_protocol`: the frozen evaluation protocol (every choice nested in the training
   sections, each test section read once; :func:`block_bootstrap_pearson` intervals, gene sets
   from :func:`select_gene_sets`). :func:`train`'s defaults are the route it selects
@@ -66,6 +67,7 @@ _LAZY = {
     "load_model": "._predict",
     "predict": "._predict",
     "predict_image": "._predict",
+    "predict_image_nuclei": "._predict_nuclei",
     "train": "._train",
     "BootstrapInterval": "._intervals",
     "block_bootstrap_pearson": "._intervals",
@@ -100,7 +102,7 @@ __all__ = [
     "TrainConfig", "available_encoders", "colour_features", "evaluate", "evaluate_model",
     "extract_tiles", "fit_macenko", "get_encoder", "grid_spots", "image_features",
     "image_identity", "load_model", "load_section", "log_normalize", "macenko_normalize",
-    "predict", "predict_image", "read_image", "register_encoder", "section_log_expression",
+    "predict", "predict_image", "predict_image_nuclei", "read_image", "register_encoder", "section_log_expression",
     "select_target_genes", "spot_tiles", "tile_cache_key", "tile_features", "tile_geometry",
     "tissue_mask", "train",
     # the frozen evaluation protocol (issue 15)

@@ -349,7 +349,6 @@ def predict_image(
     from .._backend import resolve_client
     from .._version import __version__
     from ._distributed import check_region_um
-    from ._tissue import grid_spots
 
     region_um = check_region_um(region_um)
     if client is None and region_um is not None:
@@ -357,22 +356,9 @@ def predict_image(
     client = None if client is None else resolve_client(client)
     model = _model(model_dir, device)
     path = Path(image_path).expanduser()
-    image = read_image(path)
-    mpp = _image_mpp(check_mpp(mpp), image, path)
+    image, mpp, spacing, grid = image_grid(model, path, mpp=mpp, spacing_um=spacing_um,
+                                           mask=mask)
     tiles = model.settings.tiles
-    if tiles.tile_um is None:
-        raise InputError(
-            "The model was trained on sections of unknown µm/px, so its tile size is known only "
-            "in px of those scans; predicting on a new image needs a model trained with µm/px "
-            "known (metadata['microns_per_pixel'] in the training sections)."
-        )
-    model.check_scale(image, mpp)
-    spacing = spacing_um if spacing_um is not None else tiles.spot_pitch_um
-    if spacing is None:
-        raise InputError("The model records no spot pitch; pass spacing_um= (--spacing-um).")
-    logger.info("laying a %.0f µm grid over the tissue of %s", spacing, path.name)
-    grid = grid_spots(image, spacing_um=spacing, mpp=mpp, mask=mask,
-                      spot_diameter_um=tiles.tile_um, library_id=path.stem)
     logger.info("%d pseudo-spots on tissue; predicting %d genes", grid.n_obs, len(model.genes))
     cluster = std = None
     if client is None:
@@ -408,6 +394,34 @@ def predict_image(
     if cluster is not None:
         result.uns[HISTOLOGY_PREDICTION_KEY]["params"]["cluster"] = cluster
     return result
+
+
+def image_grid(model: HistologyModel, path: Path, *, mpp: float | None,
+               spacing_um: float | None, mask=None) -> tuple[SlideImage, float, float, AnnData]:
+    """Open an H&E-only image and lay the model's grid of pseudo-spots over its tissue.
+
+    Returns the image, its µm/px, the grid pitch in µm and the grid (:func:`grid_spots`,
+    spots the side of the model's tiles). Raises InputError as :func:`predict_image` does.
+    """
+    from ._tissue import grid_spots
+
+    image = read_image(path)
+    mpp = _image_mpp(check_mpp(mpp), image, path)
+    tiles = model.settings.tiles
+    if tiles.tile_um is None:
+        raise InputError(
+            "The model was trained on sections of unknown µm/px, so its tile size is known only "
+            "in px of those scans; predicting on a new image needs a model trained with µm/px "
+            "known (metadata['microns_per_pixel'] in the training sections)."
+        )
+    model.check_scale(image, mpp)
+    spacing = spacing_um if spacing_um is not None else tiles.spot_pitch_um
+    if spacing is None:
+        raise InputError("The model records no spot pitch; pass spacing_um= (--spacing-um).")
+    logger.info("laying a %.0f µm grid over the tissue of %s", spacing, path.name)
+    grid = grid_spots(image, spacing_um=spacing, mpp=mpp, mask=mask,
+                      spot_diameter_um=tiles.tile_um, library_id=path.stem)
+    return image, mpp, float(spacing), grid
 
 
 def _image_mpp(mpp: float | None, image: SlideImage, path: Path) -> float:
