@@ -169,3 +169,33 @@ def test_bad_tiling_input(pair, client, monkeypatch):
     monkeypatch.setattr(distributed, "default_client", no_client)
     with pytest.raises(InputError, match="no Dask client is running"):
         deconvolve(spatial, reference, client="default", **run)
+
+
+def test_cell_level_on_the_cluster_equals_single_machine(client, monkeypatch):
+    """The cell level's blocks as cluster tasks: the same weights and counts as one process
+    (every step is per spot); worker processes, so the reference side is really sent."""
+    from functools import partial
+
+    from spotlens.deconv import _cell_api, _cells, cell_level
+
+    tasks = []
+    submit = client.submit
+    monkeypatch.setattr(client, "submit", lambda *a, **k: tasks.append(1) or submit(*a, **k))
+    # blocks of 64 spots: several tasks
+    monkeypatch.setattr(_cell_api, "cell_weights", partial(_cells.cell_weights, block=64))
+    spatial, reference = spotlens.datasets.synthetic(300, 200, 5, seed=4)
+    deconvolve(spatial, reference, progress=False, lambda_spatial=0.0)
+    here = cell_level(spatial, reference, inplace=False, progress=False)
+    there = cell_level(spatial, reference, inplace=False, progress=False, client=client)
+    assert len(tasks) == 5  # ⌈300 / 64⌉
+    assert (here.weights != there.weights).nnz == 0
+    assert here.weights.nnz > spatial.n_obs
+    pd.testing.assert_frame_equal(here.cell_counts, there.cell_counts)
+
+
+def test_cell_level_client_must_be_a_client():
+    from spotlens.deconv import cell_level
+
+    spatial, reference = spotlens.datasets.synthetic(30, 50, 3, seed=4)
+    with pytest.raises(InputError, match="client"):
+        cell_level(spatial, reference, client=object(), progress=False)

@@ -15,6 +15,7 @@ from anndata import AnnData
 from scipy import sparse
 from tqdm.auto import tqdm
 
+from .._backend import resolve_client
 from .._version import __version__
 from .._keys import cell_counts_key, cell_weights_key, proportions_key
 from .._validation import (
@@ -92,6 +93,7 @@ def cell_level(
     key_added: str = CELL_WEIGHTS_KEY,
     inplace: bool = True,
     progress: bool = True,
+    client=None,
 ) -> CellLevelResult | None:
     """Distribute each spot's cell types over individual reference cells.
 
@@ -183,6 +185,10 @@ def cell_level(
         Write into ``spatial`` and return ``None``; else return a :class:`CellLevelResult`.
     progress
         Show a progress bar.
+    client
+        A ``distributed.Client`` (or ``"default"``, the current one): each block of 8,192
+        spots is solved as a task on that cluster, the reference side sent to every worker
+        once; the weights equal this machine's (every step is per spot). None: this machine.
 
     Returns
     -------
@@ -201,6 +207,7 @@ def cell_level(
     ------
     InputError
         Type-level result missing, or from another reference (other cell types or genes);
+        ``client`` not a Dask client (or ``"default"`` with none running);
         ``cells_per_spot`` not None, ``"estimate"``, a number > 0 or an obs column; its column
         missing, not numeric, negative or NaN, or 0 in every spot; ``"estimate"`` on counts
         that vary no more than counting noise; no cell
@@ -228,6 +235,7 @@ def cell_level(
                     lambda_similar=lambda_similar, lambda_ridge=lambda_ridge,
                     max_cells=max_cells, n_iter=n_iter, tol=tol, seed=seed)
     known = check_cells_per_spot_mode(cells_per_spot) == "column"
+    client = None if client is None else resolve_client(client)
     props, ab, uns = type_level(spatial, key)
     types = pd.Index(uns.get("cell_types", props.columns)).astype(str)
     labels = check_labels(reference, labels_key, min_cells_per_type=1)
@@ -315,7 +323,7 @@ def cell_level(
             counts, weights, profiles, col_type, space, cell_emb, abundance,
             n_candidates=n_candidates, lambda_ridge=lambda_ridge, lambda_type=lambda_type,
             lambda_similar=lambda_similar, bandwidth=bandwidth, n_iter=n_iter, tol=tol,
-            on_block=bar.update,
+            on_block=bar.update, client=client,
         )
     finally:
         bar.close()

@@ -21,6 +21,7 @@ ever held. :func:`solve_cell_weights` is the NumPy reference of the solve;
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -194,6 +195,7 @@ def cell_weights(
     refine: bool = True,
     block: int = 8192,
     on_block: Callable[[int], None] | None = None,
+    client=None,
 ) -> sparse.csr_matrix:
     """Sparse ``n_spots × n_cells`` cell weights for all spots, streamed in blocks of spots.
 
@@ -233,6 +235,9 @@ def cell_weights(
         Spots per block.
     on_block
         Called with the number of spots of each finished block.
+    client
+        A ``distributed.Client``: each block is a task on that cluster (the reference side is
+        sent to every worker once); the result equals the single pass. None: this process.
 
     Returns
     -------
@@ -240,44 +245,85 @@ def cell_weights(
     in spot ``i``.
     """
     counts = sparse.csr_matrix(counts)
-    profiles = sparse.csr_matrix(profiles, dtype=np.float64)
-    emb64 = np.ascontiguousarray(cell_emb, dtype=np.float64)
-    weighted = profiles.data * np.asarray(weights, dtype=np.float64)[profiles.indices]
     n = counts.shape[0]
-    rows, cols, vals = [], [], []
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        sub = counts[start:stop]
-        present = present_types(abundance[start:stop], min_abundance)
-        cand = search_cells(embed(sub, space), cell_emb, cell_type, present,
-                            n_candidates=n_candidates)
-        # the tie's weight against the data grows as the spot's counts shrink (the data's
-        # Poisson information is proportional to them): λ_type at one reference cell's counts
-        lib = np.asarray(sub.sum(axis=1), dtype=np.float64).ravel()
-        tie = lambda_type * np.where(lib > 0, space.scale / np.where(lib > 0, lib, 1.0), 1.0)
-        solve = partial(
-            solve_spots, sub, weights, profiles, cell_type, emb64, abundance[start:stop],
-            bandwidth=bandwidth, lambda_ridge=lambda_ridge, lambda_type=tie,
-            lambda_similar=lambda_similar, n_iter=n_iter, tol=tol, weighted=weighted,
-        )
-        beta = solve(cand)
-        if refine:
-            cand = _refined(sub, profiles, cand, beta, space, cell_emb, cell_type, present,
-                            n_candidates)
-            beta = solve(cand)
-        keep = (cand >= 0) & (beta > 0)
-        r, j = np.nonzero(keep)
-        rows.append(r + start)
-        cols.append(cand[r, j])
-        vals.append(beta[r, j])
-        if on_block is not None:
-            on_block(stop - start)
+    profiles = sparse.csr_matrix(profiles, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    settings = dict(n_candidates=n_candidates, min_abundance=min_abundance,
+                    lambda_ridge=lambda_ridge, lambda_type=lambda_type,
+                    lambda_similar=lambda_similar, bandwidth=bandwidth, n_iter=n_iter, tol=tol,
+                    refine=refine)
+    shared = _Shared(weights, profiles, profiles.data * weights[profiles.indices],
+                     np.asarray(cell_type), space, np.asarray(cell_emb),
+                     np.ascontiguousarray(cell_emb, dtype=np.float64), settings)
+    starts = list(range(0, n, block))
+    parts = []
+    if client is None:
+        for start in starts:
+            stop = min(n, start + block)
+            parts.append(_block_weights(shared, counts[start:stop], abundance[start:stop]))
+            if on_block is not None:
+                on_block(stop - start)
+    else:
+        # one task per block; the reference side goes to every worker once
+        remote = client.scatter(shared, broadcast=True)
+        futures = [client.submit(_block_weights, remote, counts[s:min(n, s + block)],
+                                 abundance[s:min(n, s + block)], pure=False) for s in starts]
+        for start, future in zip(starts, futures, strict=True):
+            parts.append(future.result())
+            if on_block is not None:
+                on_block(min(n, start + block) - start)
+    rows = [r + start for start, (r, _, _) in zip(starts, parts, strict=True)]
     out = sparse.csr_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-        shape=(n, profiles.shape[0]),
+        (np.concatenate([v for *_, v in parts]) if parts else np.zeros(0),
+         (np.concatenate(rows) if rows else np.zeros(0, int),
+          np.concatenate([c for _, c, _ in parts]) if parts else np.zeros(0, int))),
+        shape=(n, shared.profiles.shape[0]),
     )
     out.sum_duplicates()
     return out
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """The reference side of the cell weights, the same for every block of spots."""
+
+    weights: np.ndarray
+    profiles: sparse.csr_matrix
+    weighted: np.ndarray  # profiles.data times the weights of their genes
+    cell_type: np.ndarray
+    space: ScoreSpace
+    cell_emb: np.ndarray  # as given (the search's dtype)
+    emb64: np.ndarray  # float64, C-contiguous (the solve's)
+    settings: dict
+
+
+def _block_weights(shared: _Shared, sub: sparse.csr_matrix, abundance: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows (within the block), columns and values of one block's non-zero weights."""
+    opts = shared.settings
+    profiles, space, cell_emb, cell_type = (shared.profiles, shared.space, shared.cell_emb,
+                                            shared.cell_type)
+    present = present_types(abundance, opts["min_abundance"])
+    cand = search_cells(embed(sub, space), cell_emb, cell_type, present,
+                        n_candidates=opts["n_candidates"])
+    # the tie's weight against the data grows as the spot's counts shrink (the data's
+    # Poisson information is proportional to them): λ_type at one reference cell's counts
+    lib = np.asarray(sub.sum(axis=1), dtype=np.float64).ravel()
+    tie = opts["lambda_type"] * np.where(lib > 0, space.scale / np.where(lib > 0, lib, 1.0), 1.0)
+    solve = partial(
+        solve_spots, sub, shared.weights, profiles, cell_type, shared.emb64, abundance,
+        bandwidth=opts["bandwidth"], lambda_ridge=opts["lambda_ridge"], lambda_type=tie,
+        lambda_similar=opts["lambda_similar"], n_iter=opts["n_iter"], tol=opts["tol"],
+        weighted=shared.weighted,
+    )
+    beta = solve(cand)
+    if opts["refine"]:
+        cand = _refined(sub, profiles, cand, beta, space, cell_emb, cell_type, present,
+                        opts["n_candidates"])
+        beta = solve(cand)
+    keep = (cand >= 0) & (beta > 0)
+    r, j = np.nonzero(keep)
+    return r, cand[r, j], beta[r, j]
 
 
 def _refined(counts: sparse.csr_matrix, profiles: sparse.csr_matrix, cand: np.ndarray,

@@ -28,7 +28,6 @@ def predict_image_nuclei(
     cache_dir=None,
     device: str = "cpu",
     progress: bool = False,
-    key_added: str = NUCLEUS_PREDICTION_KEY,
 ) -> AnnData:
     """Predict the expression of every nucleus of an H&E-only image (no measured spots).
 
@@ -55,16 +54,15 @@ def predict_image_nuclei(
         Grid pitch in µm; None = the training spots' pitch.
     mask, cache_dir, device, progress
         As in :func:`predict_image`.
-    key_added
-        As in :meth:`HistologyModel.predict_nuclei`.
 
     Returns
     -------
     AnnData ``n_nuclei × n_genes`` as :meth:`HistologyModel.predict_nuclei` returns it, with
     ``obs["spot"]`` naming the grid's pseudo-spots (NA between them) and
-    ``uns[key_added]["spot_expression"]`` the pseudo-spots' sums; also
-    ``uns[key_added]["grid"]``: the pseudo-spots' centres ``(x, y)`` in full-resolution px
-    (DataFrame indexed by spot name) and ``uns[key_added]["params"]["spacing_um"]``.
+    ``uns["nucleus_prediction"]["spot_expression"]`` the pseudo-spots' sums; also
+    ``uns["nucleus_prediction"]["grid"]``: the pseudo-spots' centres ``(x, y)`` in
+    full-resolution px (DataFrame indexed by spot name) and
+    ``uns["nucleus_prediction"]["params"]["spacing_um"]``.
 
     Raises
     ------
@@ -93,8 +91,8 @@ def predict_image_nuclei(
                                                     grid.obsm[SPATIAL_KEY], radius,
                                                     grid.obs_names)
     result = model.predict_nuclei(grid, image=image, cells=nuclei, mpp=mpp, cache_dir=cache_dir,
-                                  progress=progress, check_image=False, key_added=key_added)
-    entry = result.uns[key_added]
+                                  progress=progress, check_image=False)
+    entry = result.uns[NUCLEUS_PREDICTION_KEY]
     entry["grid"] = pd.DataFrame(grid.obsm[SPATIAL_KEY], index=grid.obs_names.copy(),
                                  columns=["x", "y"])
     entry.setdefault("params", {})["spacing_um"] = spacing
