@@ -266,3 +266,28 @@ def test_output_folder_helper_outside_a_command(tmp_path):
     with output_folder(out, known=("model.pt",), keep_unfinished=True) as run:
         run.start_writing()
         assert (out / "model.pt").read_bytes() == b"weights"
+
+
+def test_report_tile_folders_go_with_their_report(tmp_path):
+    """A report's tile folder (report_files/) is removed with the earlier run's report, and a
+    tile folder half-written by a killed run (.report_files.<random>.tmp) is cleaned up."""
+    from spotlens.cli._outputs import output_folder
+
+    out = tmp_path / "out"
+    known = ("spatial.h5ad", "report.html")
+    with output_folder(out, known=known) as run:
+        run.start_writing(["spatial.h5ad", "report.html"])
+        run.write("spatial.h5ad", lambda path: Path(path).write_text("a"))
+        run.write("report.html", lambda path: Path(path).write_text("<html>"))
+        (out / "report_files" / "8").mkdir(parents=True)
+        (out / "report_files" / "8" / "0_0.jpg").write_bytes(b"jpg")
+        run.finish()
+    (out / ".report_files.x1y2.tmp" / "9").mkdir(parents=True)
+    (out / "notes_files").mkdir()  # not a report's: kept
+    with output_folder(out, known=known, overwrite=True) as run:
+        assert not (out / ".report_files.x1y2.tmp").exists()
+        run.start_writing(["spatial.h5ad"])
+        run.write("spatial.h5ad", lambda path: Path(path).write_text("b"))
+        run.finish()
+    assert not (out / "report.html").exists() and not (out / "report_files").exists()
+    assert (out / "notes_files").is_dir()

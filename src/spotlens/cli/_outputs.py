@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -137,6 +138,9 @@ class OutputRun:
         for tmp in _temporary_files(folder):
             logger.info("removing %s, left by an interrupted run", tmp)
             tmp.unlink(missing_ok=True)
+        for tmp in _temporary_folders(folder):
+            logger.info("removing %s, left by an interrupted run", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
         self._before = _snapshot(folder)
         self._created = _make_folder(folder)
 
@@ -203,6 +207,10 @@ class OutputRun:
             if target.is_file() or target.is_symlink():
                 logger.info("removing %s of the earlier run", target)
                 target.unlink(missing_ok=True)
+            tiles = target.with_name(f"{target.stem}_files")  # a report's Deep Zoom tiles
+            if target.suffix == ".html" and tiles.is_dir() and not tiles.is_symlink():
+                logger.info("removing %s of the earlier run", tiles)
+                shutil.rmtree(tiles)
         self._writing = True
         self._write_manifest(complete=False)
 
@@ -396,6 +404,15 @@ def _temporary_files(folder: Path) -> list[Path]:
     from ..io import temporary_files
 
     return temporary_files(folder)
+
+
+def _temporary_folders(folder: Path) -> list[Path]:
+    """Hidden ``.<name>_files.<random>.tmp`` folders of report tiles a killed run left."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() and not p.is_symlink() and p.name.startswith(".")
+                  and p.name.endswith(".tmp") and "_files." in p.name)
 
 
 def _make_folder(folder: Path) -> list[Path]:
