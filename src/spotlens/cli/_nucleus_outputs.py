@@ -56,7 +56,7 @@ def predict_nuclei_run(run, fitted, *, image: Path, section: Path | None, nuclei
     if section is None:  # the image alone: a grid of pseudo-spots over its tissue
         from ..histology import predict_image_nuclei
 
-        result = predict_image_nuclei(fitted, image, nuclei=cells, mpp=mpp,
+        result = predict_image_nuclei(fitted, slide, nuclei=cells, mpp=mpp,
                                       spacing_um=spacing_um, cache_dir=cache_dir,
                                       progress=progress)
     else:

@@ -396,16 +396,20 @@ def predict_image(
     return result
 
 
-def image_grid(model: HistologyModel, path: Path, *, mpp: float | None,
+def image_grid(model: HistologyModel, path: Path | SlideImage, *, mpp: float | None,
                spacing_um: float | None, mask=None) -> tuple[SlideImage, float, float, AnnData]:
     """Open an H&E-only image and lay the model's grid of pseudo-spots over its tissue.
 
-    Returns the image, its µm/px, the grid pitch in µm and the grid (:func:`grid_spots`,
-    spots the side of the model's tiles). Raises InputError as :func:`predict_image` does.
+    ``path`` may be an opened :class:`SlideImage` of a file (not read again). Returns the
+    image, its µm/px, the grid pitch in µm and the grid (:func:`grid_spots`, spots the side of
+    the model's tiles). Raises InputError as :func:`predict_image` does.
     """
     from ._tissue import grid_spots
 
-    image = read_image(path)
+    if isinstance(path, SlideImage) and path.path is not None:
+        image, path = path, path.path
+    else:
+        image = read_image(path)
     mpp = _image_mpp(check_mpp(mpp), image, path)
     tiles = model.settings.tiles
     if tiles.tile_um is None:

@@ -9,6 +9,7 @@ from anndata import AnnData
 
 from .._keys import NUCLEUS_SPOT_KEY, SPATIAL_KEY, SPATIAL_UNS_KEY
 from .._validation import InputError
+from ..io import SlideImage
 from ._nucleus_features import check_nuclei
 from ._nucleus_level import NUCLEUS_PREDICTION_KEY
 from ._predict import _model, image_grid
@@ -43,7 +44,7 @@ def predict_image_nuclei(
         Folder written by :func:`train` with ``model="nucleus"`` (or a loaded
         :class:`HistologyModel`).
     image_path
-        Full-resolution H&E image.
+        Full-resolution H&E image (a file, or a :class:`SlideImage` read from one).
     nuclei
         :func:`segment_nuclei`'s AnnData of this image's nuclei (``obsm["spatial"]`` in
         full-resolution px); its ``obs["spot"]``, if any, is replaced by the grid's
@@ -79,7 +80,7 @@ def predict_image_nuclei(
                          f"model='nucleus'); this one is {model.settings.model_type!r}.")
     if nuclei is not None:
         check_nuclei(nuclei)
-    path = Path(image_path).expanduser()
+    path = image_path if isinstance(image_path, SlideImage) else Path(image_path).expanduser()
     image, mpp, spacing, grid = image_grid(model, path, mpp=mpp, spacing_um=spacing_um,
                                            mask=mask)
     logger.info("%d pseudo-spots on tissue", grid.n_obs)
