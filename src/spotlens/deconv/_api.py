@@ -182,7 +182,7 @@ def deconvolve(
         Fewest shared genes accepted.
     n_iter, tol
         Maximum sweeps; stop when the relative change of ``X`` is below ``tol``. ``None``:
-        1e-4 under the count likelihood, whose every iteration is an accelerated step of
+        3e-4 under the count likelihood, whose every iteration is an accelerated step of
         three majorisation-minimisation steps (SQUAREM), and 1e-5 under least squares, whose
         sweeps are single Gauss-Seidel passes.
     device

@@ -231,10 +231,12 @@ def _as_float_array(value, what: str, ndim: int) -> np.ndarray:
 
 def _check_inputs(counts, x, signature, library):
     if sparse.issparse(counts):
-        y = sparse.csr_matrix(counts, dtype=np.float64, copy=True)
+        y = sparse.csr_matrix(counts, dtype=np.float64)
+        if not y.has_canonical_format:  # summed on a copy: the caller's matrix is not touched
+            y = y.copy()
+            y.sum_duplicates()
     else:
         y = sparse.csr_matrix(_as_float_array(counts, "counts", 2))
-    y.sum_duplicates()
     x = _as_float_array(x, "compositions x", 2)
     s = _as_float_array(signature, "signatures", 2)
     n, g = y.shape
@@ -447,8 +449,9 @@ def _deviance_and_expectation(y, x, s, lib, phi, grid, table, e_inf):
     deviance = np.empty(n)
     expected = np.empty(n)
     step = float(grid[1] - grid[0])
+    buffer = np.empty((min(n, _BLOCK), s.shape[1]))  # reused: a fresh block costs page faults
     for lo, hi in _blocks(n):
-        mu = lib[lo:hi, None] * (x[lo:hi] @ s)
+        mu = np.matmul(x[lo:hi] * lib[lo:hi, None], s, out=buffer[: hi - lo])
         block = y[lo:hi]
 
         def rows(a, b, mu=mu, block=block, lo=lo):

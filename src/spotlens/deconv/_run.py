@@ -55,7 +55,7 @@ QUASI_MIN_GENES = 100
 #: Stopping tolerance (``tol=None``) of the count likelihood's fit (SQUAREM iterations) and of
 #: the least-squares one (Gauss-Seidel sweeps); chosen on the development simulations (seeds
 #: 0-3; figures in benchmarks/results/docstring_figures.md).
-COUNT_TOL = 1e-4
+COUNT_TOL = 3e-4
 LEAST_SQUARES_TOL = 1e-5
 #: Largest patch of spots the penalties are chosen on (``cv_max_spots=None``); chosen on
 #: 5,000-spot simulations (benchmarks/results/docstring_figures.md).
@@ -63,7 +63,7 @@ COUNT_CV_SPOTS = 2_000
 LEAST_SQUARES_CV_SPOTS = 5_000
 #: Stopping tolerance of the first (Poisson) fit that the quasi-Poisson gene weights come from:
 #: they need its expected counts only roughly (benchmarks/results/docstring_figures.md).
-FIRST_FIT_TOL = 3e-3
+FIRST_FIT_TOL = 1e-2
 #: Largest slide on which likelihood="auto" fits the count likelihood (a standard Visium
 #: capture area has at most 4,992 spots); above it, least squares keeps million-bin slides fast.
 COUNT_MAX_SPOTS = 5_000
