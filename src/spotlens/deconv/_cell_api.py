@@ -83,7 +83,7 @@ def cell_level(
     key: str = proportions_key(),
     cells_per_spot: str | float | None = None,
     n_candidates: int = 10,
-    lambda_type: float = 0.1,
+    lambda_type: float = 0.03,
     lambda_similar: float = 0.0,
     lambda_ridge: float = 1e-3,
     max_cells: int = 200_000,

@@ -187,7 +187,7 @@ def cell_weights(
     n_candidates: int = 10,
     min_abundance: float = 0.1,
     lambda_ridge: float = 1e-3,
-    lambda_type: float = 0.1,
+    lambda_type: float = 0.03,
     lambda_similar: float = 0.0,
     bandwidth: float = 1.0,
     n_iter: int = 100,

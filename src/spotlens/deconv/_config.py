@@ -297,7 +297,7 @@ class CellLevelConfig:
     """
 
     n_candidates: int = 10
-    lambda_type: float = 0.1
+    lambda_type: float = 0.03
     lambda_similar: float = 0.0
     lambda_ridge: float = 1e-3
     max_cells: int = 200_000
