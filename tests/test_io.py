@@ -348,6 +348,23 @@ def test_visium_hd_bins_counts_coordinates_and_scalefactors(tmp_path, osmfish_bl
     assert hd16.uns["spatial"]["hd_section"]["scalefactors"]["bin_size_um"] == 16.0
 
 
+def test_visium_hd_8um_bins_summed_into_16um_match_the_bin_grid(tmp_path, osmfish_block):
+    from spotlens.pp import aggregate_bins
+
+    st, _ = osmfish_block
+    hd = sio.read_spatial(make_visium_hd(tmp_path, st, bin_sizes=(8,), images=False))
+    # the scale factors give µm per pixel: no unit has to be passed
+    big = aggregate_bins(hd, bin_size_um=16.0)
+    group = big.uns["aggregate_bins"]["bin_group"]
+    blocks = hd.obs["array_row"].to_numpy() // 2 * 10_000 + hd.obs["array_col"].to_numpy() // 2
+    assert big.n_obs == len(np.unique(blocks))
+    for row in range(big.n_obs):  # each 16 µm bin is one 2 × 2 block of the 8 µm grid
+        assert len(np.unique(blocks[group == row])) == 1
+    np.testing.assert_allclose(np.asarray(big.X.sum(axis=0)).ravel(),
+                               np.asarray(hd.X.sum(axis=0)).ravel())
+    assert big.uns["spatial"].keys() == hd.uns["spatial"].keys()
+
+
 def test_visium_hd_library_id_and_missing_microns_per_pixel(tmp_path, osmfish_block):
     st, _ = osmfish_block
     outs = make_visium_hd(tmp_path, st[:20], bin_sizes=(16,), images=False)

@@ -18,6 +18,8 @@ place and the documentation can point at one list. Inputs named by the user (``s
   ``uns[HISTOLOGY_PREDICTION_KEY]``, ``obsm[prediction_std_key(K)]`` (the prediction's
   uncertainty; a layer of that name in :func:`~spotlens.histology.predict_image`'s AnnData),
   ``obs[SECTION_KEY]``.
+- Summed bins (:func:`spotlens.pp.aggregate_bins`): a new AnnData with ``obs[N_BINS_KEY]``
+  and ``uns[AGGREGATE_BINS_KEY]``.
 - Nuclei (:func:`spotlens.histology.segment_nuclei`): a new AnnData with ``obsm[SPATIAL_KEY]``,
   ``obs[NUCLEUS_SPOT_KEY]`` and ``uns[NUCLEI_KEY]``; :func:`~spotlens.histology.count_nuclei`
   writes ``obs[N_NUCLEI_KEY]`` of the spots.
@@ -55,6 +57,10 @@ N_NUCLEI_KEY = "n_nuclei"
 IN_TISSUE_KEY = "in_tissue"
 ARRAY_ROW_KEY = "array_row"
 ARRAY_COL_KEY = "array_col"
+#: ``uns`` key of :func:`spotlens.pp.aggregate_bins`' parameters and bin map in its result, and
+#: the ``obs`` column of the input bins each output row sums.
+AGGREGATE_BINS_KEY = "aggregate_bins"
+N_BINS_KEY = "n_bins"
 
 # ground truth written by the synthetic factories and the bundled example
 #: ``obsm``: true proportions (``n_spots × n_types``) of :func:`spotlens.datasets.synthetic`

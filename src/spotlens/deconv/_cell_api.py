@@ -122,7 +122,11 @@ def cell_level(
     cell of that type); other spots keep their estimated number of cells, rounded. Spots
     without counts get none. The number of spots raised to one cell is logged and stored in
     ``uns[key_added]["params"]["n_spots_raised_to_one_cell"]``. Pass ``cells_per_spot`` to
-    use known numbers instead (then a spot given 0 cells gets none).
+    use known numbers instead (then a spot given 0 cells gets none). For bins much smaller
+    than a cell (Visium HD 2 µm), whole cells belong to groups of bins: sum them first with
+    :func:`spotlens.pp.aggregate_bins`, into squares of 16 µm or more or into the cells of a
+    segmentation (``by=``, with ``cells_per_spot=1``), and run the cell level on those; the
+    type-level proportions of the small bins themselves stay fractional.
 
     Parameters
     ----------
@@ -401,5 +405,6 @@ def _log_raised(raised: np.ndarray, has_counts: np.ndarray, abundance: np.ndarra
     log = logger.warning if n > n_counts / 2 else logger.info
     log("%d of %d spots with counts are estimated below one cell (median %.2f cells; beads or "
         "bins smaller than a cell): each is given one cell, of its most likely type. Pass "
-        "cells_per_spot= (--cells-per-spot) with known numbers of cells to set them.",
+        "cells_per_spot= (--cells-per-spot) with known numbers of cells to set them, or sum "
+        "the bins into whole cells first with spotlens.pp.aggregate_bins.",
         n, n_counts, median)
