@@ -110,11 +110,14 @@ def test_the_input_is_not_changed():
     ({"bin_size_um": 8.0, "microns_per_unit": 1.0, "spatial_key": "xy"}, r"no obsm\['xy'\]"),
     ({"bin_size_um": 8.0, "microns_per_unit": 1.0, "layer": "counts"}, "no layer 'counts'"),
     ({"by": "empty"}, "Every bin has a missing label"),
+    ({"by": "cell_id", "library_key": "empty"}, "missing section labels"),
+    ({"by": "cell_id", "layer": "normalised"}, "spatial counts"),
 ])
 def test_bad_input_is_refused_with_the_fix(kwargs, message):
     hd = fine_bins()
     hd.obs["cell_id"] = "c"
     hd.obs["empty"] = pd.Series([None] * hd.n_obs, index=hd.obs_names, dtype=object)
+    hd.layers["normalised"] = hd.X * 0.37
     with pytest.raises(InputError, match=message):
         aggregate_bins(hd, **kwargs)
 

@@ -19,7 +19,10 @@ from anndata import AnnData
 from scipy import sparse
 
 from .._keys import AGGREGATE_BINS_KEY, N_BINS_KEY, SPATIAL_UNS_KEY
-from .._validation import InputError, check_coordinates, check_number, get_matrix
+from .._validation import InputError, check_coordinates, check_counts, check_number, get_matrix
+
+#: Bins whose counts are checked to be raw counts (as deconvolve checks the first spots).
+_HEAD_BINS = 2000
 
 
 def _microns_per_unit(adata: AnnData, given) -> float:
@@ -97,8 +100,9 @@ def aggregate_bins(
     ------
     InputError
         Neither or both of ``bin_size_um`` and ``by``; a missing ``obs`` column, layer or
-        coordinates; ``bin_size_um`` or ``microns_per_unit`` not > 0; an unknown coordinate
-        unit; every bin left out.
+        coordinates; counts that are not raw (negative, non-integer); missing section labels;
+        ``bin_size_um`` or ``microns_per_unit`` not > 0; an unknown coordinate unit; every bin
+        left out.
 
     Examples
     --------
@@ -118,7 +122,11 @@ def aggregate_bins(
         if column is not None and column not in adata.obs.columns:
             raise InputError(f"adata.obs has no column {column!r}; pass the name of an obs "
                              "column.")
+    if library_key is not None and adata.obs[library_key].isna().any():
+        raise InputError(f"obs[{library_key!r}] has missing section labels; every bin needs "
+                         "its section.")
     counts = get_matrix(adata, layer, what="spatial data")
+    check_counts(counts[: min(adata.n_obs, _HEAD_BINS)], what="spatial counts")
     coords = check_coordinates(adata, spatial_key)
     params = {"bin_size_um": bin_size_um, "by": by, "spatial_key": spatial_key, "layer": layer,
               "library_key": library_key, "microns_per_unit": None}
@@ -143,7 +151,8 @@ def aggregate_bins(
     group, names = pd.factorize(pd.Series(key).where(keep))
     light = AnnData(sparse.csr_matrix(counts) if sparse.issparse(counts) else np.asarray(counts),
                     obs=pd.DataFrame({"group": pd.Categorical.from_codes(
-                        group, categories=names)}, index=adata.obs_names))
+                        group, categories=names)},
+                                     index=pd.RangeIndex(adata.n_obs).astype(str)))
     light = light[keep]
     summed = sc.get.aggregate(light, by="group", func="sum")
     order = summed.obs_names.get_indexer(names)  # rows of `summed` in the order of `names`
