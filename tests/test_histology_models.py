@@ -89,6 +89,21 @@ def test_models_learn_a_planted_relation(kind, bar):
     assert np.mean(r) > bar
 
 
+@pytest.mark.parametrize("kind", ["attention", "graph"])
+def test_one_seed_gives_the_same_model_on_several_threads(kind):
+    train = [_synthetic(n=240, seed=1, name="a"), _synthetic(n=240, seed=2, name="b")]
+    test = _synthetic(n=240, seed=3, name="c")
+    cfg = TrainConfig(model=kind, epochs=15, hidden=32, latent=16, dropout=0.3, seed=7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # reductions split over threads are where runs could differ
+    try:
+        preds = [ExpressionModel([f"g{i}" for i in range(8)], cfg).fit(train, progress=False)
+                 .predict(test) for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(preds[0], preds[1])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HER2ST.exists(), reason="shared her2st data folder is absent")
 def test_attention_model_overfits_a_tiny_real_subset():

@@ -171,13 +171,17 @@ class GraphAttentionLayer(nn.Module):
         """``h``: ``n × n_in``; ``edges``: ``2 × n_edges`` (target, source), self loops included."""
         wh = self.w(h)
         dst, src = edges
-        e = fn.leaky_relu((wh[dst] * self.a_dst).sum(1) + (wh[src] * self.a_src).sum(1), 0.2)
+        # index_select, not wh[src]: the backward of advanced indexing accumulates over threads
+        # in a varying order on the CPU, so two runs with one seed would differ by rounding
+        # (and, through early stopping, by more); index_select's backward is index_add
+        wh_dst, wh_src = torch.index_select(wh, 0, dst), torch.index_select(wh, 0, src)
+        e = fn.leaky_relu((wh_dst * self.a_dst).sum(1) + (wh_src * self.a_src).sum(1), 0.2)
         top = torch.full((h.shape[0],), float("-inf"), device=h.device, dtype=e.dtype)
         top = top.scatter_reduce(0, dst, e, reduce="amax")
-        weight = torch.exp(e - top[dst])
+        weight = torch.exp(e - torch.index_select(top, 0, dst))
         total = torch.zeros(h.shape[0], device=h.device, dtype=e.dtype).index_add(0, dst, weight)
-        alpha = weight / total[dst]
-        out = torch.zeros_like(wh).index_add(0, dst, alpha[:, None] * wh[src])
+        alpha = weight / torch.index_select(total, 0, dst)
+        out = torch.zeros_like(wh).index_add(0, dst, alpha[:, None] * wh_src)
         return out
 
 
