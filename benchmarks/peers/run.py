@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rctd Reference cell_min (rctd default 25; pseudo-spot references "
                         "hold half of 25-30 cells per type, so the default drops every type)")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.rctd_cell_min is not None:
         os.environ["SPOTLENS_RCTD_CELL_MIN"] = str(args.rctd_cell_min)
     import spotlens
