@@ -174,7 +174,10 @@ def cell_level(
         weight for a spot with one reference cell's counts (the reference's median library
         over the genes used); a spot with ``l`` times as many counts gets ``lambda_type / l``,
         since its counts say ``l`` times more (Poisson), so beads and bins smaller than a cell
-        follow the type level closely and spots of many cells follow their own counts. After
+        follow the type level closely and spots of many cells follow their own counts. A
+        smaller ``lambda_type`` finds more of a spot's own cells, a larger one keeps the cells
+        counted per type closer to the type level; the default was chosen on simulations for
+        the first (``benchmarks/studies/results/cell_level_defaults.md``). After
         the first solve, the best cells for what it left unexplained are searched and the spot
         is solved again (at most ``n_candidates`` per type).
     max_cells
