@@ -106,7 +106,8 @@ def test_the_input_is_not_changed():
     ({"by": "nope"}, "no column 'nope'"),
     ({"bin_size_um": 8.0}, "Pass microns_per_unit="),
     ({"bin_size_um": 0.0, "microns_per_unit": 1.0}, "bin_size_um must be a finite number > 0"),
-    ({"bin_size_um": 8.0, "microns_per_unit": -1.0}, "microns_per_unit must be a finite number > 0"),
+    ({"bin_size_um": 8.0, "microns_per_unit": -1.0},
+     "microns_per_unit must be a finite number > 0"),
     ({"bin_size_um": 8.0, "microns_per_unit": 1.0, "spatial_key": "xy"}, r"no obsm\['xy'\]"),
     ({"bin_size_um": 8.0, "microns_per_unit": 1.0, "layer": "counts"}, "no layer 'counts'"),
     ({"by": "empty"}, "Every bin has a missing label"),
@@ -150,3 +151,21 @@ def test_cells_are_counted_on_summed_bins_not_on_bins_smaller_than_a_cell():
     assert summed.n_obs == spots.n_obs
     assert placed_bins > 5 * truth  # every bin is raised to one whole cell
     assert abs(placed_summed - truth) < 0.35 * truth
+
+
+def test_segmented_cells_get_one_cell_each_with_a_column_of_ones():
+    # the documented route for bins grouped by a segmentation: each row is one cell
+    spots, reference = spotlens.datasets.synthetic(n_spots=60, n_genes=150, n_types=3,
+                                                   cells_per_spot=1.0, n_cells_per_type=30,
+                                                   seed=5)
+    bins = AnnData(sparse.csr_matrix(spots.X, dtype=np.float64), var=spots.var[[]].copy())
+    bins.obs_names = [f"b{k}" for k in range(bins.n_obs)]
+    bins.obsm["spatial"] = spots.obsm["spatial"]
+    bins.obs["cell_id"] = [f"cell{k // 2}" for k in range(bins.n_obs)]  # two bins per cell
+    cells = aggregate_bins(bins, by="cell_id")
+    cells.obs["n_cells"] = 1
+    spotlens.deconv.deconvolve(cells, reference, progress=False)
+    spotlens.deconv.cell_level(cells, reference, cells_per_spot="n_cells", progress=False)
+    placed = cells.obsm["cell_counts_spotlens"].to_numpy().sum(axis=1)
+    assert cells.n_obs == 30
+    np.testing.assert_array_equal(placed, np.ones(cells.n_obs))

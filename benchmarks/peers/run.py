@@ -268,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
             "(`spots_dropped`). `seconds`: the method call only (peers: inside their runner, "
             "without imports or reading files; spotlens after one small warm-up fit that "
             f"loads its compiled kernels; the median of {args.repeats} run(s)); "
-            "`peak_memory_mb`: the peer's process (`ru_maxrss`; not measured for spotlens, which runs in this process). Peer "
-            "settings and deviations: `benchmarks/peers/README.md`; rctd runs with "
+            "`peak_memory_mb`: the peer's process (`ru_maxrss`; not measured for spotlens, "
+            "which runs in this process). Peer settings and deviations: "
+            "`benchmarks/peers/README.md`; rctd runs with "
             f"`cell_min={args.rctd_cell_min}` (its default 25 drops every type of these "
             "references, which hold 12–15 cells per type).\n\n"
         )

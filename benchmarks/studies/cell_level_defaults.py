@@ -126,8 +126,8 @@ def cells_into_spots(cells: ad.AnnData, seed: int, prefix: str) -> tuple[ad.AnnD
     used = [s for s in range(n_spots) if members[s]]
     x = sparse.csr_matrix(cells.X, dtype=np.float64)
     rows = np.repeat(np.arange(len(used)), [len(members[s]) for s in used])
-    agg = sparse.csr_matrix((np.ones(len(rows)), (rows, np.concatenate([members[s] for s in used]))),
-                            shape=(len(used), len(labels)))
+    cols = np.concatenate([members[s] for s in used])
+    agg = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(used), len(labels)))
     names = [f"{prefix}{s}" for s in used]
     spatial = ad.AnnData(sparse.csr_matrix(agg @ x), var=cells.var[[]].copy())
     spatial.obs_names = names

@@ -125,8 +125,9 @@ def cell_level(
     use known numbers instead (then a spot given 0 cells gets none). For bins much smaller
     than a cell (Visium HD 2 µm), whole cells belong to groups of bins: sum them first with
     :func:`spotlens.pp.aggregate_bins`, into squares of 16 µm or more or into the cells of a
-    segmentation (``by=``, with ``cells_per_spot=1``), and run the cell level on those; the
-    type-level proportions of the small bins themselves stay fractional.
+    segmentation (``by=``; then each row is one cell: pass an ``obs`` column of ones as
+    ``cells_per_spot``, not the number 1, which is a mean), and run the cell level on those;
+    the type-level proportions of the small bins themselves stay fractional.
 
     Parameters
     ----------
