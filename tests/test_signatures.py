@@ -212,6 +212,24 @@ def test_overdispersed_markers_are_dropped_in_the_documented_fraction():
     assert {g for g in ref.var_names if g.startswith("marker")} <= kept
 
 
+def test_small_panel_keeps_every_gene_but_its_most_overdispersed():
+    # 4 types × 25 markers + 40 background + 5 bursty genes = 145 genes ≤ 200 × 4: every
+    # expressed gene is kept, less 5 % of them (7 genes, the bursty 5 among them); with
+    # n_genes_per_type=None nothing is dropped
+    def bursty(labels):
+        rng = np.random.default_rng(1)
+        on = (np.arange(len(labels)) % 2 == 0) & (labels == 0)
+        mean = np.where(on, 20.0 * 15 * 10, 1.0)[:, None] * np.ones((1, 5))
+        return rng.poisson(mean).astype(np.float32)
+
+    ref = _marker_reference(n_markers=25, n_background=40, extra=bursty)
+    sig = reference_signatures(ref, drop_overdispersed=0.05)
+    assert len(sig.genes) == ref.n_vars - 7
+    assert not set(sig.genes) & {f"extra{j}" for j in range(5)}
+    everything = reference_signatures(ref, n_genes_per_type=None, drop_overdispersed=0.05)
+    assert len(everything.genes) == ref.n_vars
+
+
 def test_genes_not_in_reference():
     with pytest.raises(InputError, match=r"Genes not in the reference: \['nope'\]"):
         reference_signatures(_hand_reference(), genes=["g1", "nope"], min_cells_per_type=2)

@@ -9,7 +9,10 @@ half of a real reference, the method gets the other half) from the small real re
   the reference (present in spots, absent from the reference); 1,000 spots whose genes the
   spatial assay captures differently (``platform_effect=0.7``: a log-normal factor per gene);
 - cerebellum (Slide-seq reference, 19 types × 25 cells) and hippocampus (17 types × 30 cells):
-  1,000 spots each; the cerebellum also with the platform effect.
+  1,000 spots each; the cerebellum also with the platform effect;
+- by name only (``--cases lymph_panel lymph_panel_platform``): the lymph-node reference cut to
+  the 558 genes the real lymph-node Visium file shares with it, 1,000 UMI a spot, without and
+  with the platform effect — a small panel like the real pairs'.
 
 For each case ``spatial.h5ad``, ``reference.h5ad`` and ``truth.csv`` are written once into the
 cache folder (reused when present), spotlens runs in this process
@@ -69,7 +72,16 @@ CASES: dict[str, tuple[str, str, dict]] = {
                                  dict(n_spots=1000, platform_effect=0.7)),
     "hippocampus_1000": ("spacexr_hippocampus_visium", "hippocampus, 1,000 spots",
                          dict(n_spots=1000)),
+    # the genes of the real lymph-node Visium file (558 shared with the reference, ~900 UMI a
+    # spot over them): a small panel, as the real pairs are
+    "lymph_panel": (LYMPH, "lymph node, 558-gene panel, 1,000 UMI",
+                    dict(n_spots=1000, library_size=1000, panel_of=LYMPH)),
+    "lymph_panel_platform": (LYMPH, "lymph node, 558-gene panel, 1,000 UMI, platform effect σ 0.7",
+                             dict(n_spots=1000, library_size=1000, platform_effect=0.7,
+                                  panel_of=LYMPH)),
 }
+#: the default cases (the panel cases were added on 2026-12-04 and are run by name)
+DEFAULT_CASES = tuple(c for c in CASES if not c.startswith("lymph_panel"))
 #: Seed of the simulations. spotlens's defaults were developed on pseudo-spots of seeds 0 to 3;
 #: the benchmark uses other seeds (101 and up), never looked at during development.
 SEED = 101
@@ -89,6 +101,11 @@ def make_case(
         from spotlens.datasets import pseudo_spots
 
         full = ad.read_h5ad(DATA / folder / "sc_reference.h5ad")
+        kwargs = dict(kwargs)
+        panel_of = kwargs.pop("panel_of", None)
+        if panel_of is not None:  # only the genes a real spatial file shares with it
+            real = ad.read_h5ad(DATA / panel_of / "spatial.h5ad", backed="r")
+            full = full[:, full.var_names.intersection(real.var_names)].copy()
         st, ref = pseudo_spots(full, labels_key=labels_key, seed=seed, **kwargs)
         truth = pd.DataFrame(st.obsm["proportions_true"])
         for key in list(st.obsm):
@@ -203,7 +220,7 @@ def figure(df: pd.DataFrame, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), choices=list(CASES))
     p.add_argument("--peers", nargs="+", default=list(peers.PEERS), choices=list(peers.PEERS))
     p.add_argument("--cache", type=Path, default=HERE.parent / ".cache" / "peers")
     p.add_argument("--out", type=Path, default=HERE.parent / "results" / "peers.md")

@@ -167,20 +167,29 @@ def _informative_genes(
     min_log_fc: float,
     drop_overdispersed: float,
 ) -> pd.Index:
-    """Marker genes: top log fold change per type, minus the most over-dispersed genes."""
+    """Marker genes: top log fold change per type, minus the most over-dispersed genes.
+
+    A panel of no more than ``n_genes_per_type × n_types`` genes keeps every expressed gene but
+    still loses its most over-dispersed ones: a few genes that vary wildly between cells of a
+    type (ribosomal, immediate-early, ``TMSB10``) can swamp a fit on a small panel when the
+    spatial assay also captures them differently (benchmarks/results/peers_panel.md).
+    """
     expressed = mean_norm.max(axis=0) > 0
     n_types = mean_norm.shape[0]
-    if n_genes_per_type is None or expressed.sum() <= n_genes_per_type * n_types:
+    if n_genes_per_type is None:
         return genes[expressed]
-    eps = 1e-9
-    total = mean_norm.sum(axis=0, keepdims=True)
-    others = (total - mean_norm) / max(n_types - 1, 1)
-    log_fc = np.log((mean_norm + eps) / (others + eps))
-    log_fc[:, ~expressed] = -np.inf
-    keep = np.zeros(len(genes), dtype=bool)
-    for k in range(n_types):
-        order = np.argsort(-log_fc[k])[:n_genes_per_type]
-        keep[order[log_fc[k, order] > min_log_fc]] = True
+    if expressed.sum() <= n_genes_per_type * n_types:
+        keep = expressed.copy()
+    else:
+        eps = 1e-9
+        total = mean_norm.sum(axis=0, keepdims=True)
+        others = (total - mean_norm) / max(n_types - 1, 1)
+        log_fc = np.log((mean_norm + eps) / (others + eps))
+        log_fc[:, ~expressed] = -np.inf
+        keep = np.zeros(len(genes), dtype=bool)
+        for k in range(n_types):
+            order = np.argsort(-log_fc[k])[:n_genes_per_type]
+            keep[order[log_fc[k, order] > min_log_fc]] = True
     n_drop = int(np.floor(drop_overdispersed * keep.sum())) if keep.sum() > 10 else 0
     if n_drop > 0:
         # only kept genes: each is expressed in some type, so no column is all-NaN
@@ -236,11 +245,13 @@ def reference_signatures(
         Restrict to these genes first (e.g. those shared with the spatial data).
     n_genes_per_type
         Marker genes kept per type; ``None`` keeps every expressed gene. When the genes on offer
-        number no more than ``n_genes_per_type × n_types`` all expressed genes are kept.
+        number no more than ``n_genes_per_type × n_types`` all expressed genes are kept, less
+        the ``drop_overdispersed`` fraction.
     min_log_fc
         Minimum natural-log fold change for a marker.
     drop_overdispersed
-        Fraction of markers with the highest within-type dispersion to drop.
+        Fraction of the kept genes with the highest within-type dispersion to drop (not with
+        ``n_genes_per_type=None``).
     min_cells_per_type
         Types with fewer cells raise an error.
     cells_per_state
