@@ -179,6 +179,14 @@ def _marker_reference(seed=0, n_types=4, n_markers=3, n_background=60, extra=Non
     )
 
 
+def _bursty(labels):
+    """5 genes of T0 that are 0 or 10× a marker's mean in alternate cells (over-dispersed)."""
+    rng = np.random.default_rng(1)
+    on = (np.arange(len(labels)) % 2 == 0) & (labels == 0)
+    mean = np.where(on, 20.0 * 15 * 10, 1.0)[:, None] * np.ones((1, 5))
+    return rng.poisson(mean).astype(np.float32)
+
+
 def test_informative_genes_are_exactly_the_markers():
     ref = _marker_reference()
     sig = reference_signatures(ref, n_genes_per_type=3)
@@ -198,13 +206,7 @@ def test_unexpressed_gene_does_not_warn_during_selection():
 
 def test_overdispersed_markers_are_dropped_in_the_documented_fraction():
     # 4 types × 25 markers; 5 markers of T0 are bursty (0 or 10× mean in alternate cells)
-    def bursty(labels):
-        rng = np.random.default_rng(1)
-        on = (np.arange(len(labels)) % 2 == 0) & (labels == 0)
-        mean = np.where(on, 20.0 * 15 * 10, 1.0)[:, None] * np.ones((1, 5))
-        return rng.poisson(mean).astype(np.float32)
-
-    ref = _marker_reference(n_markers=25, n_background=40, extra=bursty)
+    ref = _marker_reference(n_markers=25, n_background=40, extra=_bursty)
     sig = reference_signatures(ref, n_genes_per_type=30, drop_overdispersed=0.05)
     kept = set(sig.genes)
     # 105 candidate markers (100 + 5 bursty); 5 % of them, rounded down, is 5: the bursty ones
@@ -216,13 +218,7 @@ def test_small_panel_keeps_every_gene_but_its_most_overdispersed():
     # 4 types × 25 markers + 40 background + 5 bursty genes = 145 genes ≤ 200 × 4: every
     # expressed gene is kept, less 5 % of them (7 genes, the bursty 5 among them); with
     # n_genes_per_type=None nothing is dropped
-    def bursty(labels):
-        rng = np.random.default_rng(1)
-        on = (np.arange(len(labels)) % 2 == 0) & (labels == 0)
-        mean = np.where(on, 20.0 * 15 * 10, 1.0)[:, None] * np.ones((1, 5))
-        return rng.poisson(mean).astype(np.float32)
-
-    ref = _marker_reference(n_markers=25, n_background=40, extra=bursty)
+    ref = _marker_reference(n_markers=25, n_background=40, extra=_bursty)
     sig = reference_signatures(ref, drop_overdispersed=0.05)
     assert len(sig.genes) == ref.n_vars - 7
     assert not set(sig.genes) & {f"extra{j}" for j in range(5)}
