@@ -214,16 +214,30 @@ def test_overdispersed_markers_are_dropped_in_the_documented_fraction():
     assert {g for g in ref.var_names if g.startswith("marker")} <= kept
 
 
-def test_small_panel_keeps_every_gene_but_its_most_overdispersed():
-    # 4 types × 25 markers + 40 background + 5 bursty genes = 145 genes ≤ 200 × 4: every
-    # expressed gene is kept, less 5 % of them (7 genes, the bursty 5 among them); with
-    # n_genes_per_type=None nothing is dropped
-    ref = _marker_reference(n_markers=25, n_background=40, extra=_bursty)
-    sig = reference_signatures(ref, drop_overdispersed=0.05)
-    assert len(sig.genes) == ref.n_vars - 7
+def _bursty_everywhere(labels):
+    """5 genes of every type that are 0 or 10× a marker's mean in alternate cells."""
+    rng = np.random.default_rng(2)
+    on = np.arange(len(labels)) % 2 == 0
+    mean = np.where(on, 20.0 * 15 * 10, 1.0)[:, None] * np.ones((1, 5))
+    return rng.poisson(mean).astype(np.float32)
+
+
+def test_small_panel_drops_bursty_genes_but_keeps_bursty_markers():
+    # 4 types × 25 markers + 40 background + 5 extra genes = 145 genes ≤ 200 × 4: every expressed
+    # gene is kept, less 5 % of them (7) among genes that mark no type
+    broad = _marker_reference(n_markers=25, n_background=40, extra=_bursty_everywhere)
+    sig = reference_signatures(broad, drop_overdispersed=0.05)
+    assert len(sig.genes) == broad.n_vars - 7
     assert not set(sig.genes) & {f"extra{j}" for j in range(5)}
-    everything = reference_signatures(ref, n_genes_per_type=None, drop_overdispersed=0.05)
-    assert len(everything.genes) == ref.n_vars
+    assert {g for g in broad.var_names if g.startswith("marker")} <= set(sig.genes)
+    # the same burst in one type only makes the genes strong markers of it: they stay
+    marking = _marker_reference(n_markers=25, n_background=40, extra=_bursty)
+    kept = set(reference_signatures(marking, drop_overdispersed=0.05).genes)
+    assert {f"extra{j}" for j in range(5)} <= kept
+    assert len(kept) == marking.n_vars - 7
+    # n_genes_per_type=None keeps everything
+    everything = reference_signatures(broad, n_genes_per_type=None, drop_overdispersed=0.05)
+    assert len(everything.genes) == broad.n_vars
 
 
 def test_genes_not_in_reference():

@@ -158,6 +158,11 @@ def _pooled_profile(mean_norm: np.ndarray, total_counts: np.ndarray) -> np.ndarr
     return (mean_norm * total_counts[:, None]).sum(axis=0, keepdims=True) / total_counts.sum()
 
 
+#: Natural-log fold change over the other types' mean from which a gene counts as a strong
+#: marker (4-fold): on a small panel, it is never dropped for being over-dispersed.
+STRONG_MARKER_LOG_FC = float(np.log(4.0))
+
+
 def _informative_genes(
     mean_norm: np.ndarray,
     var_norm: np.ndarray,
@@ -170,30 +175,35 @@ def _informative_genes(
     """Marker genes: top log fold change per type, minus the most over-dispersed genes.
 
     A panel of no more than ``n_genes_per_type × n_types`` genes keeps every expressed gene but
-    still loses its most over-dispersed ones: a few genes that vary wildly between cells of a
-    type (ribosomal, immediate-early, ``TMSB10``) can swamp a fit on a small panel when the
-    spatial assay also captures them differently (benchmarks/results/peers_panel.md).
+    still loses its most over-dispersed genes among those that mark no type (at most
+    :data:`STRONG_MARKER_LOG_FC` above the other types' mean): a few broadly expressed genes
+    that vary wildly between cells of a type (ribosomal, immediate-early, ``TMSB10``) can swamp
+    a fit on a small panel when the spatial assay also captures them differently
+    (benchmarks/results/peers_panel.md), while a strong marker (``Ttr``, ``Plp1``) is the best
+    evidence of its type however much it varies.
     """
     expressed = mean_norm.max(axis=0) > 0
     n_types = mean_norm.shape[0]
     if n_genes_per_type is None:
         return genes[expressed]
+    eps = 1e-9
+    total = mean_norm.sum(axis=0, keepdims=True)
+    others = (total - mean_norm) / max(n_types - 1, 1)
+    log_fc = np.log((mean_norm + eps) / (others + eps))
+    log_fc[:, ~expressed] = -np.inf
     if expressed.sum() <= n_genes_per_type * n_types:
         keep = expressed.copy()
+        droppable = keep & (log_fc.max(axis=0) < STRONG_MARKER_LOG_FC)
     else:
-        eps = 1e-9
-        total = mean_norm.sum(axis=0, keepdims=True)
-        others = (total - mean_norm) / max(n_types - 1, 1)
-        log_fc = np.log((mean_norm + eps) / (others + eps))
-        log_fc[:, ~expressed] = -np.inf
         keep = np.zeros(len(genes), dtype=bool)
         for k in range(n_types):
             order = np.argsort(-log_fc[k])[:n_genes_per_type]
             keep[order[log_fc[k, order] > min_log_fc]] = True
+        droppable = keep
     n_drop = int(np.floor(drop_overdispersed * keep.sum())) if keep.sum() > 10 else 0
-    if n_drop > 0:
+    if n_drop > 0 and droppable.any():
         # only kept genes: each is expressed in some type, so no column is all-NaN
-        kept = np.flatnonzero(keep)
+        kept = np.flatnonzero(droppable)
         m, v = mean_norm[:, kept], var_norm[:, kept]
         ratio = np.divide(v, m, out=np.full_like(m, np.nan), where=m > 0)
         dispersion = np.nanmean(ratio, axis=0)
@@ -246,7 +256,7 @@ def reference_signatures(
     n_genes_per_type
         Marker genes kept per type; ``None`` keeps every expressed gene. When the genes on offer
         number no more than ``n_genes_per_type × n_types`` all expressed genes are kept, less
-        the ``drop_overdispersed`` fraction.
+        the ``drop_overdispersed`` fraction, taken among genes that are not 4-fold markers.
     min_log_fc
         Minimum natural-log fold change for a marker.
     drop_overdispersed
