@@ -110,7 +110,10 @@ def test_halo_is_what_makes_tiles_agree(pair, client, single):
 def test_attention_reestimated_between_rounds(pair, client):
     """Attention is refitted from all spots' proportions (a global PCA) between tile rounds."""
     spatial, reference = pair
-    fit = dict(FIT, attention_update_every=10)
+    # every gene: how closely the two re-estimations agree depends on the data, and the bounds
+    # below were measured on all 300 genes (on the 297 the small-panel rule keeps: 5.3e-4 and
+    # 2.3e-3 of the largest weight, against 1.0e-4 and < 1e-3 here)
+    fit = dict(FIT, attention_update_every=10, n_genes_per_type=None)
     one = deconvolve(spatial, reference, inplace=False, **fit)
     many = deconvolve(spatial, reference, inplace=False, client=client, tile_size=2000, **fit)
     assert len(many.uns["tiles"]) >= 4 and len(many.uns["objective"]) > 2  # several rounds
