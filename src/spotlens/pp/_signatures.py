@@ -175,12 +175,12 @@ def _informative_genes(
     """Marker genes: top log fold change per type, minus the most over-dispersed genes.
 
     A panel of no more than ``n_genes_per_type × n_types`` genes keeps every expressed gene but
-    still loses its most over-dispersed genes among those that mark no type (at most
-    :data:`STRONG_MARKER_LOG_FC` above the other types' mean): a few broadly expressed genes
-    that vary wildly between cells of a type (ribosomal, immediate-early, ``TMSB10``) can swamp
-    a fit on a small panel when the spatial assay also captures them differently
-    (benchmarks/results/peers_panel.md), while a strong marker (``Ttr``, ``Plp1``) is the best
-    evidence of its type however much it varies.
+    still loses its most over-dispersed genes among those that mark no type (whose largest log
+    fold change over the other types' mean is below :data:`STRONG_MARKER_LOG_FC`): a few broadly
+    expressed genes that vary wildly between cells of a type (ribosomal, immediate-early,
+    ``TMSB10``) can swamp a fit on a small panel when the spatial assay also captures them
+    differently (benchmarks/results/peers_panel.md), while a strong marker (``Ttr``, ``Plp1``)
+    is the best evidence of its type however much it varies.
     """
     expressed = mean_norm.max(axis=0) > 0
     n_types = mean_norm.shape[0]
