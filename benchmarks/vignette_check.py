@@ -108,7 +108,7 @@ def printed_matrix(page: str, after: str) -> pd.DataFrame:
     text = html_lib.unescape(re.sub(r"<[^>]*>", "", page))
     start = text.index(after)
     lines = [ln[2:].strip() for ln in text[start:].splitlines() if ln.startswith("#>")]
-    header = next(i for i, ln in enumerate(lines) if not ln[0].isdigit())
+    header = next(i for i, ln in enumerate(lines) if ln and not ln[0].isdigit())
     columns = lines[header].split()
     rows = {}
     for ln in lines[header + 1:]:
@@ -281,6 +281,7 @@ def lymph_node(page: str, spatial) -> dict:
 def cerebellum(page: str, spatial, reference) -> dict:
     coords = np.asarray(spatial.obsm["spatial"], float)
     image = figure_after(page, "plot_all_cell_types(results$results_df")
+    # inside the panel border of this 768 × 768 figure (its legend lies right of x = 680)
     centres, colours = points(image, (60, 10, 680, 722), dark=True)
     idx, dist = register_subset(centres, coords, image, step=500.0)
     palette = np.array([hex_rgb(c) for c in KELLY])
