@@ -50,7 +50,7 @@ from scipy.spatial import cKDTree
 
 import spotlens
 
-from _machine import machine, write_atomic  # benchmarks/_machine.py (the script's folder)
+from _machine import machine, markdown_table, write_atomic  # benchmarks/_machine.py
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "vignette_check.md"
@@ -408,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for pair in (HIPPO, LYMPH, CEREB):
         sub = df[df.pair == pair].dropna(axis=1, how="all").drop(columns="pair")
-        lines += [f"## {pair}", "", _frame_md(sub), ""]
+        if "beads" in sub:
+            sub = sub.astype({"beads": int})
+        lines += [f"## {pair}", "", markdown_table(sub), ""]
     printed = vign[HIPPO]["printed"]
     lines += ["## spotlens at the printed hippocampus spots (UMI shares)", "",
               _matrix_md(rows[HIPPO]["spotlens (UMI shares)"].loc[printed.index,
@@ -418,20 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _frame_md(df: pd.DataFrame) -> str:
-    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.0f}" if v.is_integer() and v > 1 else f"{v:.3f}"
-        return str(v)
-
-    body = "".join("| " + " | ".join(fmt(v) for v in r) + " |\n"
-                   for r in df.itertuples(index=False))
-    return head + body
-
-
 def _matrix_md(df: pd.DataFrame) -> str:
-    return _frame_md(df.reset_index(names="spot"))
+    """A spots × types table with its spot names as the first column."""
+    return markdown_table(df.reset_index(names="spot"))
 
 
 if __name__ == "__main__":
