@@ -105,7 +105,9 @@ def make_case(
         panel_of = kwargs.pop("panel_of", None)
         if panel_of is not None:  # only the genes a real spatial file shares with it
             real = ad.read_h5ad(DATA / panel_of / "spatial.h5ad", backed="r")
-            full = full[:, full.var_names.intersection(real.var_names)].copy()
+            panel = real.var_names.copy()
+            real.file.close()
+            full = full[:, full.var_names.intersection(panel)].copy()
         st, ref = pseudo_spots(full, labels_key=labels_key, seed=seed, **kwargs)
         truth = pd.DataFrame(st.obsm["proportions_true"])
         for key in list(st.obsm):
