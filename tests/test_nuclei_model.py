@@ -329,3 +329,65 @@ def test_predict_image_nuclei_needs_a_nucleus_model(small_sections, tmp_path):
           n_bootstrap=0, out=tmp_path / "ridge", progress=False)
     with pytest.raises(InputError, match="needs a nucleus model"):
         predict_image_nuclei(tmp_path / "ridge", small_sections[2][1], mpp=1.0)
+
+
+# -- the "route" context: nuclei start from the spot-level route -------------------------------
+
+ROUTE = NucleusModelConfig(context="route", max_epochs=40, eval_every=20, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def four_sections():
+    sections = synthetic_nuclei(n_sections=5, n_spots=64, n_genes=12, nuclei_per_spot=10,
+                                seed=3)
+    genes = list(sections[0]["nuclei"].var_names)
+    return genes, {f"s{i}": _inputs(s, genes) for i, s in enumerate(sections[:4])}, \
+        _inputs(sections[4], genes)
+
+
+def test_route_context_is_cross_fitted_and_starts_at_the_route(four_sections, monkeypatch):
+    from spotlens.histology import _nucleus_fit
+
+    genes, train_sets, test = four_sections
+    calls = []
+    fit_route, prior = _nucleus_fit._fit_route, _nucleus_fit._prior
+
+    def recording_fit(sections):
+        route = fit_route(sections)
+        route._fitted_on = {id(d["y"]) for d in sections}
+        return route
+
+    monkeypatch.setattr(_nucleus_fit, "_fit_route", recording_fit)
+    monkeypatch.setattr(_nucleus_fit, "_prior", lambda route, d: (
+        calls.append((route._fitted_on, id(d.get("y")))) or prior(route, d)))
+    model = NucleusPredictor(genes, ROUTE).fit(train_sets)
+    # no section's starting profile comes from a route fitted on that section
+    train_ids = {id(d["y"]) for d in train_sets.values()}
+    assert calls and all(target not in fitted for fitted, target in calls)
+    assert {t for _, t in calls} == train_ids  # every training section got a prior
+    calls.clear()
+    assert model.config.context == "route" and 0 in model.validation["curve"]
+    # with 0 epochs the network is the route: its nuclei add up to the route's prediction
+    model._net = model._train(_nucleus_fit._with_priors(list(train_sets.values())),
+                              model._pca, "route", 0)[0]
+    out = model.predict(test["desc"], test["features"], test["nearest"])
+    spots = spot_expression(out["counts"], out["rest"], test["spot"], len(test["y"]))
+    route = np.log1p(np.maximum(np.expm1(model._route.predict(test["features"])), 1e-4))
+    has_nuclei = np.bincount(test["spot"][test["spot"] >= 0], minlength=len(test["y"])) > 0
+    np.testing.assert_allclose(spots[has_nuclei], route[has_nuclei], atol=1e-4)
+
+
+def test_route_context_round_trip_and_needs_four_sections(four_sections, tmp_path):
+    genes, train_sets, test = four_sections
+    model = NucleusPredictor(genes, ROUTE).fit(train_sets)
+    model.save(tmp_path / "route.pt")
+    back = NucleusPredictor.load(tmp_path / "route.pt")
+    a = model.predict(test["desc"], test["features"], test["nearest"])
+    b = back.predict(test["desc"], test["features"], test["nearest"])
+    np.testing.assert_array_equal(a["counts"], b["counts"])
+    three = dict(list(train_sets.items())[:3])
+    with pytest.raises(InputError, match="at least 4"):
+        NucleusPredictor(genes, ROUTE).fit(three)
+    # auto leaves the route out with three sections instead of failing
+    auto = NucleusPredictor(genes, NucleusModelConfig(max_epochs=20, eval_every=10)).fit(three)
+    assert set(auto.validation["context_scores"]) == {"spot", "none"}

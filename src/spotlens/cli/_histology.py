@@ -140,9 +140,11 @@ def train_command(
              "refused unless --overwrite; an interrupted training run there is resumed.")],
     images: ImagesOption = None,
     model_type: Annotated[str, typer.Option(
-        "--model-type", metavar="ridge|attention|graph",
+        "--model-type", metavar="ridge|attention|graph|nucleus",
         help="PCA + ridge (penalty and projection rank by leave-one-section-out CV), "
-             "spot-interaction attention, or graph autoencoder + GCN. The defaults of this "
+             "spot-interaction attention, graph autoencoder + GCN, or the nucleus-level "
+             "model (nuclei segmented and predicted so that they add up to each spot; "
+             "predict with --level nucleus). The defaults of this "
              "command are the route the frozen protocol selects "
              "(benchmarks/results/histology_her2st_protocol.md).")
     ] = "ridge",

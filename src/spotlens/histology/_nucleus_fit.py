@@ -15,9 +15,24 @@ Each training section is a dict of arrays:
 - ``library``: ``n_spots`` total counts of each spot;
 - ``proportions`` (optional): ``n_spots × n_types`` deconvolved proportions.
 
-Held-out protocol: leave-one-section-out over the training sections chooses whether the
-nucleus reads its spot context (``context="auto"``) and the number of epochs (the best mean over
-folds of the held-out spots' mean Pearson r); then the network is refitted on all sections.
+Held-out protocol: leave-one-section-out over the training sections chooses what the nucleus
+reads (``context="auto"``) and the number of epochs (the best mean over folds of the held-out
+spots' mean Pearson r); then the network is refitted on all sections.
+
+Contexts:
+
+- ``"none"``: the nucleus's descriptor only;
+- ``"spot"``: and the (PCA-reduced) tile features of its nearest spot;
+- ``"route"``: as ``"spot"``, and every nucleus starts from its nearest spot's expression as
+  predicted by the spot-level route (:class:`~spotlens.histology.RidgeBaseline` with its
+  projection rank, on the same tile features): the route's profile, as log-rates, is an offset
+  of the decoder, which starts at zero, so the untrained network *is* the spot route and
+  training moves each nucleus away from its spot's profile as its appearance asks. The route
+  is cross-fitted — the profile a training section's nuclei start from comes from a route
+  fitted on the other training sections, never on that section — and, inside the
+  leave-one-section-out choice, also without the held-out section. Epochs from 0 (the route
+  itself, each nucleus given its spot's profile) are tried. Needs at least
+  :data:`MIN_ROUTE_SECTIONS` training sections.
 """
 
 from __future__ import annotations
@@ -35,7 +50,12 @@ from ._metrics import pearson_per_gene
 logger = logging.getLogger("spotlens")
 
 FORMAT = "spotlens.NucleusPredictor/1"
-CONTEXTS = ("spot", "none")
+CONTEXTS = ("spot", "none", "route")
+#: training sections the ``"route"`` context needs: inside a leave-one-section-out fold each
+#: section's prior comes from a route fitted (with its own cross-validation) on two others
+MIN_ROUTE_SECTIONS = 4
+#: floor of a gene's predicted share of a spot's counts in the route's prior
+MIN_SHARE = 1e-8
 
 
 @dataclass(frozen=True)
@@ -46,8 +66,10 @@ class NucleusModelConfig:
     ----------
     context
         ``"spot"``: a nucleus reads its own descriptor and the (PCA-reduced) tile features of
-        its nearest spot; ``"none"``: its descriptor only; ``"auto"``: the better of the two by
-        leave-one-section-out mean Pearson r on the training sections.
+        its nearest spot; ``"none"``: its descriptor only; ``"route"``: as ``"spot"``,
+        starting from the spot-level route's prediction for its nearest spot (module
+        docstring); ``"auto"``: the best of them by leave-one-section-out mean Pearson r on the
+        training sections (``"route"`` only with at least :data:`MIN_ROUTE_SECTIONS`).
     context_dims
         Principal components kept of the spot tile features.
     hidden, latent, dropout
@@ -122,18 +144,19 @@ class NucleusPredictor:
         self.count_scale = 1.0
         self._net = None
         self._pca = None  # (mean, components, sd) of the spot features
+        self._route = None  # the spot-level route of the "route" context
 
     # -- inputs --------------------------------------------------------------------------------
     @property
     def uses_context(self) -> bool:
         """Whether the nucleus reads its nearest spot's tile features."""
-        return self.config.context == "spot"
+        return self.config.context in ("spot", "route")
 
     def _inputs(self, d: dict, pca, context: str, rows=None) -> np.ndarray:
         """Network inputs of the nuclei ``rows`` (None = all): descriptor [+ spot context]."""
         rows = slice(None) if rows is None else rows
         x = np.asarray(d["desc"], dtype=np.float32)[rows]
-        if context == "spot":
+        if context in ("spot", "route"):
             mean, comps, sd = pca  # project the spots once, then look up each nucleus's
             ctx = (np.asarray(d["features"], dtype=np.float64) - mean) @ comps.T / sd
             x = np.hstack([x, ctx.astype(np.float32)[np.asarray(d["nearest"])[rows]]])
@@ -170,42 +193,57 @@ class NucleusPredictor:
                                  "from (were the nuclei segmented with adata=spots?).")
             if self.types and sections[n].get("proportions") is None:
                 raise InputError(f"Section {n!r} has no proportions for the type head.")
-        contexts = CONTEXTS if self.config.context == "auto" else (self.config.context,)
+        if self.config.context == "route" and len(names) < MIN_ROUTE_SECTIONS:
+            raise InputError(f"context='route' needs at least {MIN_ROUTE_SECTIONS} training "
+                             f"sections (each section's starting profile comes from a spot "
+                             f"route fitted on others, inside leave-one-section-out); got "
+                             f"{len(names)}. Use context='spot'.")
+        contexts = ((self.config.context,) if self.config.context != "auto" else tuple(
+            c for c in CONTEXTS if c != "route" or len(names) >= MIN_ROUTE_SECTIONS))
         scores, curves, folds = {}, {}, {}
         for context in contexts:
-            curve, per = self._loso_curve(sections, context)
-            curves[context], folds[context] = curve, per
-            scores[context] = float(curve.max())
+            curves[context], folds[context] = self._loso_curve(sections, context)
+            scores[context] = float(max(curves[context].values()))
         best = max(contexts, key=lambda c: scores[c])  # ties: the first listed ("spot")
         curve = curves[best]
-        at = int(np.argmax(curve))
-        epoch = (at + 1) * self.config.eval_every
+        epoch = max(curve, key=lambda e: (curve[e], -e))  # ties: the fewest epochs
         self.config = replace(self.config, context=best)
         self.validation = {
             "section": "leave-one-section-out", "context": best,
-            "context_scores": scores, "best_epoch": epoch, "mean_pearson": float(curve[at]),
-            "per_section": {n: float(folds[best][n][at]) for n in names},
-            "curve": {int((i + 1) * self.config.eval_every): round(float(v), 5)
-                      for i, v in enumerate(curve)},
+            "context_scores": scores, "best_epoch": epoch, "mean_pearson": float(curve[epoch]),
+            "per_section": {n: float(folds[best][n][epoch]) for n in names},
+            "curve": {int(e): round(float(v), 5) for e, v in curve.items()},
         }
         logger.info("nucleus model: context %s, %d epochs, leave-one-section-out mean r %.3f",
-                    best, epoch, curve[at])
-        self._pca = self._fit_pca([sections[n] for n in names])
-        self._net = self._train([sections[n] for n in names], self._pca, best, epoch)[0]
+                    best, epoch, curve[epoch])
+        train = [sections[n] for n in names]
+        self._pca = self._fit_pca(train)
+        if best == "route":
+            self._route = _fit_route(train)
+            train = _with_priors(train)
+        self._net = self._train(train, self._pca, best, epoch)[0]
         self.epochs = epoch
-        self._set_count_scale([sections[n] for n in names])
+        self._set_count_scale(train)
         return self
 
     def _loso_curve(self, sections: dict, context: str):
+        """Mean over held-out sections of the held-out spots' mean r: ``{epoch: r}``, and
+        per section."""
         names = list(sections)
         per = {}
         for held in names:
             train = [sections[n] for n in names if n != held]
             pca = self._fit_pca(train)
+            valid = sections[held]
+            if context == "route":  # the held-out section's prior without it; cross-fitted
+                valid = {**valid, "prior": _prior(_fit_route(train), valid)}
+                train = _with_priors(train)
             _, history = self._train(train, pca, context, self.config.max_epochs,
-                                     validation=(sections[held], pca))
-            per[held] = np.asarray(history)
-        return np.mean([per[n] for n in names], axis=0), per
+                                     validation=(valid, pca))
+            per[held] = history
+        epochs = list(per[names[0]])
+        curve = {e: float(np.mean([per[n][e] for n in names])) for e in epochs}
+        return curve, {n: per[n] for n in names}
 
     def _train(self, sections: list[dict], pca, context: str, epochs: int, validation=None):
         torch = import_torch()
@@ -222,14 +260,17 @@ class NucleusPredictor:
 
         cfg = self.config
         torch.manual_seed(int(cfg.seed))
-        x, spot, y, offset = [], [], [], 0
+        x, spot, y, priors, offset = [], [], [], [], 0
         for d in sections:
             inside = np.asarray(d["spot"]) >= 0
             x.append(self._inputs(d, pca, context, inside))
             spot.append(np.asarray(d["spot"])[inside] + offset)
             y.append(np.asarray(d["y"], dtype=np.float32))
+            if context == "route":
+                priors.append(_nucleus_prior(d, inside))
             offset += len(d["y"])
         x, spot = torch.from_numpy(np.vstack(x)), torch.from_numpy(np.concatenate(spot))
+        prior = torch.from_numpy(np.vstack(priors)) if priors else None
         y_np = np.vstack(y)
         y = torch.from_numpy(y_np)
         scale = torch.from_numpy(np.maximum(y_np.std(0), 1e-3).astype(np.float32))
@@ -239,36 +280,47 @@ class NucleusPredictor:
                                      .astype(np.float32))
         net = NucleusExpression(x.shape[1], len(self.genes), hidden=cfg.hidden,
                                 latent=cfg.latent, dropout=cfg.dropout, n_types=len(self.types))
-        share = np.expm1(y_np).mean(0) / 1e4  # mean share of each gene in a spot's total
-        net.init_rates(torch.from_numpy(np.append(share, max(1.0 - share.sum(), 1e-3))
-                                        .astype(np.float32)))
+        if prior is None:
+            share = np.expm1(y_np).mean(0) / 1e4  # mean share of each gene in a spot's total
+            net.init_rates(torch.from_numpy(np.append(share, max(1.0 - share.sum(), 1e-3))
+                                            .astype(np.float32)))
+        else:
+            net.init_offset()  # the untrained network predicts the route's profile
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        history = []
+        history = {}
+
+        def score(epoch):
+            d, vpca = validation
+            pred = self._spot_prediction(net, d, vpca, context)
+            history[epoch] = float(np.mean(pearson_per_gene(pred, d["y"])[0]))
+
+        if validation is not None and prior is not None:
+            score(0)  # the route itself
         for epoch in range(1, epochs + 1):
             net.train()
             opt.zero_grad()
             loss = net.loss(x, spot, offset, y, proportions=props, type_weight=cfg.type_weight,
-                            scale=scale)
+                            scale=scale, offset=prior)
             loss.backward()
             opt.step()
             if validation is not None and epoch % cfg.eval_every == 0:
-                d, vpca = validation
-                pred = self._spot_prediction(net, d, vpca, context)
-                history.append(float(np.mean(pearson_per_gene(pred, d["y"])[0])))
+                score(epoch)
         net.eval()
         return net, history
 
     def _spot_prediction(self, net, d: dict, pca, context: str) -> np.ndarray:
         inside = np.asarray(d["spot"]) >= 0
-        mu, rest, _ = self._forward(net, self._inputs(d, pca, context, inside))
+        prior = _nucleus_prior(d, inside) if context == "route" else None
+        mu, rest, _ = self._forward(net, self._inputs(d, pca, context, inside), prior)
         return spot_expression(mu, rest, np.asarray(d["spot"])[inside], len(d["y"]))
 
     @staticmethod
-    def _forward(net, x: np.ndarray):
+    def _forward(net, x: np.ndarray, prior: np.ndarray | None = None):
         torch = import_torch()
         net.eval()
         with torch.no_grad():
-            mu, rest, logp = net(torch.from_numpy(np.asarray(x, dtype=np.float32)))
+            mu, rest, logp = net(torch.from_numpy(np.asarray(x, dtype=np.float32)),
+                                 None if prior is None else torch.from_numpy(prior))
         return (mu.numpy().astype(np.float64), rest.numpy().astype(np.float64),
                 None if logp is None else logp.exp().numpy())
 
@@ -277,8 +329,10 @@ class NucleusPredictor:
         for d in sections:
             spot = np.asarray(d["spot"])
             inside = spot >= 0
+            prior = _nucleus_prior(d, inside) if self.config.context == "route" else None
             mu, rest, _ = self._forward(self._net, self._inputs(d, self._pca,
-                                                                self.config.context, inside))
+                                                                self.config.context, inside),
+                                        prior)
             t = np.bincount(spot[inside], weights=mu.sum(1) + rest, minlength=len(d["y"]))
             totals.append(t)
             libraries.append(np.asarray(d["library"], dtype=np.float64))
@@ -321,8 +375,12 @@ class NucleusPredictor:
             raise InputError(f"Spot features have {np.asarray(features).shape[1]} columns; "
                              f"the model expects {len(self._pca[0])}.")
         d = {"desc": desc, "features": features, "nearest": np.asarray(nearest)}
+        prior = None
+        if self.config.context == "route":
+            d["prior"] = _prior(self._route, d)
+            prior = _nucleus_prior(d, slice(None))
         mu, rest, types = self._forward(self._net, self._inputs(d, self._pca,
-                                                                self.config.context))
+                                                                self.config.context), prior)
         return {"counts": mu * self.count_scale, "rest": rest * self.count_scale,
                 "types": types}
 
@@ -336,7 +394,8 @@ class NucleusPredictor:
                  "config": asdict(self.config), "epochs": self.epochs,
                  "validation": self.validation, "count_scale": self.count_scale,
                  "n_inputs": self._net.encoder[1].in_features,
-                 "pca": [np.asarray(a) for a in self._pca], "state": self._net.state_dict()}
+                 "pca": [np.asarray(a) for a in self._pca], "state": self._net.state_dict(),
+                 "route": self._route}
         atomic_torch_save(torch, state, Path(path))
 
     @classmethod
@@ -364,7 +423,39 @@ class NucleusPredictor:
         self._pca = tuple(np.asarray(a) for a in state["pca"])
         self.epochs, self.validation = int(state["epochs"]), dict(state["validation"])
         self.count_scale = float(state["count_scale"])
+        self._route = state.get("route")  # absent in models saved before the "route" context
         return self
+
+
+def _fit_route(sections: list[dict]):
+    """The spot-level route on ``sections``: ridge, penalty and projection rank by
+    leave-one-section-out (:class:`~spotlens.histology.RidgeBaseline`)."""
+    from ._baseline import RidgeBaseline
+    from ._rank import DEFAULT_RANKS
+
+    return RidgeBaseline(ranks=DEFAULT_RANKS).fit(
+        {str(i): d["features"] for i, d in enumerate(sections)},
+        {str(i): d["y"] for i, d in enumerate(sections)})
+
+
+def _prior(route, d: dict) -> np.ndarray:
+    """A section's spots as log-rates: ``n_spots × (n_genes + 1)``, the route's predicted share
+    of each gene in a spot's counts (``expm1(ŷ) / 1e4``, at least :data:`MIN_SHARE`) and of all
+    other genes, logged — the decoder offset under which the spot's nuclei add up to ``ŷ``."""
+    share = np.maximum(np.expm1(route.predict(d["features"])) / 1e4, MIN_SHARE)
+    rest = np.maximum(1.0 - share.sum(1, keepdims=True), 1e-3)
+    return np.log(np.hstack([share, rest])).astype(np.float32)
+
+
+def _with_priors(sections: list[dict]) -> list[dict]:
+    """Copies of ``sections`` with ``prior``: each from a route fitted on the others."""
+    return [{**d, "prior": _prior(_fit_route([o for o in sections if o is not d]), d)}
+            for d in sections]
+
+
+def _nucleus_prior(d: dict, rows) -> np.ndarray:
+    """The prior log-rates of the nuclei ``rows``: those of each one's nearest spot."""
+    return np.asarray(d["prior"], dtype=np.float32)[np.asarray(d["nearest"])[rows]]
 
 
 def spot_expression(counts: np.ndarray, rest: np.ndarray, spot: np.ndarray,

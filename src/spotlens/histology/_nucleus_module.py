@@ -76,11 +76,19 @@ class NucleusExpression(nn.Module):
         self.type_head = nn.Linear(latent, n_types) if n_types > 0 else None
         self.n_genes = int(n_genes)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, offset: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``n_nuclei × n_features`` -> ``μ`` (``n_nuclei × n_genes``), ``ρ`` (``n_nuclei``),
-        type log-probabilities (``n_nuclei × n_types``, or None without a type head)."""
+        type log-probabilities (``n_nuclei × n_types``, or None without a type head).
+
+        ``offset``: ``n_nuclei × (n_genes + 1)`` log-rates added to the decoder's (a prior
+        profile per nucleus, :meth:`init_offset`), or None.
+        """
         z = self.encoder(x)
-        out = torch.exp(self.decoder(z).clamp(-30.0, 30.0))
+        logits = self.decoder(z)
+        if offset is not None:
+            logits = logits + offset
+        out = torch.exp(logits.clamp(-30.0, 30.0))
         logp = None if self.type_head is None else torch.log_softmax(self.type_head(z), dim=1)
         return out[:, : self.n_genes], out[:, self.n_genes], logp
 
@@ -96,8 +104,16 @@ class NucleusExpression(nn.Module):
             self.decoder.bias.copy_(torch.log(shares.clamp_min(1e-12)))
             self.decoder.weight.mul_(0.1)
 
+    def init_offset(self) -> None:
+        """Start every nucleus exactly at its ``offset`` (decoder weights and bias 0): with a
+        prior profile per spot the untrained network predicts that profile, and training moves
+        each nucleus away from it only as the spots ask."""
+        with torch.no_grad():
+            self.decoder.bias.zero_()
+            self.decoder.weight.zero_()
+
     def loss(self, x, spot, n_spots, y, *, proportions=None, type_weight: float = 1.0,
-             scale=None) -> torch.Tensor:
+             scale=None, offset=None) -> torch.Tensor:
         """Training loss on the spots: :func:`mil_loss`, plus the type term with proportions.
 
         Parameters
@@ -117,8 +133,10 @@ class NucleusExpression(nn.Module):
         scale
             ``n_genes`` per-gene standard deviations of ``y`` (the loss is on z-scores, so
             every gene counts alike, as in the per-gene Pearson r); None = 1.
+        offset
+            ``n_nuclei × (n_genes + 1)`` prior log-rates (:meth:`forward`), or None.
         """
-        mu, rest, logp = self(x)
+        mu, rest, logp = self(x, offset)
         pred = aggregate_spots(mu, rest, spot, n_spots)
         loss = mil_loss(pred, y, scale)
         if proportions is not None and logp is not None:
