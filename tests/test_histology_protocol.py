@@ -11,7 +11,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from spotlens._validation import InputError
-from spotlens.histology import RidgeBaseline, _protocol
+from spotlens.histology import RidgeBaseline, _protocol, _protocol_networks
 from spotlens.histology._gene_sets import (
     NO_FILTER,
     GeneFilter,
@@ -463,10 +463,82 @@ def test_network_candidates_are_chosen_by_the_nested_selection_only(sections, mo
     assert loso.notna().all()
 
 
+class _Curve:
+    """Stands in for a trained network: its history scores the validation section."""
+
+    def __init__(self, scores):
+        self.history = [{"epoch": e + 1, "val_pearson": v} for e, v in enumerate(scores)]
+
+
+def test_network_epochs_are_the_best_mean_held_out_score(monkeypatch):
+    # held-out r per epoch (1-4) when each section is left out: epoch 3 is best on average,
+    # though the first held-out section alone would pick epoch 2
+    curves = {"A": [0.1, 0.5, 0.4, 0.3], "B": [0.0, 0.1, 0.4, 0.2], "C": [0.2, 0.2, 0.3, 0.3]}
+    calls = []
+
+    def train(kind, bank, names, ys, config, epochs, validation=None):
+        calls.append((tuple(names), validation, epochs))
+        return _Curve(curves[validation])
+
+    monkeypatch.setattr(_protocol_networks, "_train", train)
+    config = ProtocolConfig(network_epochs=(1, 2, 3, 4))
+    chosen, scores = _protocol_networks.choose_epochs("graph", None, ("A", "B", "C"), {}, config)
+    assert chosen == 3
+    assert scores[3] == pytest.approx(np.mean([0.4, 0.4, 0.3]))
+    # each section held out once, trained on the others for the largest number of epochs
+    assert calls == [(("B", "C"), "A", 4), (("A", "C"), "B", 4), (("A", "B"), "C", 4)]
+    # ties go to the fewest epochs; one value or one section: no choice, no training
+    curves.update(A=[0.3, 0.3, 0.1, 0.1], B=[0.3, 0.3, 0.1, 0.1], C=[0.3, 0.3, 0.1, 0.1])
+    assert _protocol_networks.choose_epochs("graph", None, ("A", "B", "C"), {}, config)[0] == 1
+    calls.clear()
+    assert _protocol_networks.choose_epochs(
+        "graph", None, ("A", "B"), {}, ProtocolConfig(network_epochs=7)) == (7, {})
+    assert _protocol_networks.choose_epochs("graph", None, ("A",), {}, config) == (1, {})
+    assert calls == []
+
+
+def test_network_epochs_are_chosen_inside_each_outer_fold(sections, monkeypatch):
+    # nested: while a network is fitted for an outer fold, no training or validation run
+    # touches the section that fold holds out; the epochs are among those listed
+    train, _ = sections
+    config = dataclasses.replace(CONFIG, gene_sets=("svg",), standardizations=("training",),
+                                 candidates=("ridge", "attention"), network_epochs=(1, 3))
+    fitting, runs = [], []
+    fit_network, train_net = _protocol_networks._fit_network, _protocol_networks._train
+    monkeypatch.setattr(_protocol_networks, "_fit_network", lambda kind, bank, names, *a: (
+        fitting.append(tuple(names)) or fit_network(kind, bank, names, *a)))
+    monkeypatch.setattr(_protocol_networks, "_train", lambda kind, bank, names, ys, cfg, epochs,
+                        validation=None: runs.append((fitting[-1], tuple(names), validation,
+                                                      epochs))
+                        or train_net(kind, bank, names, ys, cfg, epochs, validation))
+    fitted = fit_protocol(train, config)
+    k = len(train)
+    # outer folds on k - 1 sections (k - 1 inner runs + 1 fit each), then all k (k + 1)
+    assert len(fitting) == k + 1 and len(runs) == k * k + k + 1
+    for outer, names, validation, epochs in runs:
+        assert set(names) <= set(outer) and validation in (None, *outer)
+        assert validation is None or validation not in names
+        assert epochs in (1, 3)
+    row = fitted.choices.models.query("model == 'attention'").iloc[0]
+    assert row["epochs"] in (1, 3) and np.isfinite(row["loso_r"])
+
+
+def test_protocol_result_keeps_the_scored_predictions(clean_result):
+    preds = clean_result.predictions
+    scores = clean_result.scores
+    assert set(preds) == {tuple(r) for r in scores[["section", "gene_set", "standardization",
+                                                    "model"]].itertuples(index=False)}
+    for (section, gene_set, _, _), pred in preds.items():
+        assert pred.shape[1] == len(clean_result.choices.genes[gene_set])
+
+
 def test_protocol_network_and_marker_settings_bad_input():
     with pytest.raises(InputError, match="reported"):
         ProtocolConfig(reported=("forest",))
-    with pytest.raises(InputError, match="network_epochs"):
-        ProtocolConfig(network_epochs=0)
+    for bad in (0, (), (10, 0), "30", (True,)):
+        with pytest.raises(InputError, match="network_epochs"):
+            ProtocolConfig(network_epochs=bad)
+    assert ProtocolConfig(network_epochs=(30, 10, 30)).network_epochs == (10, 30)
+    assert ProtocolConfig(network_epochs=np.int64(5)).network_epochs == (5,)
     with pytest.raises(InputError, match="markers"):
         ProtocolConfig(markers="ERBB2")

@@ -243,11 +243,17 @@ class ProtocolResult:
         Long table of per-gene r: ``section``, ``gene_set``, ``standardization``, ``model``,
         ``gene``, ``r``, and ``low``/``high`` (the gene's block-bootstrap interval; for the
         ``"markers"`` set only, NaN otherwise).
+    predictions
+        ``(section, gene_set, standardization, model)`` -> the ``n_spots × n_genes``
+        predicted log-normalised expression that was scored (genes in
+        ``choices.genes[gene_set]`` order), so that models of separate protocol runs on the
+        same sections can be compared without fitting them again.
     """
 
     choices: ProtocolChoices
     scores: pd.DataFrame
     per_gene: pd.DataFrame
+    predictions: dict = field(default_factory=dict, repr=False)
 
 
 def _read_expression(section: EvalSection, genes: Sequence[str]) -> np.ndarray:
@@ -333,7 +339,7 @@ def score_protocol(fitted: FittedProtocol, test_sections: Sequence[EvalSection]
                         "low": [np.nan if c is None else c.low for c in genes_ci],
                         "high": [np.nan if c is None else c.high for c in genes_ci]}))
     return ProtocolResult(fitted.choices, pd.DataFrame(rows),
-                          pd.concat(per_gene, ignore_index=True))
+                          pd.concat(per_gene, ignore_index=True), preds)
 
 
 def run_protocol(train_sections: Sequence[EvalSection], test_sections: Sequence[EvalSection],

@@ -63,9 +63,11 @@ class ProtocolConfig:
         ``"ridge"``, ``"rank1"``, ``"ridge_rank"``, ``"attention"``, ``"graph"``).
     reported
         Model types fitted once on all training sections with their fixed settings and
-        reported beside the others, never selected (networks too slow to nest).
+        reported beside the others, never selected.
     network_epochs
-        Epochs of the network models (fixed; no early stopping).
+        Epochs of the network models: several values, chosen by leave-one-section-out inside
+        the sections each network is fitted on (``_protocol_networks.py``); one value: fixed.
+        No early stopping.
     standardizations
         Feature standardisations reported, from ``("training", "section")``.
     alphas
@@ -86,7 +88,7 @@ class ProtocolConfig:
     markers: tuple[str, ...] = ()
     candidates: tuple[str, ...] = ("ridge", "ridge_rank")
     reported: tuple[str, ...] = ()
-    network_epochs: int = 30
+    network_epochs: int | tuple[int, ...] = (10, 20, 30, 50, 75, 100)
     standardizations: tuple[str, ...] = STANDARDIZATIONS
     alphas: tuple[float, ...] | None = None
     n_components: int = 256
@@ -111,10 +113,14 @@ class ProtocolConfig:
             raise InputError(f"reported must be a subset of {tuple(MODELS)}; got {bad!r}.")
         if isinstance(self.markers, str) or not all(isinstance(g, str) for g in self.markers):
             raise InputError(f"markers must be a tuple of gene names, got {self.markers!r}.")
-        if isinstance(self.network_epochs, bool) or not isinstance(
-                self.network_epochs, (int, np.integer)) or self.network_epochs < 1:
-            raise InputError(f"network_epochs must be a positive integer, got "
-                             f"{self.network_epochs!r}.")
+        epochs = self.network_epochs
+        values = (epochs,) if isinstance(epochs, (int, np.integer)) else epochs
+        if (not isinstance(values, (tuple, list)) or not values or any(
+                isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < 1
+                for e in values)):
+            raise InputError(f"network_epochs must be a positive integer or a tuple of them, "
+                             f"got {epochs!r}.")
+        object.__setattr__(self, "network_epochs", tuple(sorted({int(e) for e in values})))
         if isinstance(self.n_boot, bool) or not isinstance(self.n_boot, int) or self.n_boot < 2:
             raise InputError(f"n_boot must be an integer ≥ 2, got {self.n_boot!r}.")
         if not (isinstance(self.level, float) and 0 < self.level < 1):
