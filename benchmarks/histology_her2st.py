@@ -224,18 +224,22 @@ def fmt_routes(name: str, results: dict, best: pd.DataFrame) -> list[str]:
     return lines
 
 
-def fmt_markers(result, route_row) -> list[str]:
-    """Per-gene r [95 % CI] of the markers: the default route's model and the ridge."""
-    pg = result.per_gene.query("gene_set == 'markers'")
+def fmt_markers(result, route_row, base) -> list[str]:
+    """Per-gene r [95 % CI] of the markers: the default route's model (``result``) and the
+    ridge with training standardisation on the same features (``base``: the run with both
+    standardisations)."""
+    pg = pd.concat([result.per_gene.query("gene_set == 'markers'"),
+                    base.per_gene.query("gene_set == 'markers' and model == 'ridge' and "
+                                        "standardization == 'training'")])
     model, std = route_row["model"], route_row["standardization"]
     lines = [f"| gene | section | default route: {MODEL_LABEL[model]}, {std} std. [95 % CI] | "
              "ridge, training std., same features [95 % CI] |", "|---|---|---:|---:|"]
     for gene in result.choices.genes["markers"]:
         for section in pg["section"].unique():
             cells = []
-            for model, s in ((model, std), ("ridge", "training")):
+            for m, s in ((model, std), ("ridge", "training")):
                 row = pg[(pg["gene"] == gene) & (pg["section"] == section)
-                         & (pg["model"] == model) & (pg["standardization"] == s)].iloc[0]
+                         & (pg["model"] == m) & (pg["standardization"] == s)].iloc[0]
                 cells.append(f"{row['r']:.2f} [{row['low']:.2f}, {row['high']:.2f}]")
             lines.append(f"| {gene} | {section} | " + " | ".join(cells) + " |")
     return lines
@@ -364,7 +368,8 @@ def main(argv=None) -> int:
                      "histology train --genes " + ",".join(result.choices.genes["markers"])
                      + "` gives — beside the ridge without projection, training "
                      "standardisation, on the same features.", "",
-                     *fmt_markers(result, default), ""]
+                     *fmt_markers(result, default,
+                                  results[default["features"].removesuffix(NETS)]), ""]
         timing_lines.append(
             f"- {name}: features {timing['features_s']:.0f} s; "
             + ", ".join(f"protocol on {k} {timing[f'{k}_s']:.0f} s" for k in results))
