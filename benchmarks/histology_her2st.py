@@ -404,8 +404,10 @@ def main(argv=None) -> int:
         "fitted and every prediction made.",
         "- default route: per gene set the (features, standardisation, candidate) with the best "
         "nested leave-one-section-out mean r among the EfficientNet-Lite0 feature sets; "
-        "`spotlens histology train` with no options follows her2st's HVG-50 route "
-        "(`benchmarks/results/histology_her2st_cli.md` checks it reproduces the row).",
+        "`spotlens histology train` with no options follows her2st's HVG-50 route among the "
+        "ridge family (efficientnet-lite0-multiscale, section, ridge + rank; "
+        "`benchmarks/results/histology_her2st_cli.md` checks it reproduces the row); where the "
+        "route is a network, `train`'s default has not followed it (README).",
         "- intervals: spatial block bootstrap (square tiles of 4 × the median nearest-spot "
         f"distance, {args.n_boot} replicates, percentile 95 %); Δ columns are paired (same "
         "tiles for both predictions). On 'selected' rows, Δ section − training compares the two "
