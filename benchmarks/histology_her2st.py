@@ -69,8 +69,6 @@ EFFNET, MULTI, COLOUR = "efficientnet-lite0", "efficientnet-lite0-multiscale", "
 PROTOCOL_FEATURES = (EFFNET, MULTI, COLOUR)
 #: tile sides (spot diameters) of each feature set; what `train --tile-scales` takes
 SCALES = {EFFNET: (1.0,), MULTI: (1.0, 2.0, 4.0), COLOUR: (1.0,)}
-#: feature sets the default route is chosen among (the encoder is the user's choice)
-ROUTE_FEATURES = (EFFNET, MULTI, MULTI + "+networks")  # the last: see NETS
 #: the networks are nested candidates beside the ridge family on the three fields of view with
 #: per-section standardisation, in a protocol run of their own (``MULTI + NETS``; their nested
 #: fits take most of the benchmark's time on 2 cores)
@@ -80,6 +78,8 @@ NETWORKS = ("attention", "graph")
 #: epochs the networks choose from (leave-one-section-out inside each fit)
 NETWORK_EPOCHS = (10, 20, 30, 50)
 RIDGE_CANDIDATES = ("ridge", "ridge_rank")
+#: protocol runs the default route is chosen among (the encoder is the user's choice)
+ROUTE_FEATURES = (EFFNET, MULTI, *(k + NETS for k in NETWORK_FEATURES))
 #: the gene set `spotlens histology train` uses by default (`--genes hvg`)
 DEFAULT_SET = "hvg"
 MARKERS = {"her2st": ("ERBB2", "ESR1", "KRT5", "IGKC", "CD74", "COL1A1", "MUCL1")}
@@ -391,7 +391,7 @@ def main(argv=None) -> int:
         "baseline (that ridge projected onto the first principal axis of the z-scored training "
         "expression); ridge + rank (the projection rank from (5, 10, 20, 50, full) by the same "
         "CV); attention / graph: the package's networks (`TrainConfig` defaults otherwise, no "
-        "early stopping, no projection), their epochs from (10, 20, 30, 50) by "
+        f"early stopping, no projection), their epochs from {NETWORK_EPOCHS} by "
         "leave-one-section-out inside the sections each is fitted on, candidates beside the "
         "ridge family in a run of their own on the three fields of view with section "
         "standardisation (`+networks`; other feature sets and training standardisation: the "

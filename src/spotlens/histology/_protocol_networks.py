@@ -61,7 +61,7 @@ def choose_epochs(kind: str, bank: FeatureBank, names: tuple[str, ...], ys: dict
     ``ProtocolConfig.network_epochs`` with one value: that value, no scores; a single section
     (nothing to hold out): the fewest epochs listed, no scores.
     """
-    grid = tuple(sorted(int(e) for e in config.network_epochs))
+    grid = config.network_epochs  # sorted, distinct (ProtocolConfig)
     if len(grid) == 1 or len(names) < 2:
         return grid[0], {}
     curves = []
