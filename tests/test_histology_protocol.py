@@ -32,7 +32,14 @@ from spotlens.histology._metrics import (
     section_log_expression,
     select_target_genes,
 )
-from spotlens.histology._protocol import EvalSection, ProtocolConfig, fit_protocol, run_protocol
+from spotlens.histology._protocol import (
+    EvalSection,
+    ProtocolConfig,
+    choose_candidate,
+    fit_protocol,
+    run_protocol,
+)
+from spotlens.histology._protocol_config import PARSIMONY
 from spotlens.histology._protocol_models import FeatureBank, fit_ridge_cv
 from spotlens.histology._rank import DEFAULT_RANKS
 from spotlens.pp import knn
@@ -435,13 +442,14 @@ def test_networks_are_reported_not_selected_and_markers_get_gene_intervals(secti
     assert models.query("model == 'attention'")["loso_r"].isna().all()
     assert set(models.query("model == 'selected'")["chosen"]) <= set(config.candidates)
     assert result.choices.genes["markers"] == ("G6", "G12")  # a gene in no section is dropped
-    # the route: the best candidate and standardisation by nested LOSO r, per gene set
+    # the route: per gene set, the standardisation whose selected candidate has the better
+    # nested LOSO r, and that candidate
     route = result.choices.route.set_index("gene_set")
     assert set(route.index) == {"svg", "markers"}
     for gene_set, row in route.iterrows():
-        loso = models.query("gene_set == @gene_set and model in @config.candidates")
-        assert row["loso_r"] == loso["loso_r"].max()
-        assert row["model"] in config.candidates
+        selected = models.query("gene_set == @gene_set and model == 'selected'")
+        assert row["loso_r"] == selected["loso_r"].max()
+        assert row["model"] in set(selected["chosen"]) and row["model"] in config.candidates
     markers = result.per_gene.query("gene_set == 'markers'")
     assert markers[["low", "high"]].notna().all().all()
     assert ((markers["low"] <= markers["r"]) & (markers["r"] <= markers["high"])).all()
@@ -542,3 +550,35 @@ def test_protocol_network_and_marker_settings_bad_input():
     assert ProtocolConfig(network_epochs=np.int64(5)).network_epochs == (5,)
     with pytest.raises(InputError, match="markers"):
         ProtocolConfig(markers="ERBB2")
+
+
+def test_one_standard_error_rule_prefers_the_smaller_model():
+    # attention's mean (0.30) beats ridge_rank's (0.29) by less than the standard error of
+    # attention's per-section scores (0.1 / √3 ≈ 0.058): the smaller model is chosen; "best"
+    # takes the larger mean
+    scores = {"ridge": [0.18, 0.28, 0.38], "ridge_rank": [0.19, 0.29, 0.39],
+              "attention": [0.20, 0.30, 0.40]}
+    assert choose_candidate(scores, "one_se") == "ridge_rank"
+    assert choose_candidate(scores, "best") == "attention"
+    # the candidates' order does not matter, their parameter counts do
+    assert choose_candidate(dict(reversed(list(scores.items()))), "one_se") == "ridge_rank"
+    # a margin larger than the standard error: the larger model is chosen by both rules
+    scores["attention"] = [0.40, 0.50, 0.60]
+    assert choose_candidate(scores, "one_se") == "attention"
+    # sections that agree closely: a small margin is enough
+    tight = {"ridge_rank": [0.290, 0.291, 0.289], "graph": [0.300, 0.301, 0.299]}
+    assert choose_candidate(tight, "one_se") == "graph"
+    assert set(_protocol.MODELS) <= set(PARSIMONY)
+
+
+def test_protocol_selection_rule_is_recorded_and_checked(clean_result):
+    models = clean_result.choices.models
+    assert models.query("model in ('ridge', 'ridge_rank')")["loso_se"].gt(0).all()
+    for row in models.query("model == 'selected'").itertuples():
+        # the chosen candidate is within one standard error of the best candidate
+        group = models.query("gene_set == @row.gene_set and standardization == "
+                             "@row.standardization and model in ('ridge', 'ridge_rank')")
+        best = group.loc[group["loso_r"].idxmax()]
+        assert row.loso_r >= best["loso_r"] - best["loso_se"]
+    with pytest.raises(InputError, match="selection must be one of"):
+        ProtocolConfig(selection="max")

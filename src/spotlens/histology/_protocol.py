@@ -10,10 +10,12 @@ after every model is fitted and every test prediction made:
    feature SVDs of each subset of sections are computed once, ``_protocol_models.py``).
 3. **The model type** (``"selected"``): for each training section ``h``, every candidate is
    fitted on the other training sections (genes chosen on them, its settings by its own
-   leave-one-section-out CV on them: nested) and scored on ``h``; the candidate with the best
-   mean score is refitted on all training sections. The **route** of a gene set is the
-   candidate and feature standardisation with the best such score over both
-   standardisations (what ``spotlens histology train`` does by default).
+   leave-one-section-out CV on them: nested) and scored on ``h``; by the one-standard-error
+   rule (``ProtocolConfig.selection``, :func:`choose_candidate`), the candidate with the
+   fewest parameters whose mean score is within one standard error of the best is refitted on
+   all training sections. The **route** of a gene set is the selected candidate and feature
+   standardisation with the best such mean score over both standardisations (what
+   ``spotlens histology train`` does by default).
 4. **Scoring**: each test section's expression is read once and every model's predictions are
    scored on it: mean per-gene Pearson r with a spatial block-bootstrap interval
    (:mod:`~spotlens.histology._intervals`), and paired intervals for each model minus the
@@ -48,7 +50,14 @@ from ._gene_sets import select_gene_sets
 from ._intervals import block_bootstrap_pearson, paired_block_bootstrap_pearson
 from ._metrics import pearson_per_gene, section_log_expression
 from ._normalize import standardize_section
-from ._protocol_config import MARKERS, MODELS, EvalSection, ProtocolConfig, _check_sections
+from ._protocol_config import (
+    MARKERS,
+    MODELS,
+    PARSIMONY,
+    EvalSection,
+    ProtocolConfig,
+    _check_sections,
+)
 from ._protocol_models import FeatureBank, Fitted
 
 logger = logging.getLogger("spotlens")
@@ -75,12 +84,13 @@ class ProtocolChoices:
         Gene set name -> genes, in rank order.
     models
         One row per ``(gene_set, standardization, model)``: ``alpha``, ``rank``, ``loso_r``
-        (a candidate's nested leave-one-section-out mean r; NaN for the others) and, for
-        ``"selected"``, the model type chosen (``chosen``).
+        and ``loso_se`` (a candidate's nested leave-one-section-out mean r and its standard
+        error over the held-out sections; NaN for the others) and, for ``"selected"``, the
+        model type chosen (``chosen``).
     route
-        One row per gene set: the ``standardization`` and ``model`` (a candidate) with the
-        best nested leave-one-section-out mean r over both standardisations, and that
-        ``loso_r`` (ties: the first standardisation, then the first candidate listed).
+        One row per gene set: the ``standardization`` and the ``model`` selected under it
+        with the better nested leave-one-section-out mean r, that ``loso_r`` and ``loso_se``
+        (ties: the first standardisation).
     """
 
     genes: dict[str, tuple[str, ...]]
@@ -133,9 +143,39 @@ def _markers(train: list[EvalSection], config: ProtocolConfig) -> list[str]:
     return present
 
 
-def _loso_select(folds: list, bank: FeatureBank,
-                 config: ProtocolConfig) -> tuple[str, dict[str, float]]:
-    """Nested leave-one-section-out: each candidate fitted without ``h``, scored on ``h``."""
+def choose_candidate(fold_scores: dict[str, Sequence[float]], rule: str = "one_se") -> str:
+    """The model type the nested selection picks from its per-section scores.
+
+    Parameters
+    ----------
+    fold_scores
+        Candidate -> its score on each held-out training section (same sections, same order).
+    rule
+        ``"one_se"``: of the candidates whose mean score is at least the best mean minus the
+        standard error of the best candidate's scores (sample standard deviation / √ sections),
+        the one with the fewest parameters (:data:`PARSIMONY`; Breiman et al. 1984, Hastie et
+        al. 2009 §7.10); ``"best"``: the best mean (ties: the first in ``fold_scores``).
+    """
+    means = {c: float(np.mean(v)) for c, v in fold_scores.items()}
+    best = max(fold_scores, key=lambda c: means[c])  # ties -> the first listed
+    if rule == "best":
+        return best
+    within = [c for c in fold_scores if means[c] >= means[best] - _standard_error(
+        fold_scores[best])]
+    return min(within, key=lambda c: (PARSIMONY.index(c), -means[c]))
+
+
+def _standard_error(scores: Sequence[float]) -> float:
+    scores = np.asarray(scores, dtype=np.float64)
+    return float(scores.std(ddof=1) / np.sqrt(scores.size)) if scores.size > 1 else 0.0
+
+
+def _loso_select(folds: list, bank: FeatureBank, config: ProtocolConfig
+                 ) -> tuple[str, dict[str, float], dict[str, float]]:
+    """Nested leave-one-section-out: each candidate fitted without ``h``, scored on ``h``.
+
+    Returns the chosen candidate, and each candidate's mean score and its standard error.
+    """
     scores = {c: [] for c in config.candidates}
     for held, names, ys, y_held in folds:
         for cand in config.candidates:
@@ -143,8 +183,8 @@ def _loso_select(folds: list, bank: FeatureBank,
                 bank.features[held], bank.coords.get(held))
             scores[cand].append(float(pearson_per_gene(pred, y_held)[0].mean()))
     means = {c: float(np.mean(v)) for c, v in scores.items()}
-    best = max(config.candidates, key=lambda c: means[c])  # ties -> the first listed
-    return best, means
+    errors = {c: _standard_error(v) for c, v in scores.items()}
+    return choose_candidate(scores, config.selection), means, errors
 
 
 def fit_protocol(train_sections: Sequence[EvalSection],
@@ -197,24 +237,25 @@ def fit_protocol(train_sections: Sequence[EvalSection],
         folds = _fold_targets(train, gene_set, config)
         best = None
         for std in config.standardizations:
-            chosen, loso = _loso_select(folds, banks[std], config)
+            chosen, loso, loso_se = _loso_select(folds, banks[std], config)
             for name in config.models:
                 fitted = _fit_model(name, banks[std], names, ys, config)
                 predictors[gene_set, std, name] = fitted
                 rows.append({"gene_set": gene_set, "standardization": std, "model": name,
-                             **fitted.params, "chosen": None, "loso_r": loso.get(name)})
+                             **fitted.params, "chosen": None, "loso_r": loso.get(name),
+                             "loso_se": loso_se.get(name)})
             predictors[gene_set, std, "selected"] = predictors[gene_set, std, chosen]
             rows.append({"gene_set": gene_set, "standardization": std, "model": "selected",
                          **predictors[gene_set, std, chosen].params, "chosen": chosen,
-                         "loso_r": loso[chosen]})
+                         "loso_r": loso[chosen], "loso_se": loso_se[chosen]})
             if best is None or loso[chosen] > best["loso_r"]:
                 best = {"gene_set": gene_set, "standardization": std, "model": chosen,
-                        "loso_r": loso[chosen]}
+                        "loso_r": loso[chosen], "loso_se": loso_se[chosen]}
             logger.info("protocol %s / %s: selected %s (LOSO r %s)", gene_set, std, chosen,
                         ", ".join(f"{k} {v:.3f}" for k, v in loso.items()))
         routes.append(best)
     choices = ProtocolChoices({k: tuple(v) for k, v in genes.items()},
-                              pd.DataFrame(rows).astype({"loso_r": float}), pd.DataFrame(routes))
+                              pd.DataFrame(rows).astype({"loso_r": float, "loso_se": float}), pd.DataFrame(routes))
     return FittedProtocol(config, choices, predictors, names, widths.pop())
 
 

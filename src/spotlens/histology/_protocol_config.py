@@ -17,6 +17,15 @@ from ._protocol_networks import NETWORK_MODELS
 
 STANDARDIZATIONS = ("training", "section")
 BASELINES = ("ridge", "rank1")
+#: how the nested selection picks a model type from the candidates' leave-one-section-out
+#: scores (``ProtocolConfig.selection``)
+SELECTION_RULES = ("one_se", "best")
+#: the model types from fewest to most free parameters, for 50 genes from 256 principal
+#: components (the networks: from 3,840 features): rank-1 and ridge with a projection rank r
+#: (a rank-r coefficient matrix: r × (256 + 50 − r), at most ridge's), ridge (256 × 50), the
+#: attention network (1.1 million), the graph network (1.5 million); the one-standard-error
+#: rule takes the first within reach of the best
+PARSIMONY = ("rank1", "ridge_rank", "ridge", "attention", "graph")
 #: every model type the protocol can fit: the ridge family and the package's networks
 MODELS = {**RIDGE_MODELS, **NETWORK_MODELS}
 #: the gene set of ``ProtocolConfig.markers`` (named genes, fixed before any section is read)
@@ -61,6 +70,15 @@ class ProtocolConfig:
     candidates
         Model types the nested selection chooses from (names of :data:`MODELS`:
         ``"ridge"``, ``"rank1"``, ``"ridge_rank"``, ``"attention"``, ``"graph"``).
+    selection
+        How the nested selection picks among ``candidates`` from their per-section
+        leave-one-section-out scores: ``"one_se"`` (default), the one-standard-error rule — the
+        candidate with the fewest parameters (:data:`PARSIMONY`) whose mean score is at least
+        the best mean minus the standard error of the best candidate's per-section scores
+        (Breiman L. et al., *Classification and Regression Trees*, 1984; Hastie T.,
+        Tibshirani R. & Friedman J., *The Elements of Statistical Learning*, 2nd ed., 2009,
+        §7.10) — a larger model has to beat a smaller one by more than the sections disagree;
+        ``"best"``: the best mean score (ties: the first listed).
     reported
         Model types fitted once on all training sections with their fixed settings and
         reported beside the others, never selected.
@@ -87,6 +105,7 @@ class ProtocolConfig:
     exclude: GeneFilter = DEFAULT_FILTER
     markers: tuple[str, ...] = ()
     candidates: tuple[str, ...] = ("ridge", "ridge_rank")
+    selection: str = "one_se"
     reported: tuple[str, ...] = ()
     network_epochs: int | tuple[int, ...] = (10, 20, 30, 50, 75, 100)
     standardizations: tuple[str, ...] = STANDARDIZATIONS
@@ -108,6 +127,9 @@ class ProtocolConfig:
             if not values or bad:
                 raise InputError(f"{what} must be a non-empty subset of {allowed}; got "
                                  f"{tuple(values)!r}.")
+        if self.selection not in SELECTION_RULES:
+            raise InputError(f"selection must be one of {SELECTION_RULES}, got "
+                             f"{self.selection!r}.")
         bad = [v for v in self.reported if v not in MODELS]
         if bad:
             raise InputError(f"reported must be a subset of {tuple(MODELS)}; got {bad!r}.")
