@@ -582,3 +582,7 @@ def test_protocol_selection_rule_is_recorded_and_checked(clean_result):
         assert row.loso_r >= best["loso_r"] - best["loso_se"]
     with pytest.raises(InputError, match="selection must be one of"):
         ProtocolConfig(selection="max")
+    with pytest.raises(InputError, match="rule must be one of"):
+        choose_candidate({"ridge": [0.1, 0.2]}, "max")
+    with pytest.raises(InputError, match="model types of"):
+        choose_candidate({"lasso": [0.1, 0.2]})

@@ -54,6 +54,7 @@ from ._protocol_config import (
     MARKERS,
     MODELS,
     PARSIMONY,
+    SELECTION_RULES,
     EvalSection,
     ProtocolConfig,
     _check_sections,
@@ -155,7 +156,18 @@ def choose_candidate(fold_scores: dict[str, Sequence[float]], rule: str = "one_s
         standard error of the best candidate's scores (sample standard deviation / √ sections),
         the one with the fewest parameters (:data:`PARSIMONY`; Breiman et al. 1984, Hastie et
         al. 2009 §7.10); ``"best"``: the best mean (ties: the first in ``fold_scores``).
+
+    Raises
+    ------
+    InputError
+        An unknown rule or model type, or no candidates.
     """
+    if rule not in SELECTION_RULES:
+        raise InputError(f"rule must be one of {SELECTION_RULES}, got {rule!r}.")
+    unknown = [c for c in fold_scores if c not in PARSIMONY]
+    if not fold_scores or unknown:
+        raise InputError(f"fold_scores must map model types of {PARSIMONY} to their scores; "
+                         f"got {list(fold_scores) or 'none'}.")
     means = {c: float(np.mean(v)) for c, v in fold_scores.items()}
     best = max(fold_scores, key=lambda c: means[c])  # ties -> the first listed
     if rule == "best":
