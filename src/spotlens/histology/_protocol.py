@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from .._validation import InputError
 from ._gene_sets import select_gene_sets
@@ -178,8 +179,8 @@ def choose_candidate(fold_scores: dict[str, Sequence[float]], rule: str = "one_s
 
 
 def _standard_error(scores: Sequence[float]) -> float:
-    scores = np.asarray(scores, dtype=np.float64)
-    return float(scores.std(ddof=1) / np.sqrt(scores.size)) if scores.size > 1 else 0.0
+    """Standard error of the mean (``scipy.stats.sem``); 0 for a single score."""
+    return float(stats.sem(scores)) if len(scores) > 1 else 0.0
 
 
 def _loso_select(folds: list, bank: FeatureBank, config: ProtocolConfig
