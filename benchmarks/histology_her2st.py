@@ -156,7 +156,8 @@ def _run_quiet(*job):
 
 
 def routes(results: dict) -> pd.DataFrame:
-    """Per gene set, the route with the best nested LOSO r among :data:`ROUTE_FEATURES`."""
+    """Per gene set, the feature set of :data:`ROUTE_FEATURES` whose route (its selected
+    candidate under the better standardisation) has the best nested LOSO mean r."""
     rows = [r._asdict() | {"features": kind} for kind in ROUTE_FEATURES if kind in results
             for r in results[kind].choices.route.itertuples(index=False)]
     table = pd.DataFrame(rows, columns=["gene_set", "standardization", "model", "loso_r",

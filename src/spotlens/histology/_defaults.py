@@ -9,8 +9,8 @@ leave-one-section-out mean Pearson r, the model type by the one-standard-error r
 fewest parameters within one standard error of the best; ``ProtocolConfig.selection``). No
 test section's expression entered the selection, but that rule replaced "the best mean" after
 the attention network it had picked was seen to fall below the frozen-feature ridge on held-out
-B4 (disclosed in ``benchmarks/results/histology_her2st_protocol.md``). The attention network's
-mean is within one standard error of the ridge's, so the ridge is the route.
+B4 (disclosed in ``benchmarks/results/histology_her2st_protocol.md``). The ridge's mean is
+within one standard error of the attention network's (the best), so the ridge is the route.
 ``benchmarks/results/histology_her2st_cli.md`` checks that training with these defaults
 reproduces the protocol's route row. The CLI's option defaults are the same values
 (``tests/test_histology_defaults.py``).
